@@ -1,0 +1,29 @@
+"""The CLI: `python -m finetune COMMAND ...`. Each command's module owns its own arguments (`cli(argv) -> int`)."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "config": ("finetune.cli_config", "print an example job config, or validate one"),
+    "train": ("finetune.train", "train a job config in the foreground (also what the job runner launches)"),
+    "eval": ("finetune.evaluate", "evaluate an adapter against its base on held-out data, print JSON"),
+    "jobs": ("finetune.jobs", "list, show, submit, cancel, resume or duplicate studio jobs"),
+    "adapters": ("finetune.adapters", "list, show, export or delete stored adapters"),
+    "bench": ("finetune.bench", "GPU/CPU training speed and memory benchmark"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m finetune COMMAND [ARGS]\n\ncommands:")
+        for name, (_, help_) in COMMANDS.items():
+            print(f"  {name:<9} {help_}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.cli(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The one typed job config: form -> YAML -> job -> training -> adapter metadata -> UI.
+
+Field names are the libraries' own (peft's LoraConfig, bitsandbytes' BitsAndBytesConfig,
+transformers' TrainingArguments) so that a user who knows them reads this file without a glossary.
+Every model forbids unknown keys: a typo in a YAML file is an error that names the field, not a silent default.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEMO_DATASET = "builtin:python-docs"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+Quantization = Literal["none", "8bit", "4bit"]
+QuantType = Literal["nf4", "fp4"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+DataFormat = Literal["auto", "alpaca", "chat", "text"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
+Bias = Literal["none", "all", "lora_only"]
+
+
+def choices(literal: Any) -> list[str]:
+    """The allowed values of a Literal type, for dropdowns and messages."""
+    return list(get_args(literal))
+
+
+def check_name(value: str, what: str = "adapter_name") -> str:
+    """Adapter and job names become folder names: keep them to one safe path segment."""
+    if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", ".."):
+        raise ValueError(
+            f"{what} {value!r} must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(DEFAULT_MODEL, description="Embedded default, a local Hugging Face folder, or a hub id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    quantization: Quantization = Field("4bit", description="Load the frozen base in 4-bit (QLoRA), 8-bit, or unquantized.")
+    bnb_4bit_quant_type: QuantType = Field("nf4", description="4-bit data type; NF4 is the QLoRA paper's choice.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param saved).")
+    torch_dtype: DType = Field("auto", description="Compute dtype; auto picks bf16 where the device supports it.")
+    trust_remote_code: bool = Field(False, description="Run model code from the model's repository. Only for models you trust.")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model.name_or_path is empty: give the embedded default, a local folder or a hub id")
+        return v.strip()
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, gt=0, le=1024, description="LoRA rank: the size of the low-rank update.")
+    lora_alpha: int = Field(32, gt=0, description="Scaling numerator; the update is scaled by lora_alpha / r.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or a list of module names.")
+    bias: Bias = Field("none", description="Which biases to train.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilized scaling lora_alpha / sqrt(r).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("lora.target_modules is empty: use 'all-linear' or name at least one module")
+        return v
+
+
+class DataConfig(_Section):
+    path: str = Field(DEMO_DATASET, description="JSONL, JSON, CSV or Parquet file, a saved datasets folder, a hub id, or builtin:python-docs.")
+    format: DataFormat = Field("auto", description="alpaca (instruction/input/output), chat (messages), text; auto detects.")
+    split: str = Field("train", description="Split to read from a hub id or datasets folder.")
+    validation_path: str | None = Field(None, description="Held-out file; if unset, validation_split of the data is held out.")
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction held out for validation when validation_path is unset.")
+    max_seq_length: int = Field(512, gt=0, le=131072, description="Longer sequences are truncated (and counted).")
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
+    system_prompt: str | None = Field(None, description="System message added to every conversation that has none.")
+    seed: int = Field(42, description="Seed of the train/validation split.")
+
+
+class TrainingConfig(_Section):
+    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0)
+    num_train_epochs: float = Field(1.0, ge=0.0)
+    max_steps: int = Field(-1, description="Optimizer steps; -1 uses num_train_epochs.")
+    per_device_train_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    lr_scheduler_type: Scheduler = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
+    optim: Optimizer = Field("adamw_torch", description="8-bit optimizers need bitsandbytes.")
+    seed: int = 42
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: less memory, ~20% slower.")
+    logging_steps: int = Field(1, gt=0)
+    eval_steps: int = Field(0, ge=0, description="Validation loss every N steps; 0 only at the end.")
+    save_steps: int = Field(50, ge=0, description="Checkpoint every N steps for resume; 0 only at the end.")
+    save_total_limit: int = Field(2, gt=0)
+    use_liger_kernel: bool = Field(True, description="Fused Triton kernels on a GPU when liger-kernel is installed.")
+    padding_free: bool = Field(True, description="Pack each batch into one row with position ids on a GPU: no padding compute.")
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainingConfig":
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError("training.max_steps must be a positive step count, or -1 to use num_train_epochs")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ValueError("training.num_train_epochs must be > 0 when training.max_steps is -1")
+        return self
+
+
+class EvaluationConfig(_Section):
+    enabled: bool = Field(True, description="Evaluate base vs adapter on the validation data when training ends.")
+    max_examples: int = Field(16, gt=0, le=10000, description="Held-out examples to generate for.")
+    max_new_tokens: int = Field(64, gt=0, le=4096)
+
+
+class JobConfig(_Section):
+    adapter_name: str = Field("my-adapter", description="Folder name of the adapter in the store.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @field_validator("adapter_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "JobConfig":
+        needs_bnb = self.model.quantization != "none" or self.training.optim != "adamw_torch"
+        if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+            field = "model.quantization" if self.model.quantization != "none" else "training.optim"
+            raise ValueError(f"{field} needs bitsandbytes, which is not installed: pip install bitsandbytes")
+        if self.model.quantization != "none" and self.model.torch_dtype == "float16" and self.lora.use_dora:
+            raise ValueError("lora.use_dora with a quantized float16 base is unstable: use torch_dtype bfloat16 or auto")
+        return self
+
+    # --- YAML round trip -------------------------------------------------------------------------
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<yaml>") -> "JobConfig":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{source}, line {mark.line + 1}" if mark else source
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a job config is a mapping of sections, got {type(data).__name__}")
+        return cls.parse(data, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "JobConfig":
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read the job config ({e})") from None
+        return cls.from_yaml(text, str(p))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+    @classmethod
+    def parse(cls, data: dict, source: str = "<config>") -> "JobConfig":
+        """Validate a plain dict, turning pydantic's errors into one message naming each field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(format_errors(e, source)) from None
+
+    def with_overrides(self, assignments: list[str]) -> "JobConfig":
+        """Apply CLI-style `section.field=value` assignments (values parsed as YAML scalars)."""
+        data = self.model_dump(mode="json")
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set {item!r}: expected section.field=value")
+            parts = key.strip().split(".")
+            node = data
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])} is not a config section")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(f"--set {item!r}: unknown field {key.strip()}")
+            try:
+                node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+            except yaml.YAMLError:
+                node[parts[-1]] = raw
+        return JobConfig.parse(data, "--set")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the source and each bad field."""
+
+
+def format_errors(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (not part of the job config)"
+        lines.append(msg if msg.startswith(loc + " ") else f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def example_config() -> JobConfig:
+    """A complete config that trains as it is: QLoRA on the embedded model with the demo domain."""
+    return JobConfig(adapter_name="smollm2-python-docs")
