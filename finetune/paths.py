@@ -28,6 +28,7 @@ def runs_dir() -> Path:
 
 
 def model_cache_dir() -> Path:
-    p = studio_home() / "models"
+    """STUDIO_MODEL_CACHE (default STUDIO_HOME/models): converted embedded model, so tests can share one."""
+    p = Path(os.environ.get("STUDIO_MODEL_CACHE") or studio_home() / "models").resolve()
     p.mkdir(parents=True, exist_ok=True)
     return p

@@ -1,0 +1,49 @@
+"""Shared fixtures. Every test session gets its own STUDIO_HOME and adapter store, and shares one converted
+copy of the embedded model (converting the GGUF takes ~20 s) in the project's studio_data/models."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_home = Path(tempfile.mkdtemp(prefix="studio-test-"))
+os.environ["STUDIO_HOME"] = str(_home)
+os.environ["STUDIO_ADAPTERS_DIR"] = str(_home / "adapters")
+os.environ.setdefault("STUDIO_MODEL_CACHE", str(ROOT / "studio_data" / "models"))
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def studio_home() -> Path:
+    return _home
+
+
+def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
+    """A tiny chat dataset the model can visibly learn in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    write_jsonl(d / "heldout.jsonl", arithmetic_rows(8, seed=1))
+    return write_jsonl(d / "train.jsonl", arithmetic_rows(48, seed=0))
