@@ -88,9 +88,12 @@ def mean(values: Sequence[float]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def paired_stats(base: Sequence[float], adapter: Sequence[float], *, n_resamples: int = 2000, seed: int = 0,
-                 epsilon: float = TIE_EPSILON, confidence: float = 0.95) -> dict:
+def paired_stats(base: Sequence[float], adapter: Sequence[float], *, higher_is_better: bool = True, n_resamples: int = 2000,
+                 seed: int = 0, epsilon: float = TIE_EPSILON, confidence: float = 0.95) -> dict:
     """Per-example differences adapter - base: mean, bootstrap percentile CI of the mean, win/tie/loss counts.
+
+    The difference is always adapter - base; a "win" is the adapter being better, i.e. a positive difference, or a
+    negative one when lower is better (losses, perplexity).
 
     The bootstrap resamples examples (the pairs stay together), so the interval reflects how much the mean difference
     would move on another held-out sample of the same size. A fixed seed keeps a cached result reproducible.
@@ -99,9 +102,10 @@ def paired_stats(base: Sequence[float], adapter: Sequence[float], *, n_resamples
         raise ValueError(f"paired_stats: {len(base)} base scores but {len(adapter)} adapter scores")
     diffs = np.asarray(adapter, dtype=float) - np.asarray(base, dtype=float)
     n = int(diffs.size)
-    wins = int((diffs > epsilon).sum())
-    losses = int((diffs < -epsilon).sum())
-    out = {"n": n, "mean_diff": None, "ci_low": None, "ci_high": None,
+    better = diffs if higher_is_better else -diffs
+    wins = int((better > epsilon).sum())
+    losses = int((better < -epsilon).sum())
+    out = {"n": n, "higher_is_better": higher_is_better, "mean_diff": None, "ci_low": None, "ci_high": None,
            "wins": wins, "ties": n - wins - losses, "losses": losses,
            "base_mean": mean(base), "adapter_mean": mean(adapter)}
     if n == 0:

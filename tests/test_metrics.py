@@ -93,3 +93,10 @@ def test_bootstrap_matches_normal_approximation_and_is_reproducible():
     assert st["ci_low"] == pytest.approx(0.451, abs=0.01)
     assert st["ci_high"] == pytest.approx(0.549, abs=0.01)
     assert M.paired_stats(base, adapter) == st  # fixed seed: a cached result can be recomputed identically
+
+
+def test_paired_lower_is_better_counts_reductions_as_wins():
+    # losses: the adapter lowers two of three; the difference stays adapter - base (negative = better)
+    st = M.paired_stats([2.0, 2.0, 2.0], [1.0, 1.5, 2.5], higher_is_better=False)
+    assert (st["wins"], st["ties"], st["losses"]) == (2, 0, 1)
+    assert st["mean_diff"] == pytest.approx(-1 / 3)
