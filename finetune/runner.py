@@ -1,0 +1,313 @@
+"""The process side of a job: the command line, starting it detached, watching and stopping its process group,
+and reading back what it wrote (status.json, metrics.jsonl, train.log).
+
+No torch import here: the studio UI imports this module, and a job must survive the UI (and the UI the job).
+Liveness is judged from /proc, never from being the parent: after a studio restart the training process is
+somebody else's child, and a pid may have been reused by an unrelated program in the meantime.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+from finetune.paths import PROJECT_ROOT
+
+LOG_TAIL_LINES = 40
+
+
+# --- the command ---------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    """Whether a CUDA GPU is usable, decided without importing torch (seconds of import in the UI process)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return False
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def train_command(job_yaml: Path, run_dir: Path, resume: bool = False) -> list[str]:
+    """The exact command a job runs; the UI shows it so a user can run the same thing by hand."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if not cuda_available():
+        cmd.append("--cpu")
+    # mixed precision is the trainer's choice (bf16 where supported), not the launcher's.
+    cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "finetune", "train", str(job_yaml), "--run-dir", str(run_dir)]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def command_string(cmd: list[str]) -> str:
+    return shlex.join(cmd)
+
+
+def launch(cmd: list[str], run_dir: Path, job_id: str, home: Path, header: str = "") -> subprocess.Popen:
+    """Start the job in its own session (so it outlives the studio and can be stopped as one process group),
+    appending its stdout and stderr to run_dir/train.log."""
+    env = dict(os.environ)
+    env.update(STUDIO_JOB_ID=job_id, STUDIO_HOME=str(home), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    log_path = run_dir / "train.log"
+    with open(log_path, "ab") as log:
+        if header:
+            log.write(header.encode("utf-8"))
+            log.flush()
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=str(PROJECT_ROOT), start_new_session=True, close_fds=True)
+
+
+# --- processes -----------------------------------------------------------------------------------
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, process group) from /proc/<pid>/stat, or None if there is no such process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    # comm (field 2) may contain spaces and parentheses: the fields after the last ')' are fixed.
+    fields = raw[raw.rfind(")") + 2:].split()
+    try:
+        return fields[0], int(fields[2])
+    except (IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True for a running process; False for none, a zombie (exited, not yet reaped) or one we may not see."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists but is another user's: _is_ours rejects it below
+    st = _proc_stat(pid)
+    if st is None:
+        return not Path("/proc").is_dir()  # no /proc (not Linux): trust os.kill
+    return st[0] not in ("Z", "X")
+
+
+def is_ours(pid: int, run_dir: str | Path) -> bool:
+    """A live process that really is this job's (not a reused pid): its command line names finetune and the run folder."""
+    if not pid_alive(pid):
+        return False
+    if not Path("/proc").is_dir():
+        return True
+    cmd = _cmdline(pid)
+    return "finetune" in cmd and str(run_dir) in cmd
+
+
+def group_members(pgid: int | None, run_dir: str | Path) -> list[int]:
+    """Live processes of the job's process group that belong to the job.
+
+    The group, not only the launcher's pid: if the launcher dies, its training child may still be running
+    (and may still finish), so the job is over only when no process of it is left."""
+    if not pgid or pgid <= 0:
+        return []
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except (ProcessLookupError, PermissionError):
+            return []
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        st = _proc_stat(pid)
+        if st and st[1] == pgid and st[0] not in ("Z", "X"):
+            cmd = _cmdline(pid)
+            if "finetune" in cmd and str(run_dir) in cmd:
+                members.append(pid)
+    return members
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def stop_group(pgid: int, run_dir: str | Path, grace_s: float = 10.0, reap=None) -> str:
+    """SIGTERM the whole group (plus SIGCONT, so a stopped process gets it), SIGKILL whatever is left after grace_s.
+    reap() is called while waiting so that our own exited children do not linger as zombies.
+    Returns "none" (nothing was running), "term" or "kill" (what it took)."""
+    if not group_members(pgid, run_dir):
+        return "none"
+    signal_group(pgid, signal.SIGTERM)
+    signal_group(pgid, signal.SIGCONT)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if reap:
+            reap()
+        if not group_members(pgid, run_dir):
+            return "term"
+        time.sleep(0.1)
+    signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and group_members(pgid, run_dir):
+        if reap:
+            reap()
+        time.sleep(0.05)
+    return "kill"
+
+
+# --- what the training process wrote ---------------------------------------------------------------
+def read_status(run_dir: Path) -> dict:
+    """status.json (replaced atomically by the trainer); {} if absent or unreadable."""
+    try:
+        data = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows; a half-written last line (the trainer is mid-write) or a torn line is skipped."""
+    try:
+        text = (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+    return rows
+
+
+def histories(rows: list[dict], max_points: int = 2000) -> tuple[list[list], list[list]]:
+    """[[step, loss], ...] and [[step, eval_loss], ...]. A resumed run logs the steps after its checkpoint again:
+    the later value of a step wins, so the curve continues instead of zig-zagging."""
+    loss: dict[int, float] = {}
+    evl: dict[int, float] = {}
+    for r in rows:
+        step = int(r["step"])
+        if isinstance(r.get("loss"), (int, float)):
+            loss[step] = float(r["loss"])
+        if isinstance(r.get("eval_loss"), (int, float)):
+            evl[step] = float(r["eval_loss"])
+
+    def pts(d: dict[int, float]) -> list[list]:
+        out = [[s, d[s]] for s in sorted(d)]
+        if len(out) > max_points:  # thin a long curve for the plot, keeping the last point
+            stride = -(-len(out) // max_points)
+            out = out[::stride] + ([out[-1]] if (len(out) - 1) % stride else [])
+        return out
+
+    return pts(loss), pts(evl)
+
+
+def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 65536) -> str:
+    """The last lines of train.log, reading only its end. Progress-bar carriage returns keep their last frame."""
+    path = run_dir / "train.log"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    out = [ln.rsplit("\r", 1)[-1] if "\r" in ln.rstrip("\r") else ln.rstrip("\r") for ln in text.split("\n")]
+    if size > max_bytes:
+        out = out[1:]  # the first line was cut by the seek
+    while out and not out[-1].strip():
+        out.pop()
+    return "\n".join(out[-lines:])
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """Name of the highest checkpoints/checkpoint-<step> folder (what --resume continues from), if any."""
+    best = None
+    for p in (run_dir / "checkpoints").glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), p.name)
+    return best[1] if best else None
+
+
+# --- why a job failed, in plain words --------------------------------------------------------------
+_EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt))(?::\s*(.*))?$")
+
+
+def diagnose(status: dict, tail: str, returncode: int | None) -> str:
+    """One plain sentence for a failed job: the trainer's own error when it wrote one, else what the log shows."""
+    if status.get("phase") == "failed" and status.get("error"):
+        return str(status["error"]).strip()
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    text = "\n".join(lines)
+    low = text.lower()
+
+    def last_match(pattern: str) -> str | None:
+        for ln in reversed(lines):
+            if re.search(pattern, ln):
+                return ln
+        return None
+
+    if "out of memory" in low or "outofmemoryerror" in low:
+        where = "GPU" if "cuda" in low else "device"
+        return (f"the {where} ran out of memory: lower training.per_device_train_batch_size or data.max_seq_length, "
+                "keep training.gradient_checkpointing on, or load the model in 4-bit")
+    line = last_match(r"DataError")
+    if line:
+        return "bad training data: " + re.sub(r"^.*?DataError:\s*", "", line)
+    line = last_match(r"ConfigError")
+    if line:
+        return "invalid job config: " + re.sub(r"^.*?ConfigError:\s*", "", line)
+    line = last_match(r"No module named")
+    if line:
+        m = re.search(r"No module named '?([\w.]+)", line)
+        mod = m.group(1) if m else "?"
+        if mod.split(".")[0] == "finetune":
+            return f"the studio's own module {mod} is missing: the checkout is incomplete (git status, make setup)"
+        return f"a Python package is missing: {mod} (install it into the studio's environment: pip install {mod.split('.')[0]})"
+    if "no space left on device" in low:
+        return "the disk is full (No space left on device) while writing the run or the adapter"
+    if returncode in (-9, 137) or "signals.sigkill" in low or re.search(r"(^|\s)Killed(\s|$)", text):
+        return "the training process was killed (SIGKILL or out of host memory)"
+    if returncode in (-15, 143) or "signals.sigterm" in low:
+        return "the training process was terminated (SIGTERM) before it finished"
+    for ln in reversed(lines):
+        m = _EXC_LINE.match(ln)
+        if m and m.group(1) not in ("CalledProcessError",):
+            return f"training failed: {ln}"
+    phase = status.get("phase")
+    where = f" (last phase {phase}, step {status.get('step', 0)} of {status.get('total_steps', '?')})" if phase else ""
+    code = f" with exit code {returncode}" if returncode is not None else ""
+    last = " | ".join(lines[-5:])
+    return f"the training process ended{code} before finishing{where}" + (f"; last log lines: {last}" if last else "")
