@@ -233,10 +233,12 @@ class JobStore:
                 row = self._row(con, job_id)
                 if row["state"] == "queued":
                     con.execute("UPDATE jobs SET state='cancelled', finished_at=? WHERE id=?", (time.time(), job_id))
-                    return self.get(job_id)
-                if row["state"] != "running":
+                elif row["state"] == "running":
+                    con.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job_id,))
+                else:
                     raise JobError(f"job {job_id} is {row['state']}: only a queued or running job can be cancelled")
-                con.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job_id,))
+        if row["state"] == "queued":
+            return self.get(job_id)
         # Outside the scheduling lock: the grace period must not stall the scheduler.
         if row["pgid"]:
             runner.stop_group(row["pgid"], row["run_dir"], grace_s, reap=self._reap)

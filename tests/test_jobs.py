@@ -1,0 +1,242 @@
+"""The job system: SQLite store, scheduler, cancel/resume, restart safety, live view.
+
+The first tests are fast (no model): store semantics and reconciliation against real processes.
+The rest run real SmolLM2 training through `accelerate launch` with a handful of steps at max_seq_length 64.
+Nothing sleeps blindly: every wait polls with a deadline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune import runner
+from finetune.config import ConfigError, JobConfig
+from finetune.jobs import JOB_ID_RE, JobError, JobStore, cli
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def tiny_config(data: Path, name: str, steps: int = 2, **training) -> JobConfig:
+    cfg = JobConfig(adapter_name=name)
+    cfg.model.quantization = "none"  # bitsandbytes 4-bit is a GPU path; the CPU run stays in float32
+    cfg.data.path = str(data)
+    cfg.data.max_seq_length = 64
+    cfg.data.validation_split = 0.0
+    cfg.training.max_steps = steps
+    cfg.training.per_device_train_batch_size = 2
+    cfg.training.gradient_checkpointing = False
+    cfg.training.warmup_ratio = 0.0
+    cfg.training.save_steps = 0
+    cfg.evaluation.enabled = False
+    for k, v in training.items():
+        setattr(cfg.training, k, v)
+    return cfg
+
+
+def set_row(store: JobStore, job_id: str, **cols):
+    con = sqlite3.connect(store.db_path)
+    with con:
+        con.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in cols)} WHERE id=?", (*cols.values(), job_id))
+    con.close()
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    return tmp_path / "studio"
+
+
+@pytest.fixture
+def sleeper():
+    """A real process that looks like a job's (its command line names finetune and the run folder)."""
+    procs = []
+
+    def start(run_dir: Path) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "finetune", str(run_dir)],
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+# --- fast: the store -------------------------------------------------------------------------------
+
+
+def test_submit_validates_writes_job_yaml_and_queues(home, chat_jsonl):
+    store = JobStore(home)
+    job_id = store.submit(tiny_config(chat_jsonl, "a1"), name="first try")
+    assert JOB_ID_RE.match(job_id)
+    row = store.get(job_id)
+    assert row["state"] == "queued" and row["name"] == "first try" and row["attempts"] == 0
+    saved = JobConfig.load(Path(row["run_dir"]) / "job.yaml")
+    assert saved == tiny_config(chat_jsonl, "a1") == store.duplicate(job_id)
+    assert Path(row["run_dir"]) == home.resolve() / "runs" / job_id
+
+    with pytest.raises(ConfigError, match="training.learning_rate"):
+        store.submit({"training": {"learning_rate": -1}})
+    with pytest.raises(ConfigError, match="lora.rank"):
+        store.submit("lora:\n  rank: 8\n")
+    assert [r["id"] for r in store.list_jobs()] == [job_id]  # nothing half-submitted
+
+
+def test_cancel_queued_resume_and_bad_transitions(home, chat_jsonl):
+    store = JobStore(home)
+    job_id = store.submit(tiny_config(chat_jsonl, "a2"))
+    assert store.cancel(job_id)["state"] == "cancelled"
+    with pytest.raises(JobError, match="only a queued or running job"):
+        store.cancel(job_id)
+    assert store.resume(job_id)["state"] == "queued"
+    with pytest.raises(JobError, match="only a failed or cancelled job"):
+        store.resume(job_id)
+    with pytest.raises(JobError, match="no job with id"):
+        store.get("20000101-000000-abcd")
+    with pytest.raises(JobError, match="not a job id"):
+        store.get("../../etc")
+
+
+def test_concurrent_submits_from_threads_and_stores(home, chat_jsonl):
+    """Gradio calls from many threads, each with its own connection: no lost or duplicated jobs."""
+    cfg = tiny_config(chat_jsonl, "a3")
+    ids, errors = [], []
+
+    def worker():
+        store = JobStore(home, reconcile=False)
+        try:
+            for _ in range(5):
+                ids.append(store.submit(cfg))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(ids)) == 40
+    assert {r["id"] for r in JobStore(home).list_jobs()} == set(ids)
+    con = sqlite3.connect(home / "studio.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+
+
+def test_live_reads_status_metrics_and_tolerates_half_written_line(home, chat_jsonl):
+    store = JobStore(home)
+    job_id = store.submit(tiny_config(chat_jsonl, "a4", steps=10))
+    queued = store.live(job_id)
+    assert queued["state"] == "queued" and queued["phase"] == "queued" and queued["progress"] == 0
+    assert "accelerate.commands.launch" in queued["command"] and f"runs/{job_id}/job.yaml" in queued["command"]
+    run_dir = Path(store.get(job_id)["run_dir"])
+    set_row(store, job_id, state="failed", started_at=time.time() - 30, finished_at=time.time(), attempts=1)
+    (run_dir / "status.json").write_text(json.dumps({"phase": "training", "step": 4, "total_steps": 10, "loss": 1.5,
+                                                      "tokens_per_second": 900.0, "peak_memory_mb": 700.0}))
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.7},
+            {"step": 3, "loss": 2.0}, {"step": 4, "loss": 1.5}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+    (run_dir / "train.log").write_text("".join(f"line {i}\n" for i in range(100)) + "progress 10%\rprogress 50%\n")
+    info = store.live(job_id)
+    assert info["step"] == 4 and info["total_steps"] == 10 and info["progress"] == 0.4
+    assert info["loss_history"] == [[1, 3.0], [2, 2.5], [3, 2.0], [4, 1.5]]
+    assert info["eval_history"] == [[2, 2.7]] and info["eval_loss"] == 2.7
+    assert info["tokens_per_second"] == 900.0 and info["peak_memory_mb"] == 700.0
+    assert 29 <= info["elapsed_seconds"] <= 40
+    tail = info["log_tail"].splitlines()
+    assert len(tail) == 40 and tail[-1] == "progress 50%" and tail[0] == "line 61"
+    # A resumed run logs steps 3-4 again: the later values win.
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('\n{"step": 3, "loss": 1.9}\n{"step": 4, "loss": 1.4}\n')
+    assert store.live(job_id)["loss_history"][-2:] == [[3, 1.9], [4, 1.4]]
+
+
+def test_reconcile_reattaches_live_process_and_fails_dead_one(home, chat_jsonl, sleeper):
+    store = JobStore(home)
+    alive_id = store.submit(tiny_config(chat_jsonl, "a5"))
+    dead_id = store.submit(tiny_config(chat_jsonl, "a6"))
+    reused_id = store.submit(tiny_config(chat_jsonl, "a7"))
+    done_id = store.submit(tiny_config(chat_jsonl, "a8"))
+    run = {j: Path(store.get(j)["run_dir"]) for j in (alive_id, dead_id, reused_id, done_id)}
+
+    p = sleeper(run[alive_id])
+    set_row(store, alive_id, state="running", pid=p.pid, pgid=p.pid, started_at=time.time())
+    gone = sleeper(run[dead_id])
+    gone.kill()
+    gone.wait()
+    (run[dead_id] / "train.log").write_text("loading\nstep 1\nstep 2\n")
+    set_row(store, dead_id, state="running", pid=gone.pid, pgid=gone.pid, started_at=time.time())
+    # pid reuse: a live process that is not this job's (pytest itself) must not keep the job "running"
+    set_row(store, reused_id, state="running", pid=os.getpid(), pgid=os.getpgid(0), started_at=time.time())
+    # finished while the studio was down: status.json says completed and the adapter exists
+    (run[done_id] / "status.json").write_text(json.dumps({"phase": "completed", "step": 2, "total_steps": 2,
+                                                          "adapter_name": "a8"}))
+    adapter = Path(os.environ["STUDIO_ADAPTERS_DIR"]) / "a8"
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"x")
+    set_row(store, done_id, state="running", pid=gone.pid, pgid=gone.pid, started_at=time.time())
+
+    restarted = JobStore(home)  # reconciles on start
+    assert restarted.get(alive_id)["state"] == "running"
+    dead = restarted.get(dead_id)
+    assert dead["state"] == "failed" and "step 2" in dead["error"] and "before finishing" in dead["error"]
+    assert restarted.get(reused_id)["state"] == "failed"
+    done = restarted.get(done_id)
+    assert done["state"] == "completed" and done["adapter_name"] == "a8"
+
+    # SIGKILL of a re-attached process: noticed by polling, not by being its parent
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    restarted.reconcile()
+    killed = restarted.get(alive_id)
+    assert killed["state"] == "failed"
+
+
+def test_diagnose_plain_words():
+    d = runner.diagnose
+    assert d({"phase": "failed", "error": "bad data: x.jsonl, line 3"}, "", 1) == "bad data: x.jsonl, line 3"
+    assert "ran out of memory" in d({}, "torch.OutOfMemoryError: CUDA out of memory. Tried", 1)
+    assert "x.jsonl, line 7" in d({}, "Traceback\nfinetune.data.DataError: x.jsonl, line 7: field messages", 1)
+    assert "missing: liger_kernel" in d({}, "ModuleNotFoundError: No module named 'liger_kernel'", 1)
+    assert "killed (SIGKILL" in d({}, "CalledProcessError: Command '[...]' died with <Signals.SIGKILL: 9>.", 1)
+    assert "killed (SIGKILL" in d({}, "", -9)
+    assert d({}, "Traceback\nValueError: nope\nsubprocess.CalledProcessError: ... exit status 1.", 1) == \
+        "training failed: ValueError: nope"
+
+
+def test_cli_list_show_duplicate(home, chat_jsonl, capsys, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(home))
+    job_file = chat_jsonl.parent / "cli-job.yaml"
+    tiny_config(chat_jsonl, "cli-a").save(job_file)
+    assert cli(["submit", str(job_file), "--set", "training.max_steps=3"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert JOB_ID_RE.match(job_id)
+    assert cli(["list"]) == 0
+    assert job_id in capsys.readouterr().out
+    assert cli(["show", job_id]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "queued"
+    assert cli(["duplicate", job_id]) == 0
+    assert JobConfig.from_yaml(capsys.readouterr().out).training.max_steps == 3
+    assert cli(["cancel", job_id]) == 0
+    assert cli(["cancel", job_id]) == 2
+    assert "only a queued or running job" in capsys.readouterr().err
