@@ -467,6 +467,29 @@ class JobStore:
             self._wake.clear()
 
 
+# --- one store per studio process ------------------------------------------------------------------
+_stores: dict[Path, JobStore] = {}
+_stores_lock = threading.Lock()
+
+
+def get_store(home: Path | str | None = None) -> JobStore:
+    """The process-wide store for a studio home, so that a submit from any Gradio thread wakes the one scheduler."""
+    key = Path(home).resolve() if home else studio_home()
+    with _stores_lock:
+        if key not in _stores:
+            _stores[key] = JobStore(key)
+        return _stores[key]
+
+
+def start_scheduler(home: Path | str | None = None) -> JobStore:
+    """Start the studio's scheduler thread (idempotent); returns its store. Call once when the app starts."""
+    return get_store(home).start_scheduler()
+
+
+def stop_scheduler(home: Path | str | None = None) -> None:
+    get_store(home).stop_scheduler()
+
+
 # --- CLI -----------------------------------------------------------------------------------------
 def _fmt_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
