@@ -1,0 +1,231 @@
+"""The adapter store: adapters_dir()/<name>/ holds adapter_model.safetensors, adapter_config.json (peft's own),
+studio.json (provenance: base model and its hash, quantization, template, data fingerprint, full config, versions,
+metrics, eval summary) and a README.md model card.
+
+Names are one safe path segment (config.check_name) and every path is checked to stay inside the store, so a name
+from a form or an API call can never reach another folder. Publishing and deleting are renames, so a reader sees an
+adapter whole or not at all.
+
+CLI: python -m finetune adapters list | show NAME | delete NAME | export NAME
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from finetune.config import check_name
+from finetune.paths import adapters_dir, studio_home
+
+META = "studio.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """A bad adapter name or a path that would leave the store."""
+
+
+# --- paths -------------------------------------------------------------------------------------------------------
+def adapter_path(name: str) -> Path:
+    """adapters_dir()/<name>, validated: a safe name, and (if it exists) a real folder that resolves inside the store."""
+    try:
+        check_name(name, "adapter name")
+    except ValueError as e:
+        raise AdapterError(str(e)) from None
+    store = adapters_dir().resolve()
+    p = store / name
+    if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(store)):
+        raise AdapterError(f"adapter {name!r} is a link out of the store {store}; refusing to use it")
+    return p
+
+
+def _existing(name: str) -> Path:
+    p = adapter_path(name)
+    if not p.is_dir() or not (p / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter {name!r} is not in the store {adapters_dir()}")
+    return p
+
+
+@contextmanager
+def _store_lock():
+    """Serializes writers of the store (publish, delete, metadata updates) across processes."""
+    with open(adapters_dir() / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def staging_dir(name: str) -> Path:
+    """A fresh hidden folder inside the store to write an adapter into before publish() renames it into place
+    (same filesystem, so the rename is atomic). Hidden folders are never listed."""
+    check_name(name, "adapter name")
+    p = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=adapters_dir()))
+    os.chmod(p, 0o755)  # mkdtemp makes it private; the published adapter is for every studio process
+    return p
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
+def get_adapter(name: str) -> dict:
+    """studio.json of an adapter; for a peft folder copied in from elsewhere, what adapter_config.json tells."""
+    p = _existing(name)
+    meta_path = p / META
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise AdapterError(f"{meta_path}: unreadable ({e})") from None
+    else:
+        peft_cfg = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
+        meta = {"base_model": peft_cfg.get("base_model_name_or_path"), "created_at": (p / "adapter_config.json").stat().st_mtime}
+    meta["name"] = name
+    return meta
+
+
+def _summary(name: str, p: Path) -> dict:
+    try:
+        meta = get_adapter(name)
+    except (AdapterError, FileNotFoundError, OSError, json.JSONDecodeError) as e:
+        return {"name": name, "error": str(e), "created_at": p.stat().st_mtime, "path": str(p)}
+    weights = p / WEIGHTS
+    return {
+        "name": name,
+        "base_model": meta.get("base_model"),
+        "quantization": meta.get("quantization"),
+        "created_at": meta.get("created_at") or p.stat().st_mtime,
+        "metrics": meta.get("metrics") or {},
+        "eval": meta.get("eval"),
+        "dataset": (meta.get("dataset") or {}).get("path"),
+        "size_mb": round(weights.stat().st_size / 2**20, 2) if weights.exists() else None,
+        "path": str(p),
+    }
+
+
+def list_adapters() -> list[dict]:
+    """Every adapter in the store, newest first."""
+    rows = []
+    for p in adapters_dir().iterdir():
+        if p.name.startswith(".") or p.is_symlink() or not p.is_dir() or not (p / "adapter_config.json").is_file():
+            continue
+        try:
+            check_name(p.name)
+        except ValueError:
+            continue
+        rows.append(_summary(p.name, p))
+    rows.sort(key=lambda r: r.get("created_at") or 0, reverse=True)
+    return rows
+
+
+# --- writing -----------------------------------------------------------------------------------------------------
+def publish(src_dir: str | Path, name: str) -> Path:
+    """Move a finished adapter folder into the store as <name>, replacing an older adapter of that name.
+    src_dir should come from staging_dir() (same filesystem) so that the move is a rename."""
+    src = Path(src_dir)
+    if not (src / "adapter_config.json").is_file():
+        raise AdapterError(f"{src} has no adapter_config.json: not an adapter folder")
+    target = adapter_path(name)
+    with _store_lock():
+        old = None
+        if target.exists():
+            old = target.with_name(f".old-{name}-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)
+        try:
+            os.replace(src, target) if src.parent.resolve() == target.parent.resolve() else shutil.move(str(src), target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def update_metadata(name: str, key: str, value) -> dict:
+    """Set one top-level key of an adapter's studio.json (e.g. "eval"), replacing the file atomically."""
+    p = _existing(name)
+    with _store_lock():
+        meta_path = p / META
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+        meta[key] = value
+        write_json_atomic(meta_path, meta)
+    return meta
+
+
+def delete_adapter(name: str) -> None:
+    p = _existing(name)
+    with _store_lock():
+        trash = p.with_name(f".deleted-{name}-{uuid.uuid4().hex[:8]}")
+        os.replace(p, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def export_zip(name: str) -> Path:
+    """studio_home()/exports/<name>.zip with the adapter's files under <name>/ (written aside, then renamed)."""
+    p = _existing(name)
+    out_dir = studio_home() / "exports"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{name}.zip"
+    tmp = out_dir / f".{name}.{uuid.uuid4().hex[:8]}.zip"
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and not f.is_symlink() and not f.name.startswith("."):
+                    z.write(f, f"{name}/{f.relative_to(p).as_posix()}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------------
+def _fmt_time(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m finetune adapters", description=f"the adapter store ({adapters_dir()})")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("list", help="adapters, newest first")
+    ls.add_argument("--json", action="store_true")
+    sub.add_parser("show", help="print an adapter's studio.json").add_argument("name")
+    sub.add_parser("delete", help="delete an adapter").add_argument("name")
+    sub.add_parser("export", help="write a zip under STUDIO_HOME/exports and print its path").add_argument("name")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "list":
+            rows = list_adapters()
+            if a.json:
+                print(json.dumps(rows, indent=2, default=str))
+            else:
+                print(f"{'name':<32} {'base model':<24} {'quant':<5} {'created':<16} final loss")
+                for r in rows:
+                    loss = (r.get("metrics") or {}).get("final_loss")
+                    print(f"{r['name']:<32} {str(r.get('base_model'))[:24]:<24} {str(r.get('quantization') or '-'):<5} "
+                          f"{_fmt_time(r.get('created_at')):<16} {'-' if loss is None else f'{loss:.4f}'}")
+        elif a.cmd == "show":
+            print(json.dumps(get_adapter(a.name), indent=2, default=str))
+        elif a.cmd == "delete":
+            delete_adapter(a.name)
+            print(f"deleted {a.name}")
+        elif a.cmd == "export":
+            print(export_zip(a.name))
+    except (AdapterError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
