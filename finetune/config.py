@@ -92,22 +92,22 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0)
-    num_train_epochs: float = Field(1.0, ge=0.0)
+    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Peak learning rate of the optimizer (LoRA commonly 1e-4 to 3e-4).")
+    num_train_epochs: float = Field(1.0, ge=0.0, description="Passes over the training data, used when max_steps is -1.")
     max_steps: int = Field(-1, description="Optimizer steps; -1 uses num_train_epochs.")
-    per_device_train_batch_size: int = Field(4, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    lr_scheduler_type: Scheduler = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    per_device_train_batch_size: int = Field(4, gt=0, description="Sequences per forward pass; lower it if memory runs out.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Forward passes per optimizer step: effective batch = batch size x this.")
+    lr_scheduler_type: Scheduler = Field("cosine", description="How the learning rate changes over the run.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps spent ramping the learning rate up from 0.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on the trained (LoRA) weights.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
     optim: Optimizer = Field("adamw_torch", description="8-bit optimizers need bitsandbytes.")
-    seed: int = 42
+    seed: int = Field(42, description="Seed of LoRA initialisation and data shuffling.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: less memory, ~20% slower.")
-    logging_steps: int = Field(1, gt=0)
+    logging_steps: int = Field(1, gt=0, description="Record the training loss every N steps.")
     eval_steps: int = Field(0, ge=0, description="Validation loss every N steps; 0 only at the end.")
     save_steps: int = Field(50, ge=0, description="Checkpoint every N steps for resume; 0 only at the end.")
-    save_total_limit: int = Field(2, gt=0)
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk; older ones are deleted.")
     use_liger_kernel: bool = Field(True, description="Fused Triton kernels on a GPU when liger-kernel is installed.")
     padding_free: bool = Field(True, description="Pack each batch into one row with position ids on a GPU: no padding compute.")
 
@@ -123,7 +123,7 @@ class TrainingConfig(_Section):
 class EvaluationConfig(_Section):
     enabled: bool = Field(True, description="Evaluate base vs adapter on the validation data when training ends.")
     max_examples: int = Field(16, gt=0, le=10000, description="Held-out examples to generate for.")
-    max_new_tokens: int = Field(64, gt=0, le=4096)
+    max_new_tokens: int = Field(64, gt=0, le=4096, description="Generation budget per held-out answer.")
 
 
 class JobConfig(_Section):
