@@ -260,7 +260,9 @@ def _adapter_config(adapter_name: str):
     try:
         meta = adapters.get_adapter(adapter_name)
     except FileNotFoundError as e:
-        raise EvalError(f"adapter {adapter_name!r} is not in the store ({e})") from None
+        raise EvalError(str(e)) from None
+    except ValueError as e:  # a bad name, an unreadable studio.json
+        raise EvalError(f"adapter {adapter_name!r}: {e}") from None
     raw = meta.get("config")
     try:
         cfg = JobConfig.parse(raw, f"{adapter_name}/studio.json config") if isinstance(raw, dict) else JobConfig(adapter_name=adapter_name)
