@@ -1,0 +1,223 @@
+"""The studio's named API: what a script does through gradio_client (documented in docs/api.md).
+
+    from gradio_client import Client
+    c = Client("http://127.0.0.1:7860/")
+    job = c.predict(open("job.yaml").read(), api_name="/submit_job")
+    c.predict(job, api_name="/job_status")      # {"state": "running", "step": 3, "total_steps": 50, ...}
+
+Every function here is plain Python with type hints (gr.api derives the endpoint's schema from them) and turns
+every failure into a gr.Error with a sentence that names the field, file or job: a client sees the message, never
+a traceback. Model work (generate, evaluate) is registered under the shared "model" concurrency group.
+Heavy modules (finetune.generate, finetune.evaluate, and through them torch) are imported inside the functions.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import traceback
+from pathlib import Path
+
+import gradio as gr
+
+from finetune.config import ConfigError, JobConfig
+
+log = logging.getLogger("studio.api")
+MODEL_GROUP = "model"
+
+
+def user_error(e: BaseException) -> gr.Error:
+    """A gr.Error for an exception: our own errors carry sentences already; anything else gets its type named
+    (and its traceback logged on the server, not sent to the client)."""
+    if isinstance(e, gr.Error):
+        return e
+    from finetune.adapters import AdapterError
+    from finetune.jobs import JobError
+
+    known = (ConfigError, JobError, AdapterError, FileNotFoundError, ValueError, KeyError, TimeoutError)
+    if isinstance(e, known):
+        msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
+    elif isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+        msg = "ran out of memory; try fewer max_new_tokens, a smaller model, or wait for other requests to finish"
+    else:
+        log.error("unexpected error: %s", "".join(traceback.format_exception(e)))
+        msg = f"{type(e).__name__}: {e}"
+    return gr.Error(msg or type(e).__name__, print_exception=False)
+
+
+def friendly(fn):
+    """Wrap an event handler (function or generator) so that any exception reaches the user as a gr.Error."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as e:
+                raise user_error(e) from None
+        return gen
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise user_error(e) from None
+    return wrapper
+
+
+def store():
+    from finetune.jobs import get_store
+
+    return get_store()
+
+
+# --- jobs ------------------------------------------------------------------------------------------------------
+STATUS_KEYS = ("id", "name", "state", "phase", "step", "total_steps", "progress", "loss", "eval_loss",
+               "tokens_per_second", "peak_memory_mb", "eta_seconds", "elapsed_seconds", "adapter_name", "error",
+               "attempts", "command")
+
+
+def _job_id(job_id: str) -> str:
+    job_id = (job_id or "").strip()
+    if not job_id:
+        raise gr.Error("job_id is empty: give the id /submit_job returned (like 20261128-161502-ab12)")
+    return job_id
+
+
+def submit_job(config_yaml: str) -> str:
+    """Queue a training job from its YAML text (the format of `python -m finetune config --example`).
+    Returns the job id. Unknown or invalid fields are refused with a message naming them."""
+    if not (config_yaml or "").strip():
+        raise gr.Error("config_yaml is empty: send a job config (python -m finetune config --example prints one)")
+    cfg = JobConfig.from_yaml(config_yaml, "submitted config")
+    return store().submit(cfg)
+
+
+def job_status(job_id: str) -> dict:
+    """A job's state (queued, running, completed, failed, cancelled), step, total_steps, loss, adapter_name,
+    error and progress figures."""
+    live = store().live(_job_id(job_id))
+    return {k: live.get(k) for k in STATUS_KEYS}
+
+
+def cancel_job(job_id: str) -> dict:
+    """Cancel a queued or running job; returns its status afterwards."""
+    store().cancel(_job_id(job_id))
+    return job_status(job_id)
+
+
+def resume_job(job_id: str) -> dict:
+    """Re-queue a failed or cancelled job; it continues from its latest checkpoint."""
+    store().resume(_job_id(job_id))
+    return job_status(job_id)
+
+
+def list_jobs() -> list:
+    """Every job, newest first: id, name, state, adapter_name, created_at, started_at, finished_at, error."""
+    keys = ("id", "name", "state", "adapter_name", "created_at", "started_at", "finished_at", "error", "attempts")
+    return [{k: r.get(k) for k in keys} for r in store().list_jobs()]
+
+
+def validate_config(config_yaml: str) -> dict:
+    """Check a job YAML without queueing it: {"valid": true, "config": normalised YAML} or
+    {"valid": false, "error": "... names each bad field ..."}."""
+    try:
+        cfg = JobConfig.from_yaml(config_yaml or "", "config")
+    except ConfigError as e:
+        return {"valid": False, "error": str(e)}
+    return {"valid": True, "config": cfg.to_yaml()}
+
+
+# --- adapters --------------------------------------------------------------------------------------------------
+def list_adapters() -> list:
+    """Stored adapters, newest first: name, base_model, quantization, dataset, metrics, eval summary, created_at."""
+    from finetune.adapters import list_adapters as _list
+
+    rows = _list()
+    for r in rows:
+        r.pop("path", None)  # server-side paths are no business of a client
+    return json.loads(json.dumps(rows, default=str))
+
+
+def _adapter_name(name: str) -> str:
+    from finetune.adapters import adapter_path
+
+    name = (name or "").strip()
+    if not name:
+        raise gr.Error("adapter name is empty")
+    p = adapter_path(name)
+    if not (p / "adapter_config.json").is_file():
+        raise gr.Error(f"adapter {name!r} is not in the store (see /list_adapters)")
+    return name
+
+
+def download_adapter(name: str) -> str:
+    """A zip of the adapter's folder (adapter_model.safetensors, adapter_config.json, studio.json, README.md)."""
+    from finetune.adapters import export_zip
+
+    return str(export_zip(_adapter_name(name)))
+
+
+def delete_adapter(name: str) -> str:
+    """Delete an adapter from the store."""
+    from finetune.adapters import delete_adapter as _delete
+
+    _delete(_adapter_name(name))
+    return f"deleted {name}"
+
+
+# --- model work --------------------------------------------------------------------------------------------------
+def generate(adapter: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> str:
+    """One answer from the base model (adapter "") or base + adapter. Greedy when temperature is 0."""
+    from finetune import generate as G
+
+    if not (prompt or "").strip():
+        raise gr.Error("prompt is empty")
+    check_generation(max_new_tokens, temperature, top_p)
+    name = _adapter_name(adapter) if (adapter or "").strip() else None
+    return G.generate(name, prompt, max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
+
+
+def check_generation(max_new_tokens, temperature, top_p) -> None:
+    if max_new_tokens is None or not 1 <= int(max_new_tokens) <= 4096:
+        raise gr.Error(f"max_new_tokens must be between 1 and 4096, got {max_new_tokens}")
+    if temperature is None or not 0 <= float(temperature) <= 5:
+        raise gr.Error(f"temperature must be between 0 and 5, got {temperature}")
+    if top_p is None or not 0 < float(top_p) <= 1:
+        raise gr.Error(f"top_p must be in (0, 1], got {top_p}")
+
+
+def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_tokens: int = 0) -> dict:
+    """The adapter against its base on held-out data (a file or folder path on the studio's machine; "" = the
+    adapter's own validation split): metrics per side, paired differences with 95% intervals, win/tie/loss and
+    per-example answers. max_examples / max_new_tokens 0 = the adapter's job settings. Cached beside the adapter."""
+    from finetune import evaluate as E
+
+    name = _adapter_name(adapter)
+    path = (data_path or "").strip() or None
+    if path and (path.startswith(("/", ".", "~")) or Path(path).suffix) and not Path(path).expanduser().exists():
+        raise gr.Error(f"data_path {path!r}: no such file on the studio's machine")
+    return E.evaluate(name, path, max_examples=int(max_examples) or None, max_new_tokens=int(max_new_tokens) or None)
+
+
+# The public endpoints, in the order docs/api.md lists them. Registered by app.main with gr.api.
+ENDPOINTS = [
+    (submit_job, {}), (job_status, {}), (cancel_job, {}), (resume_job, {}), (list_jobs, {}),
+    (validate_config, {}), (list_adapters, {}), (delete_adapter, {}),
+    (generate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
+    (evaluate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
+]
+
+
+def register() -> None:
+    """Inside a gr.Blocks: every endpoint with api_name = its function name. /download_adapter returns a file, so it
+    goes through hidden components (a File output makes gradio_client download it)."""
+    for fn, kw in ENDPOINTS:
+        gr.api(friendly(fn), api_name=fn.__name__, **kw)
+    with gr.Row(visible=False):
+        name = gr.Textbox(label="name")
+        out = gr.File(label="adapter zip")
+        btn = gr.Button("download")
+    btn.click(friendly(download_adapter), name, out, api_name="download_adapter",
+              api_description=download_adapter.__doc__)

@@ -1,0 +1,149 @@
+"""Playground tab: chat with the base model or any adapter on it (tokens stream in), and a side-by-side mode that
+sends one prompt to two targets (base vs adapter, or two adapters). finetune.generate keeps one base model loaded
+and swaps adapters on it; every event here is in the shared "model" concurrency group, so concurrent users queue."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from app import render
+from app.api import MODEL_GROUP, check_generation, friendly
+
+BASE_LABEL = "Base model (no adapter)"
+
+
+def target_choices() -> list[tuple[str, str]]:
+    from finetune.adapters import list_adapters
+
+    return [(BASE_LABEL, "")] + [(f"{r['name']}  ({r.get('base_model')}, {r.get('quantization')})", r["name"])
+                                 for r in list_adapters()]
+
+
+def text_of(content) -> str:
+    """A chatbot message's content (a string, or gradio 6's list of {"type": "text", "text": ...}) as plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text") or ""
+    if isinstance(content, (list, tuple)):
+        return "".join(text_of(c) for c in content)
+    return ""
+
+
+def to_messages(history: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": text_of(m.get("content"))} for m in history if m.get("role") in ("user", "assistant", "system")]
+
+
+def stats_html(st: dict, label: str = "") -> str:
+    if not st:
+        return ""
+    tps = st.get("tokens_per_second")
+    bits = [f"{st.get('new_tokens', '–')} tokens", f"{tps:.1f} tokens/s" if tps else "– tokens/s",
+            f"{st.get('latency_s', 0):.1f}s"]
+    if st.get("peak_memory_mb"):
+        bits.append(f"peak {st['peak_memory_mb']:,.0f} MB")
+    if st.get("quantization"):
+        bits.append(f"base {st['quantization']}")
+    return f'<div class="gen-stats" data-tps="{tps or 0:.2f}">{render.esc(label)}{" · ".join(bits)}</div>'
+
+
+def build() -> SimpleNamespace:
+    undocumented = dict(api_visibility="undocumented")
+    model_event = dict(concurrency_limit=1, concurrency_id=MODEL_GROUP, **undocumented)
+    with gr.Row(equal_height=True):
+        target = gr.Dropdown(label="Chat with", choices=[(BASE_LABEL, "")], value="", scale=4, elem_id="chat-target",
+                             info="Adapters are attached to one loaded base model and swapped, not reloaded.")
+        refresh = gr.Button("Refresh list", scale=1, elem_id="playground-refresh")
+    with gr.Accordion("Generation settings", open=False, elem_id="gen-settings"):
+        with gr.Row():
+            max_new = gr.Slider(1, 1024, value=128, step=1, label="max_new_tokens", elem_id="gen-max-new")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature", info="0 = greedy (deterministic)",
+                                    elem_id="gen-temperature")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p", elem_id="gen-top-p")
+    with gr.Tabs():
+        with gr.Tab("Chat", id="chat"):
+            chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
+                                 placeholder="Ask something. Try a question about a Python standard-library function.")
+            with gr.Row(equal_height=True):
+                msg = gr.Textbox(label="Message", placeholder="What does os.path.join do?", scale=6, max_lines=6,
+                                 elem_id="chat-input", autofocus=False)
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+                stop = gr.Button("Stop", scale=1, elem_id="chat-stop")
+                clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
+            chat_stats = gr.HTML(elem_id="chat-stats")
+        with gr.Tab("Side by side", id="side"):
+            with gr.Row():
+                side_a = gr.Dropdown(label="Left", choices=[(BASE_LABEL, "")], value="", elem_id="side-a")
+                side_b = gr.Dropdown(label="Right", choices=[(BASE_LABEL, "")], value="", elem_id="side-b")
+            with gr.Row(equal_height=True):
+                side_prompt = gr.Textbox(label="One prompt for both", scale=6, max_lines=6, elem_id="side-prompt",
+                                         placeholder="What does json.dumps do?")
+                side_run = gr.Button("Send to both", variant="primary", scale=1, elem_id="side-send")
+                side_stop = gr.Button("Stop", scale=1, elem_id="side-stop")
+            with gr.Row():
+                with gr.Column():
+                    out_a = gr.Chatbot(label="Left", height=360, elem_id="side-out-a")
+                    stats_a = gr.HTML(elem_id="side-stats-a")
+                with gr.Column():
+                    out_b = gr.Chatbot(label="Right", height=360, elem_id="side-out-b")
+                    stats_b = gr.HTML(elem_id="side-stats-b")
+
+    @friendly
+    def on_chat(message, history, tgt, n, temp, p):
+        from finetune import generate as G
+
+        message = (message or "").strip()
+        if not message:
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
+        check_generation(n, temp, p)
+        history = list(history or []) + [{"role": "user", "content": message}]
+        prompt = to_messages(history)
+        history.append({"role": "assistant", "content": ""})
+        yield history, "", '<div class="gen-stats muted">loading the model and generating…</div>'
+        for text in G.stream(tgt or None, prompt, max_new_tokens=int(n), temperature=float(temp), top_p=float(p)):
+            history[-1]["content"] = text
+            yield history, gr.skip(), gr.skip()
+        yield history, gr.skip(), stats_html(G.last_stats())
+
+    @friendly
+    def on_side(prompt, a, b, n, temp, p):
+        from finetune import generate as G
+
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise gr.Error("the prompt is empty")
+        check_generation(n, temp, p)
+        # One loaded model and one lock: the two answers are generated one after the other, each streamed.
+        sides = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}] for _ in range(2)]
+        yield sides[0], sides[1], '<div class="gen-stats muted">generating…</div>', '<div class="gen-stats muted">waiting…</div>'
+        for i, tgt in enumerate((a, b)):
+            for text in G.stream(tgt or None, prompt, max_new_tokens=int(n), temperature=float(temp), top_p=float(p)):
+                sides[i][-1]["content"] = text
+                yield (sides[0], gr.skip(), gr.skip(), gr.skip()) if i == 0 else (gr.skip(), sides[1], gr.skip(), gr.skip())
+            st = stats_html(G.last_stats())
+            yield (gr.skip(), gr.skip(), st, '<div class="gen-stats muted">generating…</div>') if i == 0 else \
+                (gr.skip(), gr.skip(), gr.skip(), st)
+
+    @friendly
+    def on_refresh(tgt, a, b):
+        ch = target_choices()
+        values = {v for _, v in ch}
+        keep = lambda v: v if v in values else ""  # noqa: E731
+        return (gr.update(choices=ch, value=keep(tgt)), gr.update(choices=ch, value=keep(a)),
+                gr.update(choices=ch, value=keep(b)))
+
+    chat_inputs = [msg, chatbot, target, max_new, temperature, top_p]
+    chat_outputs = [chatbot, msg, chat_stats]
+    ev1 = send.click(on_chat, chat_inputs, chat_outputs, **model_event)
+    ev2 = msg.submit(on_chat, chat_inputs, chat_outputs, **model_event)
+    stop.click(None, None, None, cancels=[ev1, ev2])
+    clear.click(lambda: ([], ""), None, [chatbot, chat_stats], **undocumented)
+    side_inputs = [side_prompt, side_a, side_b, max_new, temperature, top_p]
+    ev3 = side_run.click(on_side, side_inputs, [out_a, out_b, stats_a, stats_b], **model_event)
+    ev4 = side_prompt.submit(on_side, side_inputs, [out_a, out_b, stats_a, stats_b], **model_event)
+    side_stop.click(None, None, None, cancels=[ev3, ev4])
+    targets = [target, side_a, side_b]
+    refresh.click(on_refresh, targets, targets, **undocumented)
+    return SimpleNamespace(refresh=on_refresh, targets=targets, target=target)

@@ -1,0 +1,335 @@
+"""Pure functions that turn store rows, live job views and evaluation results into what the tabs display
+(HTML snippets, pandas frames for plots and tables). No gradio, no I/O: easy to test and to reuse."""
+from __future__ import annotations
+
+import html
+import math
+import time
+
+import pandas as pd
+
+STATE_COLORS = {"queued": "#6b7280", "running": "#2563eb", "completed": "#16a34a", "failed": "#dc2626",
+                "cancelled": "#9ca3af"}
+
+
+def esc(x) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def fmt_num(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, int):
+        return str(x)
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def fmt_duration(seconds) -> str:
+    if seconds is None:
+        return "–"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {(s % 3600) // 60:02d}m"
+
+
+def fmt_time(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "–"
+
+
+def state_badge(state: str) -> str:
+    color = STATE_COLORS.get(state, "#6b7280")
+    return f'<span class="badge" style="background:{color}">{esc(state)}</span>'
+
+
+# --- jobs ------------------------------------------------------------------------------------------------------
+JOB_COLUMNS = ["job id", "name", "state", "step", "loss", "adapter", "created", "duration"]
+
+
+def jobs_frame(rows: list[dict], statuses: dict[str, dict]) -> pd.DataFrame:
+    out = []
+    for r in rows:
+        st = statuses.get(r["id"]) or {}
+        total = st.get("total_steps")
+        step = f"{st.get('step', 0)}/{total}" if total else ("–" if r["state"] == "queued" else str(st.get("step", "–")))
+        end = r.get("finished_at") or (time.time() if r["state"] == "running" else None)
+        dur = fmt_duration(end - r["started_at"]) if r.get("started_at") and end else "–"
+        out.append([r["id"], r["name"], r["state"], step, fmt_num(st.get("loss")), r.get("adapter_name") or "–",
+                    fmt_time(r["created_at"]), dur])
+    return pd.DataFrame(out, columns=JOB_COLUMNS)
+
+
+def job_choices(rows: list[dict]) -> list[tuple[str, str]]:
+    return [(f"{r['id']} · {r['name']} · {r['state']}", r["id"]) for r in rows]
+
+
+def progress_html(live: dict | None) -> str:
+    if not live:
+        return '<div class="muted">Select a job to see its progress.</div>'
+    state = live["state"]
+    pct = max(0.0, min(1.0, live.get("progress") or 0.0)) * 100
+    color = STATE_COLORS.get(state, "#2563eb")
+    step, total = live.get("step") or 0, live.get("total_steps") or 0
+    bits = [f"step {step}/{total}" if total else f"step {step}", f"phase: {esc(live.get('phase'))}"]
+    if state == "running":
+        bits.append(f"ETA {fmt_duration(live.get('eta_seconds'))}" if live.get("eta_seconds") is not None else "ETA –")
+    if live.get("elapsed_seconds") is not None:
+        bits.append(f"elapsed {fmt_duration(live['elapsed_seconds'])}")
+    err = f'<div class="job-error">{esc(live["error"])}</div>' if live.get("error") else ""
+    return (f'<div class="job-progress" data-state="{esc(state)}" data-step="{step}">'
+            f'<div class="job-head">{state_badge(state)} <b>{esc(live.get("name"))}</b> '
+            f'<span class="muted">{esc(live["id"])}</span></div>'
+            f'<div class="bar"><div class="fill" style="width:{pct:.1f}%;background:{color}"></div>'
+            f'<span class="pct">{pct:.0f}%</span></div>'
+            f'<div class="muted">{" · ".join(bits)}</div>{err}</div>')
+
+
+def stats_html(live: dict | None) -> str:
+    if not live:
+        return ""
+    tps = live.get("tokens_per_second")
+    mem = live.get("peak_memory_mb")
+    cells = [("train loss", fmt_num(live.get("loss"))), ("eval loss", fmt_num(live.get("eval_loss"))),
+             ("tokens/s", fmt_num(tps, 3) if tps is not None else "–"),
+             ("peak memory", f"{mem:,.0f} MB" if mem else "–"),
+             ("adapter", esc(live.get("adapter_name") or "–")), ("attempts", str(live.get("attempts") or 0))]
+    return '<div class="stat-grid">' + "".join(
+        f'<div class="stat"><div class="k">{k}</div><div class="v">{v}</div></div>' for k, v in cells) + "</div>"
+
+
+def loss_frame(live: dict | None) -> pd.DataFrame:
+    """Long format for gr.LinePlot: step, loss, series (train / eval)."""
+    rows = []
+    if live:
+        rows += [(int(s), float(v), "train loss") for s, v in _points(live.get("loss_history"), "loss")]
+        rows += [(int(s), float(v), "eval loss") for s, v in _points(live.get("eval_history"), "eval_loss")]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def _points(hist, key: str):
+    """Accepts [[step, value], ...] or [{"step":..., key:...}, ...] (runner.histories' shape may evolve)."""
+    for p in hist or []:
+        if isinstance(p, dict):
+            s, v = p.get("step"), p.get(key, p.get("value"))
+        else:
+            s, v = p[0], p[1]
+        if isinstance(s, (int, float)) and isinstance(v, (int, float)) and math.isfinite(v):
+            yield s, v
+
+
+def overlay_frame(lives: list[dict]) -> pd.DataFrame:
+    rows = []
+    for live in lives:
+        label = f"{live['name']} ({live['id'][-4:]})"
+        rows += [(int(s), float(v), label) for s, v in _points(live.get("loss_history"), "loss")]
+    return pd.DataFrame(rows, columns=["step", "loss", "run"])
+
+
+# --- adapters --------------------------------------------------------------------------------------------------
+ADAPTER_COLUMNS = ["name", "base model", "quant", "dataset", "steps", "final loss", "ROUGE-L Δ [95% CI]", "created", "MB"]
+
+
+def eval_delta(summary: dict | None, metric: str = "rouge_l") -> str:
+    p = ((summary or {}).get("paired") or {}).get(metric)
+    if not p or p.get("mean_diff") is None:
+        return "–"
+    return f"{p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+
+
+def adapters_frame(rows: list[dict]) -> pd.DataFrame:
+    out = []
+    for r in rows:
+        m = r.get("metrics") or {}
+        steps = m.get("steps", m.get("global_step", m.get("total_steps")))
+        loss = m.get("final_loss", m.get("train_loss"))
+        ds = r.get("dataset") or "–"
+        out.append([r["name"], r.get("base_model") or "–", r.get("quantization") or "–", ds,
+                    steps if steps is not None else "–", fmt_num(loss), eval_delta(r.get("eval")),
+                    fmt_time(r.get("created_at")), r.get("size_mb") if r.get("size_mb") is not None else "–"])
+    return pd.DataFrame(out, columns=ADAPTER_COLUMNS)
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+# (key in the summaries, label, higher is better, bounded to [0, 1])
+EVAL_METRICS = [("rouge_l", "ROUGE-L", True, True), ("token_f1", "token F1", True, True),
+                ("exact_match", "exact match", True, True), ("mc_accuracy", "multiple-choice accuracy", True, True),
+                ("val_loss", "validation loss", False, False), ("perplexity", "perplexity", False, False)]
+SPEED_METRICS = [("tokens_per_second", "tokens/s", "{:.1f}"), ("latency_s", "seconds per answer", "{:.2f}"),
+                 ("mean_new_tokens", "tokens per answer", "{:.1f}"), ("stopped_rate", "answers that ended by themselves", "{:.0%}"),
+                 ("peak_memory_mb", "peak memory MB", "{:,.0f}")]
+
+
+def _bar(value, scale: float, color: str) -> str:
+    if value is None or not scale:
+        return '<span class="muted">–</span>'
+    w = max(0.0, min(1.0, value / scale)) * 100
+    return (f'<div class="hbar"><div class="hfill" style="width:{w:.1f}%;background:{color}"></div>'
+            f'<span>{fmt_num(value, 3)}</span></div>')
+
+
+def _forest(p: dict, higher: bool) -> str:
+    """A tiny SVG: the mean difference adapter - base with its 95% interval, against zero."""
+    lo, hi, m = p.get("ci_low"), p.get("ci_high"), p.get("mean_diff")
+    if None in (lo, hi, m):
+        return ""
+    span = max(abs(lo), abs(hi), abs(m), 1e-9) * 1.15
+    x = lambda v: 100 + 95 * v / span  # noqa: E731
+    good = (lo > 0) if higher else (hi < 0)
+    bad = (hi < 0) if higher else (lo > 0)
+    color = "#16a34a" if good else ("#dc2626" if bad else "#6b7280")
+    return (f'<svg width="200" height="22" viewBox="0 0 200 22" role="img" aria-label="95% interval">'
+            f'<line x1="100" y1="2" x2="100" y2="20" stroke="#9ca3af" stroke-dasharray="2,2"/>'
+            f'<line x1="{x(lo):.1f}" y1="11" x2="{x(hi):.1f}" y2="11" stroke="{color}" stroke-width="3"/>'
+            f'<line x1="{x(lo):.1f}" y1="6" x2="{x(lo):.1f}" y2="16" stroke="{color}" stroke-width="2"/>'
+            f'<line x1="{x(hi):.1f}" y1="6" x2="{x(hi):.1f}" y2="16" stroke="{color}" stroke-width="2"/>'
+            f'<circle cx="{x(m):.1f}" cy="11" r="4" fill="{color}"/></svg>')
+
+
+def eval_chart_html(result: dict | None) -> str:
+    """Base vs adapter per metric (bars), the paired difference with its 95% bootstrap interval, win/tie/loss."""
+    if not result:
+        return '<div class="muted">No evaluation yet. Pick a dataset and press Evaluate.</div>'
+    base, adapter = (result.get("metrics") or {}).get("base", {}), (result.get("metrics") or {}).get("adapter", {})
+    paired = result.get("paired") or {}
+    data = result.get("data") or {}
+    head = (f'<div class="eval-head"><b>{esc(result.get("adapter"))}</b> vs its base '
+            f'<span class="muted">{esc(result.get("base_model"))} ({esc(result.get("quantization"))})</span> on '
+            f'{esc(data.get("n"))} examples of <code>{esc(data.get("path"))}</code> ({esc(data.get("split"))})</div>')
+    rows = []
+    for key, label, higher, unit in EVAL_METRICS:
+        b, a = base.get(key), adapter.get(key)
+        if b is None and a is None:
+            continue
+        scale = 1.0 if unit else max(b or 0, a or 0) or 1.0
+        p = paired.get(key) or {}
+        diff = (f'{p["mean_diff"]:+.3f}<br><span class="muted">[{p["ci_low"]:+.3f}, {p["ci_high"]:+.3f}]</span>'
+                if p.get("mean_diff") is not None else "–")
+        wtl = f'{p["wins"]} / {p["ties"]} / {p["losses"]}' if "wins" in p else "–"
+        arrow = "↑" if higher else "↓"
+        rows.append(f'<tr><td>{label} <span class="muted" title="{"higher" if higher else "lower"} is better">{arrow}</span></td>'
+                    f'<td>{_bar(b, scale, "#9ca3af")}</td><td>{_bar(a, scale, "#2563eb")}</td>'
+                    f'<td class="num">{diff}</td><td>{_forest(p, higher)}</td><td class="num">{wtl}</td></tr>')
+    speed = []
+    for key, label, fmt in SPEED_METRICS:
+        b, a = base.get(key), adapter.get(key)
+        if b is None and a is None:
+            continue
+        f = lambda v: fmt.format(v) if v is not None else "–"  # noqa: E731
+        speed.append(f"<tr><td>{label}</td><td class='num'>{f(b)}</td><td class='num'>{f(a)}</td></tr>")
+    table = ('<table class="eval-table"><thead><tr><th>metric</th><th>base</th><th>adapter</th>'
+             '<th>adapter − base<br><span class="muted">[95% CI]</span></th><th>interval vs 0</th>'
+             '<th>wins / ties / losses</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+    speed_table = ('<table class="eval-table speed"><thead><tr><th>speed and memory</th><th>base</th><th>adapter</th>'
+                   '</tr></thead><tbody>' + "".join(speed) + "</tbody></table>") if speed else ""
+    note = ('<div class="muted small">Bars: mean per example. Interval: paired bootstrap of the per-example difference; '
+            'green = the whole interval favours the adapter, red = it favours the base, grey = not distinguishable. '
+            f'Settings: greedy decoding, max_new_tokens {esc((result.get("settings") or {}).get("max_new_tokens"))}, '
+            f'computed in {fmt_duration(result.get("duration_s"))}.</div>')
+    return f'<div class="eval">{head}{table}{speed_table}{note}</div>'
+
+
+SORT_METRICS = ["rouge_l", "token_f1", "exact_match", "loss"]
+
+
+def examples_frame(result: dict | None, sort_by: str = "rouge_l") -> pd.DataFrame:
+    """One row per example; sorted by the adapter - base difference of `sort_by`, largest gain first."""
+    cols = ["#", "prompt", "reference", "base answer", "adapter answer", f"base {sort_by}", f"adapter {sort_by}",
+            f"Δ {sort_by}"]
+    rows = []
+    for i, ex in enumerate((result or {}).get("examples") or []):
+        sc = ex.get("scores") or {}
+        b, a, d = (sc.get("base") or {}).get(sort_by), (sc.get("adapter") or {}).get(sort_by), (sc.get("diff") or {}).get(sort_by)
+        if sort_by == "loss" and d is not None:
+            d = -d  # a lower loss is the gain
+        r = lambda v: round(v, 4) if isinstance(v, (int, float)) else None  # noqa: E731
+        rows.append([i + 1, ex.get("prompt"), ex.get("reference"), ex.get("base"), ex.get("adapter"), r(b), r(a), r(d)])
+    df = pd.DataFrame(rows, columns=cols)
+    if len(df):
+        df = df.sort_values(f"Δ {sort_by}", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+    if sort_by == "loss":
+        df = df.rename(columns={f"Δ {sort_by}": "loss reduction"})
+    return df
+
+
+def compare_html(a: dict | None, b: dict | None) -> str:
+    """Two adapters' evaluation results side by side."""
+    if not a or not b:
+        return '<div class="muted">Pick two adapters that have been evaluated.</div>'
+    warn = ""
+    fa, fb = (a.get("data") or {}).get("fingerprint"), (b.get("data") or {}).get("fingerprint")
+    if fa and fb and fa != fb:
+        warn = ('<div class="warn">These results come from different examples '
+                f'({esc((a.get("data") or {}).get("path"))} vs {esc((b.get("data") or {}).get("path"))}): '
+                'compare the differences to each base, not the raw numbers.</div>')
+    head = ("<tr><th>metric</th>" + "".join(
+        f'<th colspan="3">{esc(r.get("adapter"))}<br><span class="muted">{esc(r.get("quantization"))} · '
+        f'{esc((r.get("data") or {}).get("n"))} ex.</span></th>' for r in (a, b)) + "</tr>"
+        "<tr><th></th>" + "<th>base</th><th>adapter</th><th>Δ [95% CI]</th>" * 2 + "</tr>")
+    rows = []
+    for key, label, higher, _ in EVAL_METRICS + [(k, l, True, False) for k, l, _ in SPEED_METRICS]:
+        cells = []
+        present = False
+        for r in (a, b):
+            base = ((r.get("metrics") or {}).get("base") or {}).get(key)
+            ad = ((r.get("metrics") or {}).get("adapter") or {}).get(key)
+            present |= base is not None or ad is not None
+            p = (r.get("paired") or {}).get(key) or {}
+            d = (f'{p["mean_diff"]:+.3f} [{p["ci_low"]:+.3f}, {p["ci_high"]:+.3f}]' if p.get("mean_diff") is not None else "–")
+            cells += [fmt_num(base, 4), fmt_num(ad, 4), d]
+        if present:
+            rows.append(f"<tr><td>{label}</td>" + "".join(f'<td class="num">{c}</td>' for c in cells) + "</tr>")
+    return f'{warn}<table class="eval-table compare"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+# --- dataset preview -------------------------------------------------------------------------------------------
+def preview_html(preview: dict | None) -> str:
+    """Rows rendered through the chat template; the trained (assistant) tokens highlighted.
+    Accepts each row as a list of segments [{"text", "trained"}] or as {"segments": [...]}, or as plain text."""
+    if not preview:
+        return ""
+    items = []
+    for i, row in enumerate(preview.get("rows") or preview.get("rendered") or []):
+        segs = row.get("segments") if isinstance(row, dict) else row
+        if isinstance(segs, str):
+            segs = [{"text": segs, "trained": False}]
+        parts = []
+        for s in segs or []:
+            if isinstance(s, (list, tuple)):
+                s = {"text": s[0], "trained": bool(s[1])}
+            text = esc(s.get("text"))
+            parts.append(f'<span class="trained" title="trained on (labels)">{text}</span>' if s.get("trained") else
+                         f'<span class="context">{text}</span>')
+        extra = ""
+        if isinstance(row, dict):
+            n_tok = row.get("num_tokens", row.get("tokens"))
+            bits = [f"{n_tok} tokens" if n_tok is not None else "", "truncated" if row.get("truncated") else ""]
+            extra = " · ".join(b for b in bits if b)
+        items.append(f'<div class="preview-row"><div class="muted small">row {i + 1}'
+                     f'{" · " + esc(extra) if extra else ""}</div><pre>{"".join(parts)}</pre></div>')
+    legend = ('<div class="small"><span class="trained">highlighted</span> = the tokens the model is trained to produce '
+              '(assistant turns and their end-of-turn token); the rest is context only.</div>')
+    return f'<div class="preview">{legend}{"".join(items)}</div>'
+
+
+def histogram_frame(preview: dict | None) -> pd.DataFrame:
+    """Token length histogram for gr.BarPlot: bucket label, rows."""
+    hist = (preview or {}).get("histogram") or (preview or {}).get("length_histogram")
+    rows = []
+    if isinstance(hist, dict) and "counts" in hist:
+        edges, counts = hist.get("edges") or hist.get("bins") or [], hist["counts"]
+        for i, c in enumerate(counts):
+            lo = edges[i] if i < len(edges) else i
+            hi = edges[i + 1] if i + 1 < len(edges) else ""
+            rows.append((f"{int(lo)}–{int(hi)}" if hi != "" else f"{int(lo)}+", int(c), i))
+    elif isinstance(hist, list):
+        for i, h in enumerate(hist):
+            if isinstance(h, dict):
+                lo, hi, c = h.get("lo", h.get("start")), h.get("hi", h.get("end")), h.get("count", 0)
+            else:
+                lo, hi, c = h
+            rows.append((f"{int(lo)}–{int(hi)}", int(c), i))
+    return pd.DataFrame(rows, columns=["tokens", "rows", "order"])

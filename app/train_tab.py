@@ -1,0 +1,160 @@
+"""Train tab: the job form (built from JobConfig by app.forms), the dataset picker with a preview of what the model
+will be trained on, validation, YAML + CLI, YAML import, and Start (which queues the job in the store)."""
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import gradio as gr
+
+from app import render
+from app.api import friendly, store
+from app.forms import GROUPS, Form
+from finetune.config import ConfigError, JobConfig, ModelConfig, example_config
+
+_tokenizers: dict[tuple, object] = {}
+_tok_lock = threading.Lock()
+
+
+def _tokenizer(model_cfg: ModelConfig):
+    """The tokenizer for previews, loaded once per model (transformers is imported here, never at app import)."""
+    key = (model_cfg.name_or_path, model_cfg.revision)
+    with _tok_lock:
+        if key not in _tokenizers:
+            from finetune.model import load_tokenizer
+
+            _tokenizers[key] = load_tokenizer(model_cfg)
+        return _tokenizers[key]
+
+
+def errors_html(message: str) -> str:
+    """A ConfigError ("form: a.b: msg; c.d: msg") as a list, one bad field per line."""
+    body = message.split(": ", 1)[1] if message.startswith(("form: ", "submitted config: ")) else message
+    items = "".join(f"<li>{render.esc(p)}</li>" for p in body.split("; "))
+    return f'<div class="msg error"><b>The job config has problems:</b><ul>{items}</ul></div>'
+
+
+def ok_html(text: str) -> str:
+    return f'<div class="msg ok">{text}</div>'
+
+
+def build(default: JobConfig | None = None) -> SimpleNamespace:
+    default = default or example_config()
+    form = Form()
+    with gr.Row(equal_height=True):
+        form.adapter_name = gr.Textbox(value=default.adapter_name, label="adapter_name", scale=3, max_lines=1,
+                                       info=JobConfig.model_fields["adapter_name"].description, elem_id="field-adapter_name")
+        validate = gr.Button("Validate", scale=1, elem_id="validate-btn")
+        start = gr.Button("Start training", variant="primary", scale=1, elem_id="start-btn")
+    message = gr.HTML(elem_id="train-message")
+    with gr.Row():
+        with gr.Column(scale=5):
+            for title, section, basic in GROUPS:
+                if section != "data":
+                    form.group(title, section, basic, default)
+        with gr.Column(scale=6):
+            with gr.Group(elem_classes=["form-group"]):
+                gr.Markdown("**Dataset**", elem_classes=["group-title"])
+                form.dataset_picker(default)
+            title, section, basic = next(g for g in GROUPS if g[1] == "data")
+            form.group("Data options", section, basic, default)
+            preview_btn = gr.Button("Preview dataset", elem_id="preview-btn")
+            preview_summary = gr.HTML(elem_id="preview-summary")
+            preview_plot = gr.BarPlot(render.histogram_frame(None), x="tokens", y="rows", sort=None,
+                                      title="Token length per row", height=220, visible=False, elem_id="preview-hist")
+            preview_rows = gr.HTML(elem_id="preview-rows")
+    with gr.Accordion("YAML and command line", open=False, elem_id="yaml-accordion"):
+        with gr.Row():
+            show_yaml = gr.Button("Show YAML and CLI command", elem_id="show-yaml-btn")
+            import_file = gr.File(label="Import a job YAML", file_types=[".yaml", ".yml"], height=90,
+                                  elem_id="import-yaml")
+        yaml_code = gr.Code(language="yaml", label="job.yaml", interactive=False, elem_id="yaml-code")
+        cli_code = gr.Code(language="shell", label="The same job from a terminal", interactive=False, elem_id="cli-code")
+
+    inputs = set(form.components())
+    undocumented = dict(api_visibility="undocumented")
+
+    @friendly
+    def on_validate(values):
+        try:
+            cfg = form.to_config(values)
+        except ConfigError as e:
+            return errors_html(str(e))
+        return ok_html(f"Valid: <code>{render.esc(cfg.adapter_name)}</code> trains "
+                       f"{render.esc(cfg.model.name_or_path)} ({cfg.model.quantization}) on "
+                       f"<code>{render.esc(cfg.data.path)}</code>.")
+
+    @friendly
+    def on_show_yaml(values):
+        from app.forms import cli_commands
+
+        try:
+            cfg = form.to_config(values)
+        except ConfigError as e:
+            return errors_html(str(e)), gr.skip(), gr.skip()
+        return "", cfg.to_yaml(), cli_commands(cfg)
+
+    @friendly
+    def on_import(path):
+        if not path:
+            return {message: gr.skip()}
+        try:
+            cfg = JobConfig.load(path)
+        except ConfigError as e:
+            return {message: errors_html(str(e))}
+        out = form.from_config(cfg)
+        out[message] = ok_html(f"Imported <code>{render.esc(cfg.adapter_name)}</code> into the form.")
+        out[yaml_code] = cfg.to_yaml()
+        return out
+
+    @friendly
+    def on_preview(values):
+        from finetune import data as D
+
+        try:
+            cfg = form.to_config(values, sections=("model", "data"))
+            pv = D.preview(cfg.data, _tokenizer(cfg.model), n=5)
+        except (ConfigError, D.DataError) as e:
+            return f'<div class="msg error">{render.esc(e)}</div>', gr.update(visible=False), ""
+        return preview_summary_html(pv), gr.update(value=render.histogram_frame(pv), visible=True), render.preview_html(pv)
+
+    validate.click(on_validate, inputs, message, **undocumented)
+    show_yaml.click(on_show_yaml, inputs, [message, yaml_code, cli_code], **undocumented)
+    import_file.upload(on_import, import_file, [message, yaml_code, *form.components()], **undocumented)
+    preview_btn.click(on_preview, inputs, [preview_summary, preview_plot, preview_rows], **undocumented)
+    form.upload.upload(on_preview, inputs, [preview_summary, preview_plot, preview_rows], **undocumented)
+
+    return SimpleNamespace(form=form, start=start, message=message, inputs=inputs)
+
+
+def preview_summary_html(pv: dict) -> str:
+    stats = pv.get("stats") or pv
+    def get(*keys):
+        for k in keys:
+            if stats.get(k) is not None:
+                return stats[k]
+            if pv.get(k) is not None:
+                return pv[k]
+        return None
+    cells = [("format", get("format", "detected_format")), ("rows", get("num_rows", "row_count", "rows_total")),
+             ("train / validation", f'{get("num_train") or "–"} / {get("num_validation") or "–"}'
+              if get("num_train") is not None else None),
+             ("truncated", get("truncated", "num_truncated")), ("max_seq_length", get("max_seq_length")),
+             ("longest row (tokens)", get("max_tokens", "max_length")), ("median (tokens)", get("median_tokens", "median_length"))]
+    warn = ""
+    if isinstance(get("truncated", "num_truncated"), int) and get("truncated", "num_truncated") > 0:
+        warn = ('<div class="msg warn">Some rows are longer than max_seq_length and will be cut: '
+                'raise data.max_seq_length or shorten them.</div>')
+    return ('<div class="stat-grid">' + "".join(
+        f'<div class="stat"><div class="k">{k}</div><div class="v">{render.esc(v)}</div></div>'
+        for k, v in cells if v is not None) + "</div>" + warn)
+
+
+def start_job(form: Form, values) -> tuple[str | None, str]:
+    """Validate and queue; returns (job id or None, message HTML)."""
+    try:
+        cfg = form.to_config(values)
+    except ConfigError as e:
+        return None, errors_html(str(e))
+    job_id = store().submit(cfg)
+    return job_id, ok_html(f"Queued job <code>{job_id}</code> for adapter <code>{render.esc(cfg.adapter_name)}</code>.")
