@@ -80,7 +80,7 @@ def provenance_html(meta: dict) -> str:
 
 def build() -> SimpleNamespace:
     undocumented = dict(api_visibility="undocumented")
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False, elem_classes=["toolbar"]):
         select = gr.Dropdown(label="Adapter", choices=[], value=None, scale=4, elem_id="adapter-select")
         download = gr.DownloadButton("Download zip", value=None, scale=1, elem_id="download-btn", interactive=False)
         delete = gr.Button("Delete…", variant="stop", scale=1, elem_id="delete-btn")

@@ -49,10 +49,7 @@ class FieldNumber(gr.Number):
     """gr.Number whose out-of-range message names the config field (gradio's own says only "Value -1 is less...")."""
 
     is_template = True  # rendered by the stock Number frontend
-
-    def __init__(self, *args, field_path: str = "", **kwargs):
-        self.field_path = field_path
-        super().__init__(*args, **kwargs)
+    field_path = ""      # set after construction: gradio reads a component's props from its __init__ signature
 
     def preprocess(self, payload):
         try:
@@ -161,8 +158,8 @@ class Form:
             if path == "training.max_steps":
                 lo = -1
             w = FieldNumber(value=value, precision=0 if kind == "int" else None, minimum=lo, maximum=hi,
-                            step=_step(info.default, kind), field_path=path,
-                            placeholder="empty = not set" if optional else None, **common)
+                            step=_step(info.default, kind), placeholder="empty = not set" if optional else None, **common)
+            w.field_path = path
         else:
             w = gr.Textbox(value=_to_widget_value(value, kind), max_lines=1 if name != "system_prompt" else 4,
                            placeholder="empty = not set" if optional else None, **common)
@@ -170,7 +167,7 @@ class Form:
         self.kinds[path] = (kind, optional)
         return w
 
-    def group(self, title: str, section: str, basic: list[str], default_cfg: JobConfig) -> None:
+    def group(self, title: str, section: str, basic: list[str], default_cfg: JobConfig, columns: int = 2) -> None:
         """One titled group: its basic fields, then the rest of the section folded under Advanced."""
         names = list(_section_class(section).model_fields)
         if section == "model":
@@ -179,12 +176,16 @@ class Form:
         advanced = [n for n in names if n not in basic]
         with gr.Group(elem_classes=["form-group"]):
             gr.Markdown(f"**{title}**", elem_classes=["group-title"])
-            for n in basic:
-                self.widget(section, n, default_cfg)
+            self._rows(section, basic, default_cfg, columns)
             if advanced:
                 with gr.Accordion(f"Advanced {title.split()[0].lower()} options", open=False):
-                    for n in advanced:
-                        self.widget(section, n, default_cfg)
+                    self._rows(section, advanced, default_cfg, columns)
+
+    def _rows(self, section: str, names: list[str], default_cfg: JobConfig, columns: int) -> None:
+        for i in range(0, len(names), columns):
+            with gr.Row(equal_height=True):
+                for n in names[i:i + columns]:
+                    self.widget(section, n, default_cfg)
 
     def dataset_picker(self, default_cfg: JobConfig) -> None:
         source, text = picker_value(default_cfg.data.path)

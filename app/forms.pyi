@@ -50,10 +50,7 @@ class FieldNumber(gr.Number):
     """gr.Number whose out-of-range message names the config field (gradio's own says only "Value -1 is less...")."""
 
     is_template = True  # rendered by the stock Number frontend
-
-    def __init__(self, *args, field_path: str = "", **kwargs):
-        self.field_path = field_path
-        super().__init__(*args, **kwargs)
+    field_path = ""      # set after construction: gradio reads a component's props from its __init__ signature
 
     def preprocess(self, payload):
         try:

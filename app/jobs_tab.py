@@ -34,7 +34,9 @@ def default_job(rows: list[dict]) -> str | None:
 
 
 def build() -> SimpleNamespace:
-    with gr.Row(equal_height=True):
+    table = gr.Dataframe(render.jobs_frame([], {}), interactive=False, wrap=True, max_height=260, label="All jobs",
+                         elem_id="jobs-table", show_search="search")
+    with gr.Row(equal_height=False, elem_classes=["toolbar"]):
         job = gr.Dropdown(label="Job", choices=[], value=None, scale=4, elem_id="job-select",
                           info="Pick a job, or click a row of the table below.")
         cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="cancel-btn")
@@ -52,9 +54,6 @@ def build() -> SimpleNamespace:
         with gr.Column(scale=2):
             command = gr.Code(label="The exact command this job runs", language="shell", interactive=False,
                               elem_id="job-command", wrap_lines=True)
-    gr.Markdown("### All jobs")
-    table = gr.Dataframe(render.jobs_frame([], {}), interactive=False, wrap=True, max_height=320,
-                         elem_id="jobs-table", show_search="search")
     with gr.Accordion("Compare runs: overlay loss curves", open=False, elem_id="compare-accordion"):
         compare = gr.Dropdown(label="Runs to overlay", choices=[], multiselect=True, elem_id="compare-select")
         overlay = gr.LinePlot(render.overlay_frame([]), x="step", y="loss", color="run", title="Training loss",

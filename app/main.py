@@ -13,6 +13,8 @@ from app.api import friendly
 TITLE = "PEFT Studio"
 
 CSS = """
+.toolbar { align-items: flex-end !important; }
+.toolbar > button { min-height: 2.7rem; max-height: 3.2rem; margin-bottom: 2px; }
 .group-title p { margin: 0 0 .25rem 0; font-size: 1.02rem; }
 .form-group { padding: .6rem .75rem; margin-bottom: .6rem; }
 .muted { color: #6b7280; }

@@ -51,7 +51,7 @@ def stats_html(st: dict, label: str = "") -> str:
 def build() -> SimpleNamespace:
     undocumented = dict(api_visibility="undocumented")
     model_event = dict(concurrency_limit=1, concurrency_id=MODEL_GROUP, **undocumented)
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False, elem_classes=["toolbar"]):
         target = gr.Dropdown(label="Chat with", choices=[(BASE_LABEL, "")], value="", scale=4, elem_id="chat-target",
                              info="Adapters are attached to one loaded base model and swapped, not reloaded.")
         refresh = gr.Button("Refresh list", scale=1, elem_id="playground-refresh")
@@ -65,7 +65,7 @@ def build() -> SimpleNamespace:
         with gr.Tab("Chat", id="chat"):
             chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
                                  placeholder="Ask something. Try a question about a Python standard-library function.")
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=False, elem_classes=["toolbar"]):
                 msg = gr.Textbox(label="Message", placeholder="What does os.path.join do?", scale=6, max_lines=6,
                                  elem_id="chat-input", autofocus=False)
                 send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
@@ -76,7 +76,7 @@ def build() -> SimpleNamespace:
             with gr.Row():
                 side_a = gr.Dropdown(label="Left", choices=[(BASE_LABEL, "")], value="", elem_id="side-a")
                 side_b = gr.Dropdown(label="Right", choices=[(BASE_LABEL, "")], value="", elem_id="side-b")
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=False, elem_classes=["toolbar"]):
                 side_prompt = gr.Textbox(label="One prompt for both", scale=6, max_lines=6, elem_id="side-prompt",
                                          placeholder="What does json.dumps do?")
                 side_run = gr.Button("Send to both", variant="primary", scale=1, elem_id="side-send")

@@ -41,28 +41,37 @@ def ok_html(text: str) -> str:
 def build(default: JobConfig | None = None) -> SimpleNamespace:
     default = default or example_config()
     form = Form()
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False, elem_classes=["toolbar"]):
         form.adapter_name = gr.Textbox(value=default.adapter_name, label="adapter_name", scale=3, max_lines=1,
                                        info=JobConfig.model_fields["adapter_name"].description, elem_id="field-adapter_name")
         validate = gr.Button("Validate", scale=1, elem_id="validate-btn")
         start = gr.Button("Start training", variant="primary", scale=1, elem_id="start-btn")
     message = gr.HTML(elem_id="train-message")
+    groups = {title: (section, basic) for title, section, basic in GROUPS}
+
+    def group(title: str, shown: str | None = None, columns: int = 2) -> None:
+        section, basic = groups[title]
+        form.group(shown or title, section, basic, default, columns)
+
     with gr.Row():
-        with gr.Column(scale=5):
-            for title, section, basic in GROUPS:
-                if section != "data":
-                    form.group(title, section, basic, default)
-        with gr.Column(scale=6):
+        with gr.Column(scale=1):
             with gr.Group(elem_classes=["form-group"]):
                 gr.Markdown("**Dataset**", elem_classes=["group-title"])
                 form.dataset_picker(default)
-            title, section, basic = next(g for g in GROUPS if g[1] == "data")
-            form.group("Data options", section, basic, default)
+            group("Data", "Data options")
             preview_btn = gr.Button("Preview dataset", elem_id="preview-btn")
             preview_summary = gr.HTML(elem_id="preview-summary")
             preview_plot = gr.BarPlot(render.histogram_frame(None), x="tokens", y="rows", sort=None,
-                                      title="Token length per row", height=220, visible=False, elem_id="preview-hist")
+                                      title="Rows per token length", x_title="tokens per row (after the chat template)",
+                                      height=220, visible=False, elem_id="preview-hist")
             preview_rows = gr.HTML(elem_id="preview-rows")
+        with gr.Column(scale=1):
+            with gr.Row(equal_height=True):
+                group("Model", columns=1)
+                group("Quantization", columns=1)
+            group("LoRA", columns=3)
+            group("Training")
+            group("Evaluation after training", columns=3)
     with gr.Accordion("YAML and command line", open=False, elem_id="yaml-accordion"):
         with gr.Row():
             show_yaml = gr.Button("Show YAML and CLI command", elem_id="show-yaml-btn")
