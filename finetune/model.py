@@ -237,6 +237,9 @@ def load_model(model_cfg: ModelConfig, *, for_training: bool):
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     elif qcfg is not None:
         kwargs["device_map"] = {"": "cpu"}
+    if model_cfg.quantization == "8bit":
+        # LLM.int8 quantizes activations to fp16 by design; bitsandbytes says so on every forward of every layer.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     fix_cpu_4bit_trap(model)
     if for_training:

@@ -434,6 +434,7 @@ def run(config: JobConfig, run_dir: str | Path, resume: bool = False) -> dict:
                     window["tokens"] += count_input_tokens(batch)
                 max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
                 grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged as such)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -455,7 +456,7 @@ def run(config: JobConfig, run_dir: str | Path, resume: bool = False) -> dict:
                     mem, peak = memory_mb()
                     per_step = (now - session_start) / max(1, state.global_step - session_start_step)
                     row = {"step": state.global_step, "loss": round(window["loss"] / window["steps"], 6),
-                           "learning_rate": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
+                           "learning_rate": lr, "grad_norm": round(grad_norm, 6),
                            "tokens_per_second": round(tps, 2), "memory_mb": round(mem, 1) if mem else None,
                            "elapsed_s": round(state.elapsed_s + now - session_start, 2)}
                     metrics.write(row)
