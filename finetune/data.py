@@ -435,9 +435,7 @@ def render(tokenizer, messages: list[dict], fmt: str) -> Rendered:
         ids = list(enc["input_ids"])
         offsets = [tuple(o) for o in enc["offset_mapping"]] if "offset_mapping" in enc else None
         if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-            if offsets is not None:
-                offsets.append((len(text), len(text)))
+            text = _append_eos(tokenizer, text, ids, offsets)
         return Rendered(text, ids, list(ids), offsets, [(0, len(text))], len(ids))
     text, spans, needs_eos = assistant_spans(tokenizer, messages)
     if getattr(tokenizer, "is_fast", False):
@@ -445,7 +443,9 @@ def render(tokenizer, messages: list[dict], fmt: str) -> Rendered:
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         labels = [IGNORE_INDEX] * len(ids)
         for j, (s, e) in enumerate(offsets):
-            if e > s and any(a <= s < b for a, b in spans):
+            # a token that starts inside an answer, or whose only part before it is whitespace (" Blue" after
+            # "assistant:"): the model has to generate exactly that token after the prompt
+            if e > s and any(s < b and e > a and (s >= a or not text[s:a].strip()) for a, b in spans):
                 labels[j] = ids[j]
     else:  # slow tokenizers have no offsets: tokenize trained and untrained pieces separately
         ids, labels, offsets, pos = [], [], None, 0
@@ -457,11 +457,20 @@ def render(tokenizer, messages: list[dict], fmt: str) -> Rendered:
                     labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
             pos = b
     if needs_eos and eos is not None:
-        ids.append(eos)
+        start = len(text)
+        text = _append_eos(tokenizer, text, ids, offsets)
         labels.append(eos)
-        if offsets is not None:
-            offsets.append((len(text), len(text)))
+        spans = [*spans, (start, len(text))]
     return Rendered(text, ids, labels, offsets, spans, len(ids))
+
+
+def _append_eos(tokenizer, text: str, ids: list[int], offsets: list | None) -> str:
+    """Append EOS to the tokens (in place) and its text to the rendered text, which is returned."""
+    ids.append(tokenizer.eos_token_id)
+    eos_text = tokenizer.eos_token or ""
+    if offsets is not None:
+        offsets.append((len(text), len(text) + len(eos_text)))
+    return text + eos_text
 
 
 # --- the pipeline -------------------------------------------------------------------------------------------------
@@ -599,22 +608,35 @@ def collate(examples: list[dict], pad_token_id: int, padding_free: bool = False)
 
 
 # --- the UI's view -------------------------------------------------------------------------------------------------
-def _segments(r: Rendered, max_len: int) -> list[tuple[str, bool]]:
-    """The rendered text cut into (text, trained) pieces, up to the truncation point."""
-    text = r.text
-    if r.offsets is not None and len(r.input_ids) > max_len:
-        kept = [e for s, e in r.offsets[:max_len]]
-        text = text[: max(kept) if kept else 0]
-    out, pos = [], 0
-    for a, b in r.spans:
-        a, b = min(a, len(text)), min(b, len(text))
-        if a > pos:
-            out.append((text[pos:a], False))
-        if b > a:
-            out.append((text[a:b], True))
-        pos = max(pos, b)
-    if pos < len(text):
-        out.append((text[pos:], False))
+def _segments(r: Rendered, labels: list[int]) -> list[tuple[str, bool]]:
+    """The rendered text, up to the truncation point, cut into (text, trained) pieces: exactly the tokens that carry
+    a label (from their offsets), or the trained character spans for tokenizers without offsets."""
+    if r.offsets is not None:
+        pieces, pos = [], 0
+        for (s, e), label in zip(r.offsets, labels):
+            if e <= pos:
+                continue
+            s = max(s, pos)
+            if s > pos:
+                pieces.append((r.text[pos:s], False))
+            pieces.append((r.text[s:e], label != IGNORE_INDEX))
+            pos = e
+        if len(labels) == len(r.input_ids) and pos < len(r.text):  # not truncated: the text after the last token
+            pieces.append((r.text[pos:], False))
+    else:
+        pieces, pos = [], 0
+        for a, b in r.spans:
+            pieces += [(r.text[pos:a], False), (r.text[a:b], True)]
+            pos = b
+        pieces.append((r.text[pos:], False))
+    out: list[tuple[str, bool]] = []
+    for text, trained in pieces:
+        if not text:
+            continue
+        if out and out[-1][1] == trained:
+            out[-1] = (out[-1][0] + text, trained)
+        else:
+            out.append((text, trained))
     return out
 
 
@@ -634,8 +656,9 @@ def preview(data_cfg, tokenizer, n: int = 5) -> dict:
             raise e.at(*_where(sample, i)) from None
         lengths.append(r.length)
         if i < n:
-            trained = sum(1 for l in r.labels[:max_len] if l != IGNORE_INDEX)
-            shown.append({"text": r.text, "segments": _segments(r, max_len), "num_tokens": r.length,
+            labels = r.labels[:max_len]
+            trained = sum(1 for l in labels if l != IGNORE_INDEX)
+            shown.append({"text": r.text, "segments": _segments(r, labels), "num_tokens": r.length,
                           "trained_tokens": trained, "truncated": r.length > max_len})
     return {"format": fmt, "num_rows": len(records), "rows": shown,
             "length_histogram": histogram(lengths, max_len), "token_lengths": _summary(lengths),
