@@ -26,7 +26,7 @@ from pathlib import Path
 
 from finetune.paths import studio_home
 
-VERSION = 1  # bump when the generated text changes: the files are rewritten
+VERSION = 2  # bump when the generated text changes: the files are rewritten
 SEED = 1234
 HELDOUT = 60
 MAX_TRAIN = 400
@@ -107,10 +107,10 @@ def first_sentence(doc: str, name: str) -> str | None:
     para = _clean(para)
     for m in re.finditer(r"[.!?](?=\s|$)", para):
         before = para[: m.start()]
-        if any(before.endswith(a) for a in _ABBREV) or re.search(r"\b[A-Za-z]$", before):
+        if any(before.endswith(a) for a in _ABBREV) or re.search(r"(^|\s)[A-Z]$", before):  # "e.g.", "J. Smith"
             continue
         return para[: m.end()].strip()
-    return para + "." if para and para[-1].isalnum() else None
+    return para if para.endswith((".", "!", "?")) else para + "." if para and para[-1].isalnum() else None
 
 
 def _params(obj) -> str | None:
