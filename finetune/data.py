@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 import re
@@ -127,7 +128,8 @@ def _read_text(p: Path) -> str:
 
 def _load_jsonl(p: Path) -> Records:
     rows, lines = [], []
-    for n, line in enumerate(_read_text(p).splitlines(), start=1):
+    # split on "\n" only: str.splitlines would also break at U+2028 and friends, which JSON strings may hold raw
+    for n, line in enumerate(_read_text(p).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -164,7 +166,7 @@ def _load_json(p: Path) -> Records:
 
 def _load_csv(p: Path) -> Records:
     text = _read_text(p)
-    reader = csv.reader(text.splitlines(keepends=True), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
     try:
         header = next(reader, None)
         if header is None:

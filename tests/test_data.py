@@ -358,3 +358,16 @@ def test_preview_marks_trained_spans(tmp_path, tok):
     row = short["rows"][0]
     assert row["truncated"] and short["truncated"] == 8
     assert len("".join(t for t, _ in row["segments"])) < len(row["text"])
+
+
+def test_line_separators_inside_values(tmp_path):
+    """Raw U+2028 inside a JSON string is one line of JSONL; CRLF CSV files count lines like any other."""
+    p = tmp_path / "u.jsonl"
+    p.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n" + json.dumps({"text": "c"}) + "\n")
+    assert D.load_records(str(p)) == [{"text": "a\u2028b"}, {"text": "c"}]
+    q = tmp_path / "crlf.csv"
+    q.write_bytes(b"instruction,output\r\nSay hi,hi\r\n\r\nSay bye,\r\n")
+    recs = D.load_records(str(q))
+    assert recs.lines == [2, 4] and recs[1] == {"instruction": "Say bye", "output": ""}
+    e = error_of(D.validate_rows, recs, "alpaca")
+    assert (e.path, e.line, e.field) == (str(q), 4, "output") and "is empty" in str(e)
