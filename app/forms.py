@@ -189,7 +189,7 @@ class Form:
 
     def dataset_picker(self, default_cfg: JobConfig) -> None:
         source, text = picker_value(default_cfg.data.path)
-        self.source = gr.Radio(SOURCES, value=source, label="Dataset", elem_id="dataset-source",
+        self.source = gr.Radio(SOURCES, value=source, label="Training data", elem_id="dataset-source",
                                info="The demo teaches the model what Python standard-library functions do.")
         self.upload = gr.File(label="Training file (JSONL, JSON, CSV or Parquet)", file_types=UPLOAD_TYPES,
                               visible=source == SOURCE_UPLOAD, elem_id="dataset-upload")

@@ -41,19 +41,17 @@ def build() -> SimpleNamespace:
                           info="Pick a job, or click a row of the table below.")
         cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="cancel-btn")
         resume = gr.Button("Resume", scale=1, elem_id="resume-btn")
-        duplicate = gr.Button("Duplicate into the Train form", scale=1, elem_id="duplicate-btn")
+        duplicate = gr.Button("Duplicate to Train", scale=1, elem_id="duplicate-btn")
     action_msg = gr.HTML()
     progress = gr.HTML(render.progress_html(None), elem_id="job-progress")
     stats = gr.HTML(elem_id="job-stats")
     loss_plot = gr.LinePlot(render.loss_frame(None), x="step", y="loss", color="series", title="Loss",
                             x_title="optimizer step", y_title="loss", height=300, elem_id="loss-plot",
                             color_map={"train loss": "#2563eb", "eval loss": "#f97316"})
-    with gr.Row():
-        log = gr.Textbox(label="Log (last lines of train.log)", lines=12, max_lines=12, autoscroll=True,
-                         interactive=False, elem_id="job-log", scale=3)
-        with gr.Column(scale=2):
-            command = gr.Code(label="The exact command this job runs", language="shell", interactive=False,
-                              elem_id="job-command", wrap_lines=True)
+    log = gr.Textbox(label="Log (last lines of train.log)", lines=12, max_lines=12, autoscroll=True,
+                     interactive=False, elem_id="job-log")
+    command = gr.Code(label="The exact command this job runs (run it in a terminal to get the same job)",
+                      language="shell", interactive=False, elem_id="job-command", wrap_lines=True, lines=2, max_lines=4)
     with gr.Accordion("Compare runs: overlay loss curves", open=False, elem_id="compare-accordion"):
         compare = gr.Dropdown(label="Runs to overlay", choices=[], multiselect=True, elem_id="compare-select")
         overlay = gr.LinePlot(render.overlay_frame([]), x="step", y="loss", color="run", title="Training loss",

@@ -107,7 +107,7 @@ def loss_frame(live: dict | None) -> pd.DataFrame:
     if live:
         rows += [(int(s), float(v), "train loss") for s, v in _points(live.get("loss_history"), "loss")]
         rows += [(int(s), float(v), "eval loss") for s, v in _points(live.get("eval_history"), "eval_loss")]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
 
 
 def _points(hist, key: str):
@@ -126,7 +126,7 @@ def overlay_frame(lives: list[dict]) -> pd.DataFrame:
     for live in lives:
         label = f"{live['name']} ({live['id'][-4:]})"
         rows += [(int(s), float(v), label) for s, v in _points(live.get("loss_history"), "loss")]
-    return pd.DataFrame(rows, columns=["step", "loss", "run"])
+    return pd.DataFrame(rows, columns=["step", "loss", "run"]).astype({"step": "int64", "loss": "float64"})
 
 
 # --- adapters --------------------------------------------------------------------------------------------------

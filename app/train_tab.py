@@ -62,7 +62,7 @@ def build(default: JobConfig | None = None) -> SimpleNamespace:
             preview_btn = gr.Button("Preview dataset", elem_id="preview-btn")
             preview_summary = gr.HTML(elem_id="preview-summary")
             preview_plot = gr.BarPlot(render.histogram_frame(None), x="tokens", y="rows", sort=None,
-                                      title="Rows per token length", x_title="tokens per row (after the chat template)",
+                                      title="Rows per token length (after the chat template)", x_title="tokens per row",
                                       height=220, visible=False, elem_id="preview-hist")
             preview_rows = gr.HTML(elem_id="preview-rows")
         with gr.Column(scale=1):
@@ -125,7 +125,9 @@ def build(default: JobConfig | None = None) -> SimpleNamespace:
             pv = D.preview(cfg.data, _tokenizer(cfg.model), n=5)
         except (ConfigError, D.DataError) as e:
             return f'<div class="msg error">{render.esc(e)}</div>', gr.update(visible=False), ""
-        return preview_summary_html(pv), gr.update(value=render.histogram_frame(pv), visible=True), render.preview_html(pv)
+        hist = render.histogram_frame(pv)
+        return (preview_summary_html(pv), gr.update(value=hist, sort=list(hist["tokens"]), visible=True),
+                render.preview_html(pv))
 
     validate.click(on_validate, inputs, message, **undocumented)
     show_yaml.click(on_show_yaml, inputs, [message, yaml_code, cli_code], **undocumented)
@@ -137,26 +139,21 @@ def build(default: JobConfig | None = None) -> SimpleNamespace:
 
 
 def preview_summary_html(pv: dict) -> str:
-    stats = pv.get("stats") or pv
-    def get(*keys):
-        for k in keys:
-            if stats.get(k) is not None:
-                return stats[k]
-            if pv.get(k) is not None:
-                return pv[k]
-        return None
-    cells = [("format", get("format", "detected_format")), ("rows", get("num_rows", "row_count", "rows_total")),
-             ("train / validation", f'{get("num_train") or "–"} / {get("num_validation") or "–"}'
-              if get("num_train") is not None else None),
-             ("truncated", get("truncated", "num_truncated")), ("max_seq_length", get("max_seq_length")),
-             ("longest row (tokens)", get("max_tokens", "max_length")), ("median (tokens)", get("median_tokens", "median_length"))]
+    """Detected format, row count, token lengths and how many rows max_seq_length would cut."""
+    lengths = pv.get("token_lengths") or {}
+    sampled, truncated = pv.get("sampled_rows"), pv.get("truncated") or 0
+    of = f" of {sampled}" if sampled and sampled != pv.get("num_rows") else ""
+    cells = [("detected format", pv.get("format")), ("rows", pv.get("num_rows")),
+             ("tokens per row (median / p95 / max)", f'{lengths.get("p50", "–")} / {lengths.get("p95", "–")} / {lengths.get("max", "–")}'),
+             ("max_seq_length", pv.get("max_seq_length")), (f"rows truncated{of}", truncated)]
     warn = ""
-    if isinstance(get("truncated", "num_truncated"), int) and get("truncated", "num_truncated") > 0:
-        warn = ('<div class="msg warn">Some rows are longer than max_seq_length and will be cut: '
+    if truncated:
+        warn = (f'<div class="msg warn">{truncated} row(s){of} are longer than max_seq_length and will be cut: '
                 'raise data.max_seq_length or shorten them.</div>')
+    source = f'<div class="muted small">source: <code>{render.esc(pv.get("source"))}</code></div>' if pv.get("source") else ""
     return ('<div class="stat-grid">' + "".join(
         f'<div class="stat"><div class="k">{k}</div><div class="v">{render.esc(v)}</div></div>'
-        for k, v in cells if v is not None) + "</div>" + warn)
+        for k, v in cells if v is not None) + "</div>" + warn + source)
 
 
 def start_job(form: Form, values) -> tuple[str | None, str]:

@@ -1,0 +1,198 @@
+"""The whole path as a person takes it, in Debian's Chromium driven by Playwright (never a browser Playwright
+downloads): open the studio, pick the demo dataset and preview it, start a short QLoRA run on SmolLM2, watch the loss
+curve and progress move, reload the page and still see the job, wait for completion, look at the adapter's
+evaluation, download the zip, and chat with the adapter in the playground. Screenshots of each tab go to
+docs/screenshots/ (the README links them)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import zipfile
+
+import pytest
+
+from tests.studio_server import ROOT, running_studio
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not CHROMIUM:
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+SHOTS = ROOT / "docs" / "screenshots"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+ADAPTER = "browser-qlora"
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    home = tmp_path_factory.mktemp("browser-studio")
+    with running_studio(home) as (url, proc, log):
+        yield url, home
+        _cancel_leftovers(home)
+
+
+def _cancel_leftovers(home):
+    """A failed test must not leave a training process running."""
+    from finetune.jobs import JobStore
+
+    store = JobStore(home, reconcile=False)
+    for job in store.list_jobs(states=("queued", "running")):
+        store.cancel(job["id"], grace_s=5)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, studio):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    pg = ctx.new_page()
+    pg.set_default_timeout(60_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(studio[0])
+    pg.wait_for_selector("#main-tabs")
+    yield pg
+    ctx.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def shot(pg, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pg.wait_for_timeout(800)  # let plots finish their transition
+    pg.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def open_tab(pg, name: str) -> None:
+    pg.get_by_role("tab", name=name, exact=True).click()
+
+
+def field(pg, elem_id: str):
+    return pg.locator(f"#{elem_id}").locator("input, textarea").first
+
+
+def set_number(pg, elem_id: str, value) -> None:
+    box = field(pg, elem_id)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def pick(pg, elem_id: str, option: str) -> None:
+    """Choose an option of a gradio Dropdown the way a person does: open it, click the option."""
+    field(pg, elem_id).click()
+    pg.get_by_role("option", name=re.compile(re.escape(option))).first.click()
+
+
+def progress(pg) -> dict:
+    el = pg.locator("#job-progress .job-progress")
+    if not el.count():
+        return {}
+    return {"state": el.get_attribute("data-state"), "step": int(el.get_attribute("data-step") or 0)}
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def test_train_watch_reload_chat_download(page, studio, tmp_path):
+    pg = page
+    t0 = time.monotonic()
+    # --- Train: demo dataset, preview, a short QLoRA run ---------------------------------------------------------
+    pg.get_by_label("Demo: Python docs Q&A (built in)").check()
+    pg.click("#preview-btn")
+    pg.wait_for_selector("#preview-rows .preview-row", timeout=180_000)
+    assert pg.locator("#preview-rows .trained").count() >= 1, "the assistant part is not highlighted"
+    summary = pg.locator("#preview-summary").inner_text().lower()
+    assert "chat" in summary and "rows" in summary
+    field(pg, "field-adapter_name").fill(ADAPTER)
+    assert field(pg, "field-model-quantization").input_value() == "4bit"  # QLoRA is the default
+    set_number(pg, "field-training-max_steps", 3)
+    set_number(pg, "field-training-per_device_train_batch_size", 2)
+    set_number(pg, "field-data-max_seq_length", 64)
+    set_number(pg, "field-evaluation-max_examples", 2)
+    set_number(pg, "field-evaluation-max_new_tokens", 8)
+    pg.click("#validate-btn")
+    pg.wait_for_selector("#train-message .msg.ok")
+    shot(pg, "train")
+
+    # A bad value is refused with the field named, before anything is queued.
+    set_number(pg, "field-lora-lora_dropout", 1.5)
+    pg.click("#validate-btn")
+    toast = pg.locator(".toast-body, .toast-wrap, #train-message .msg.error").first
+    toast.wait_for(timeout=30_000)
+    assert "lora.lora_dropout" in toast.inner_text()
+    set_number(pg, "field-lora-lora_dropout", 0.05)
+
+    pg.click("#start-btn")
+    # Start switches to the Jobs tab with the new job selected.
+    pg.wait_for_selector("#job-progress .job-progress", timeout=60_000)
+    assert ADAPTER in pg.locator("#job-progress").inner_text()
+
+    # --- Jobs: progress and the loss curve move ---------------------------------------------------------------------
+    wait_for(lambda: progress(pg).get("step", 0) >= 1, 600, "the first optimizer step in the progress bar")
+    wait_for(lambda: pg.locator("#loss-plot canvas, #loss-plot svg").count() > 0, 60, "the loss plot")
+    shot(pg, "jobs")
+
+    # --- a reload keeps the job (the page reads the store) ------------------------------------------------------
+    pg.reload()
+    pg.wait_for_selector("#main-tabs")
+    open_tab(pg, "Jobs")
+    pg.wait_for_selector("#jobs-table >> text=" + ADAPTER, timeout=30_000)
+    wait_for(lambda: ADAPTER in pg.locator("#job-progress").inner_text(), 30, "the job selected after the reload")
+
+    final = wait_for(lambda: progress(pg) if progress(pg).get("state") in ("completed", "failed", "cancelled") else None,
+                     900, "the job to finish", poll=2)
+    assert final["state"] == "completed", pg.locator("#job-progress").inner_text() + pg.locator("#job-log").inner_text()
+    assert final["step"] == 3
+    wait_for(lambda: pg.locator("#loss-plot canvas, #loss-plot svg").count() > 0, 30, "the loss plot")
+    shot(pg, "jobs")
+    train_s = time.monotonic() - t0
+
+    # --- Adapters: provenance, evaluation, download -------------------------------------------------------------
+    open_tab(pg, "Adapters")
+    pg.wait_for_selector("#adapters-table >> text=" + ADAPTER, timeout=30_000)
+    wait_for(lambda: field(pg, "adapter-select").input_value() == ADAPTER, 30, "the adapter selected")
+    pg.wait_for_selector("#adapter-provenance .stat-grid")
+    assert "4bit" in pg.locator("#adapter-provenance").inner_text()
+    pg.get_by_role("tab", name="Evaluate", exact=True).click()
+    pg.wait_for_selector("#eval-chart .eval-table", timeout=30_000)  # the evaluation that ended the job
+    assert "ROUGE-L" in pg.locator("#eval-chart").inner_text()
+    shot(pg, "adapters")
+    with pg.expect_download(timeout=60_000) as dl:
+        pg.click("#download-btn")
+    target = tmp_path / "adapter.zip"
+    dl.value.save_as(target)
+    names = zipfile.ZipFile(target).namelist()
+    assert f"{ADAPTER}/adapter_model.safetensors" in names and f"{ADAPTER}/adapter_config.json" in names
+    meta = json.loads(zipfile.ZipFile(target).read(f"{ADAPTER}/studio.json"))
+    assert meta["quantization"] == "4bit" and meta["metrics"]["steps"] == 3
+
+    # --- Playground: chat with the adapter ------------------------------------------------------------------------
+    open_tab(pg, "Playground")
+    pick(pg, "chat-target", ADAPTER)
+    field(pg, "chat-input").fill("What does `abs` do in Python?")
+    pg.click("#chat-send")
+    wait_for(lambda: pg.locator("#chat-stats .gen-stats[data-tps]").count() > 0, 300, "the answer to finish")
+    bubbles = pg.locator("#chatbot .message-row, #chatbot [data-testid='bot']")
+    assert bubbles.count() >= 2
+    assert pg.locator("#chatbot").inner_text().strip().count("\n") >= 1
+    assert float(pg.locator("#chat-stats .gen-stats").get_attribute("data-tps")) > 0
+    shot(pg, "playground")
+    print(f"\nbrowser path: training part {train_s:.0f} s, total {time.monotonic() - t0:.0f} s")
