@@ -228,6 +228,9 @@ def load_model(model_cfg: ModelConfig, *, for_training: bool):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(model_cfg.name_or_path, model_cfg.revision)
+    if model_cfg.trust_remote_code:
+        log.warning("model.trust_remote_code is on: Python code from %s will run on this machine. Only do this for "
+                    "a model whose code you have read or whose authors you trust.", model_cfg.name_or_path)
     kwargs: dict = {"dtype": compute_dtype(model_cfg), "trust_remote_code": model_cfg.trust_remote_code}
     qcfg = quantization_config(model_cfg)
     if qcfg is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import hashlib
 import importlib.util
@@ -587,6 +588,10 @@ def plain_error(e: BaseException) -> str:
         return f"missing package {missing!r}: pip install {missing}" if missing else f"missing package: {e}"
     if isinstance(e, KeyboardInterrupt):
         return "interrupted (Ctrl-C or SIGINT)"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+        where = getattr(e, "filename", None)
+        return (f"disk full: no space left on device{f' writing {where}' if where else ''}; free some space, then "
+                "resume the job (it continues from its last checkpoint)")
     if isinstance(e, FileNotFoundError):
         return str(e)
     return f"{type(e).__name__}: {e}"
