@@ -206,6 +206,9 @@ def cli(argv: list[str]) -> int:
     sub.add_parser("show", help="print an adapter's studio.json").add_argument("name")
     sub.add_parser("delete", help="delete an adapter").add_argument("name")
     sub.add_parser("export", help="write a zip under STUDIO_HOME/exports and print its path").add_argument("name")
+    imp = sub.add_parser("import", help="add an adapter from a zip (an export, or a zipped peft folder)")
+    imp.add_argument("zip")
+    imp.add_argument("--name", help="store it under this name (default: the zip's folder name)")
     a = p.parse_args(argv)
     try:
         if a.cmd == "list":
@@ -225,6 +228,10 @@ def cli(argv: list[str]) -> int:
             print(f"deleted {a.name}")
         elif a.cmd == "export":
             print(export_zip(a.name))
+        elif a.cmd == "import":
+            from finetune.adapter_import import import_zip
+
+            print(f"imported {import_zip(a.zip, a.name)}")
     except (AdapterError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -91,3 +91,13 @@ def test_too_many_members_and_junk_refused(tmp_path):
 def test_bad_names_refused(tmp_path, bad):
     with pytest.raises(ZipImportError):
         import_zip(_fake_adapter_zip(tmp_path / "n.zip"), name=bad)
+
+
+def test_cli_import(tmp_path, capsys):
+    from finetune.adapters import cli
+
+    assert cli(["import", str(_fake_adapter_zip(tmp_path / "c.zip", folder="from-cli"))]) == 0
+    assert "imported from-cli" in capsys.readouterr().out
+    assert cli(["import", str(_fake_adapter_zip(tmp_path / "d.zip", {"../x.json": b"{}"}))]) == 1
+    assert "zip-slip" in capsys.readouterr().err
+    adapters.delete_adapter("from-cli")
