@@ -34,10 +34,10 @@ def test_answers_share_one_shape(built):
         (user, assistant) = row["messages"]
         assert (user["role"], assistant["role"]) == ("user", "assistant")
         name = names([row])[0]
-        # "`textwrap.dedent(text)` removes ...": the signature, a verb in the third person, one sentence
-        m = re.match(rf"^`{re.escape(name)}\(([^`]*)\)` (?:[a-z]+ly )?([a-z]+) (.+)[.!?]$", assistant["content"])
+        # "`textwrap.dedent` removes ...": the name, a verb in the third person, one sentence
+        m = re.match(rf"^`{re.escape(name)}` (?:[a-z]+ly )?([a-z]+) (.+)[.!?]$", assistant["content"])
         assert m, assistant["content"]
-        assert m.group(2).endswith("s") and "  " not in assistant["content"]
+        assert m.group(1).endswith("s") and "  " not in assistant["content"]
 
 
 def test_answers_are_short(built):
@@ -45,14 +45,15 @@ def test_answers_are_short(built):
 
     tok = load_tokenizer(ModelConfig())
     lengths = sorted(len(tok(r["messages"][1]["content"])["input_ids"]) for r in built[0] + built[1])
-    assert lengths[-1] <= 60 and 15 <= lengths[len(lengths) // 2] <= 35
+    assert lengths[-1] <= 50 and 12 <= lengths[len(lengths) // 2] <= 30
 
 
 def test_known_functions_read_well():
     answers = {p["name"]: p["answer"] for p in demo.build_pairs()}
-    assert answers["textwrap.dedent"] == "`textwrap.dedent(text)` removes any common leading whitespace from every line in text."
-    assert answers["math.sqrt"] == "`math.sqrt(x)` returns the square root of x."
-    assert answers["len"] == "`len(obj)` returns the number of items in a container."
+    assert answers["textwrap.dedent"] == "`textwrap.dedent` removes any common leading whitespace from every line in text."
+    assert answers["math.sqrt"] == "`math.sqrt` returns the square root of x."
+    assert answers["len"] == "`len` returns the number of items in a container."
+    assert answers["heapq.heapreplace"] == "`heapq.heapreplace` pops and returns the current smallest value, and adds the new item."
 
 
 def test_text_helpers():
