@@ -263,49 +263,49 @@ def latest_checkpoint(run_dir: Path) -> str | None:
 
 # --- why a job failed, in plain words --------------------------------------------------------------
 _EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt))(?::\s*(.*))?$")
+_ATTEMPT_HEADER = "=== studio: attempt"
 
 
 def diagnose(status: dict, tail: str, returncode: int | None) -> str:
-    """One plain sentence for a failed job: the trainer's own error when it wrote one, else what the log shows."""
+    """One plain sentence for a failed job: the trainer's own error when it wrote one, else what the log shows.
+
+    Only the final lines of a traceback (and the trainer's `error: ...` line) count as evidence: libraries log
+    harmless warnings such as "No module named 'kernels'" on every run."""
     if status.get("phase") == "failed" and status.get("error"):
         return str(status["error"]).strip()
+    if _ATTEMPT_HEADER in tail:  # only the latest attempt's output is about this failure
+        tail = tail[tail.rindex(_ATTEMPT_HEADER):]
     lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
-    text = "\n".join(lines)
-    low = text.lower()
-
-    def last_match(pattern: str) -> str | None:
-        for ln in reversed(lines):
-            if re.search(pattern, ln):
-                return ln
-        return None
-
-    if "out of memory" in low or "outofmemoryerror" in low:
-        where = "GPU" if "cuda" in low else "device"
+    low = "\n".join(lines).lower()
+    if returncode in (-9, 137) or "died with <signals.sigkill" in low or any(ln == "Killed" for ln in lines):
+        return "the training process was killed (SIGKILL or out of host memory)"
+    if returncode in (-15, 143) or "died with <signals.sigterm" in low:
+        return "the training process was terminated (SIGTERM) before it finished"
+    evidence = [ln for ln in lines if ln.startswith("error: ") or (_EXC_LINE.match(ln) and not ln.startswith(
+        ("subprocess.CalledProcessError", "CalledProcessError")))]
+    text = "\n".join(evidence)
+    if "out of memory" in text.lower() or "OutOfMemoryError" in text:
+        where = "GPU" if "cuda" in text.lower() else "device"
         return (f"the {where} ran out of memory: lower training.per_device_train_batch_size or data.max_seq_length, "
                 "keep training.gradient_checkpointing on, or load the model in 4-bit")
-    line = last_match(r"DataError")
-    if line:
-        return "bad training data: " + re.sub(r"^.*?DataError:\s*", "", line)
-    line = last_match(r"ConfigError")
-    if line:
-        return "invalid job config: " + re.sub(r"^.*?ConfigError:\s*", "", line)
-    line = last_match(r"No module named")
-    if line:
-        m = re.search(r"No module named '?([\w.]+)", line)
-        mod = m.group(1) if m else "?"
-        if mod.split(".")[0] == "finetune":
-            return f"the studio's own module {mod} is missing: the checkout is incomplete (git status, make setup)"
-        return f"a Python package is missing: {mod} (install it into the studio's environment: pip install {mod.split('.')[0]})"
-    if "no space left on device" in low:
-        return "the disk is full (No space left on device) while writing the run or the adapter"
-    if returncode in (-9, 137) or "signals.sigkill" in low or re.search(r"(^|\s)Killed(\s|$)", text):
-        return "the training process was killed (SIGKILL or out of host memory)"
-    if returncode in (-15, 143) or "signals.sigterm" in low:
-        return "the training process was terminated (SIGTERM) before it finished"
-    for ln in reversed(lines):
-        m = _EXC_LINE.match(ln)
-        if m and m.group(1) not in ("CalledProcessError",):
-            return f"training failed: {ln}"
+    for ln in reversed(evidence):
+        if "DataError" in ln:
+            return "bad training data: " + re.sub(r"^.*?DataError:\s*", "", ln)
+        if "ConfigError" in ln:
+            return "invalid job config: " + re.sub(r"^.*?ConfigError:\s*", "", ln)
+        m = re.search(r"No module named '?([\w.]+)", ln)
+        if m:
+            mod = m.group(1)
+            if mod.split(".")[0] == "finetune":
+                return f"the studio's own module {mod} is missing: the checkout is incomplete (git status, make setup)"
+            return f"a Python package is missing: {mod} (install it into the studio's environment: pip install {mod.split('.')[0]})"
+        if "no space left on device" in ln.lower():
+            return "the disk is full (No space left on device) while writing the run or the adapter"
+    errs = [ln for ln in evidence if ln.startswith("error: ")]
+    if errs:
+        return errs[-1].removeprefix("error: ")
+    if evidence:
+        return f"training failed: {evidence[-1]}"
     phase = status.get("phase")
     where = f" (last phase {phase}, step {status.get('step', 0)} of {status.get('total_steps', '?')})" if phase else ""
     code = f" with exit code {returncode}" if returncode is not None else ""
