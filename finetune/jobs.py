@@ -285,6 +285,9 @@ class JobStore:
         job_id, run_dir = row["id"], Path(row["run_dir"])
         job_yaml = run_dir / "job.yaml"
         checkpoint = runner.latest_checkpoint(run_dir) if row["resume"] else None
+        if row["attempts"] and not checkpoint and (run_dir / "metrics.jsonl").exists():
+            # Starting over: keep the earlier attempt's curve aside instead of mixing it into this one.
+            os.replace(run_dir / "metrics.jsonl", run_dir / f"metrics.attempt{row['attempts']}.jsonl")
         cmd = runner.train_command(job_yaml, run_dir, resume=bool(checkpoint))
         attempt = row["attempts"] + 1
         header = f"\n=== studio: attempt {attempt}" + (f", resuming from {checkpoint}" if checkpoint else "") + \
