@@ -330,6 +330,10 @@ class JobStore:
 
     def _reconcile_locked(self) -> None:
         codes = self._reap()
+        for job_id in codes:  # exited children of ours whose job someone else (a CLI cancel) already finished
+            if self.get(job_id)["state"] != "running":
+                with self._procs_lock:
+                    self._procs.pop(job_id, None)
         con = self._connect()
         try:
             rows = [dict(r) for r in con.execute("SELECT * FROM jobs WHERE state='running'")]
@@ -348,13 +352,13 @@ class JobStore:
     def _finish(self, job_id: str, returncode: int | None) -> None:
         """Record how a job whose processes are all gone ended. Only a `running` job changes, so two watchers
         (the scheduler thread and a cancel, or two studios) agree on one outcome."""
-        row = self.get(job_id)
-        if row["state"] != "running":
-            return
         with self._procs_lock:
             proc = self._procs.pop(job_id, None)
         if proc is not None and returncode is None:
-            returncode = proc.poll()
+            returncode = proc.poll()  # also reaps it
+        row = self.get(job_id)
+        if row["state"] != "running":
+            return
         run_dir = Path(row["run_dir"])
         status = runner.read_status(run_dir)
         adapter = status.get("adapter_name") or self._planned_adapter(row)

@@ -6,6 +6,7 @@ Nothing sleeps blindly: every wait polls with a deadline.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -454,7 +455,7 @@ def test_sigkill_at_random_points_then_resume(stores, chat_jsonl):
                  interval=0.05)
         row = store.get(job_id)
         victim = trainer_pid(row) or row["pid"]
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
         row = wait_for(lambda: finished(store, job_id), 60, "the killed job to be marked finished")
         outcomes[job_id] = (round(delay, 1), row["state"], store.live(job_id)["phase"])
