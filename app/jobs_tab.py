@@ -15,6 +15,14 @@ from app import render
 from app.api import friendly, store
 
 POLL_SECONDS = 2.0
+LOG_LINES = 14
+LOG_WIDTH = 240  # characters per log line shown; the full line is in train.log
+
+
+def short_log(text: str) -> str:
+    """The end of the log, sized to fit the box without scrolling (autoscroll only acts on changes)."""
+    lines = text.splitlines()[-LOG_LINES:]
+    return "\n".join(ln if len(ln) <= LOG_WIDTH else ln[:LOG_WIDTH - 1] + "…" for ln in lines)
 
 
 def snapshot() -> tuple[list[dict], dict[str, dict]]:
@@ -46,18 +54,19 @@ def build() -> SimpleNamespace:
     progress = gr.HTML(render.progress_html(None), elem_id="job-progress")
     stats = gr.HTML(elem_id="job-stats")
     loss_plot = gr.LinePlot(render.loss_frame(None), x="step", y="loss", color="series", title="Loss",
-                            x_title="optimizer step", y_title="loss", height=300, elem_id="loss-plot",
-                            color_map={"train loss": "#2563eb", "eval loss": "#f97316"})
-    log = gr.Textbox(label="Log (last lines of train.log)", lines=12, max_lines=12, autoscroll=True,
-                     interactive=False, elem_id="job-log")
-    command = gr.Code(label="The exact command this job runs (run it in a terminal to get the same job)",
-                      language="shell", interactive=False, elem_id="job-command", wrap_lines=True, lines=2, max_lines=4)
+                            x_title="optimizer step", y_title="loss", height=300, elem_id="loss-plot")
+    log = gr.Textbox(label="Log (last lines of train.log)", lines=LOG_LINES, max_lines=LOG_LINES, autoscroll=True,
+                     interactive=False, elem_id="job-log", elem_classes=["mono"])
+    command = gr.Textbox(label="The exact command this job runs (the same job from a terminal)", lines=2, max_lines=4,
+                         interactive=False, buttons=["copy"], elem_id="job-command", elem_classes=["mono"])
     with gr.Accordion("Compare runs: overlay loss curves", open=False, elem_id="compare-accordion"):
         compare = gr.Dropdown(label="Runs to overlay", choices=[], multiselect=True, elem_id="compare-select")
         overlay = gr.LinePlot(render.overlay_frame([]), x="step", y="loss", color="run", title="Training loss",
                               x_title="optimizer step", height=320, elem_id="overlay-plot")
     sig = gr.State({})  # what this browser was last sent, to skip unchanged outputs
-    timer = gr.Timer(POLL_SECONDS)
+    # Not rendered here: main.py renders the timer outside the tabs. A timer inside a tab starts ticking when the tab
+    # mounts, and a plot update that lands while the plot is still mounting leaves its lines uncoloured (gradio 6.31).
+    timer = gr.Timer(POLL_SECONDS, render=False)
 
     outputs = [job, table, progress, stats, loss_plot, log, command, compare, overlay, sig]
 
@@ -94,7 +103,7 @@ def build() -> SimpleNamespace:
             out[loss_plot] = render.loss_frame(live)
             out[command] = (live or {}).get("command") or ""
             last["detail"] = detail_sig
-        log_text = (live or {}).get("log_tail") or ""
+        log_text = short_log((live or {}).get("log_tail") or "")
         if log_text != last.get("log"):
             out[log] = log_text
             last["log"] = log_text

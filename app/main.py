@@ -46,7 +46,7 @@ CSS = """
 .hbar { position: relative; background: #f3f4f6; height: 20px; border-radius: 4px; min-width: 120px; }
 .hbar .hfill { height: 100%; border-radius: 4px; }
 .hbar span { position: absolute; left: 6px; top: 0; line-height: 20px; font-size: .8rem; font-weight: 600; color: #111827; }
-#job-log textarea { font-family: ui-monospace, monospace; font-size: .78rem; line-height: 1.3; }
+#job-log textarea, .mono textarea { font-family: ui-monospace, monospace; font-size: .78rem; line-height: 1.3; }
 .gen-stats { font-size: .85rem; color: #374151; padding: .2rem 0; }
 """
 
@@ -70,6 +70,7 @@ def build_app() -> gr.Blocks:
                 adapters = adapters_tab.build()
             with gr.Tab("Playground", id="playground", elem_id="tab-playground") as playground_tab_:
                 playground = playground_tab.build()
+        jobs.timer.render()
         api.register()
 
         undocumented = dict(api_visibility="undocumented")
