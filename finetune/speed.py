@@ -1,10 +1,462 @@
-"""The GPU fast path (owned by the speed work, issue 7). train.py calls this after LoRA is applied.
+"""The GPU fast path (issue 7). train.py calls patch_model_for_speed(model, training_cfg) after LoRA is applied.
 
-On CPU or without optional kernels it changes nothing and says so, so the same recipe runs everywhere.
+On a CUDA device, by default, each piece applied only where it fits and skipped (with the reason logged) where not:
+  keep_bf16        no fp32 copy of the frozen embeddings / lm_head / norms (prepare_model_for_kbit_training upcasts
+                   them; on a GPU that costs memory and a cast per use for nothing: the compute runs in bf16 anyway)
+  liger            liger-kernel's fused RMSNorm, SwiGLU, RoPE and fused linear + cross-entropy (the [tokens, vocab]
+                   logits are never materialised in training) for Llama / Qwen2 / Mistral
+  fused_lora       LoRA as one addmm on the base output (base + scale * (x A^T) B^T), computed in the compute dtype
+                   from fp32 master weights: no clone, no fp32 copy of x, no separate scale and add passes
+  varlen_attention padding-free batches (one row, position_ids restarting at 0 per example) attended per example
+                   through torch's variable-length flash attention: no padding compute and no cross-contamination
+  offload_checkpoints  non-reentrant-equivalent activation checkpointing that parks each layer's input in pinned
+                   CPU memory (copied on a side stream) and brings it back for the recompute
+  compile          torch.compile of each decoder layer (opt-in, STUDIO_SPEED=+compile: measured, see docs/benchmarks.md)
+
+On the CPU it changes nothing: the same recipe runs there as the plain transformers + peft model.
+
+STUDIO_SPEED (developer switch, comma separated) turns pieces off or on for experiments and the benchmark:
+"-liger", "-fused_lora", "-varlen", "-offload", "-keep_bf16", "+compile", "+bf16_lora" (LoRA weights stored in bf16),
+"none" (nothing at all).
+
+`python -m finetune.speed --selfcheck` prints which pieces this machine can use and checks the attention kernel
+against a reference.
 """
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import types
 
+log = logging.getLogger(__name__)
+
+LIGER_MODEL_TYPES = ("llama", "qwen2", "mistral")
+VARLEN_NAME = "studio_varlen"
+# A layer input smaller than this stays on the GPU: copying it costs more than the memory it frees.
+OFFLOAD_MIN_BYTES = int(os.environ.get("STUDIO_OFFLOAD_MIN_MB", "16")) * 2**20
+
+
+def _switches() -> set[str]:
+    return {s.strip() for s in os.environ.get("STUDIO_SPEED", "").split(",") if s.strip()}
+
+
+def _wanted(piece: str, default: bool = True) -> bool:
+    sw = _switches()
+    if "none" in sw:
+        return False
+    if f"-{piece}" in sw:
+        return False
+    if f"+{piece}" in sw:
+        return True
+    return default
+
+
+def inner_model(model):
+    """The transformers *ForCausalLM inside a PeftModel (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+# --- no fp32 upcast ------------------------------------------------------------------------------------------------
+def keep_compute_dtype(model, dtype) -> int:
+    """Cast frozen fp32 floating parameters (what prepare_model_for_kbit_training upcast) back to `dtype`.
+    Trainable (LoRA) parameters and buffers (rotary inv_freq is fp32 by design) are left alone. Returns the count."""
+    import torch
+
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad or not p.is_floating_point() or p.dtype != torch.float32:
+            continue
+        p.data = p.data.to(dtype)
+        n += 1
+    return n
+
+
+def cast_lora(model, dtype) -> int:
+    n = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_" in name and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
+# --- liger-kernel ---------------------------------------------------------------------------------------------------
+def apply_liger(model) -> list[str]:
+    """Liger's kernels on the model instance (and the model's module globals for RoPE). [] when not applicable."""
+    inner = inner_model(model)
+    model_type = getattr(inner.config, "model_type", None)
+    if model_type not in LIGER_MODEL_TYPES:
+        log.info("liger-kernel: no kernels for model type %r", model_type)
+        return []
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except Exception as e:  # not installed, or incompatible with this transformers
+        log.info("liger-kernel unavailable (%s: %s)", type(e).__name__, e)
+        return []
+    try:
+        from peft.tuners.lora import LoraLayer
+
+        flce = not isinstance(getattr(inner, "lm_head", None), LoraLayer)  # a LoRA lm_head needs its own forward
+    except ImportError:
+        flce = True
+    _apply_liger_kernel_to_instance(model=inner, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=flce)
+    return ["liger_rope", "liger_rms_norm", "liger_swiglu"] + (["liger_fused_linear_cross_entropy"] if flce else [])
+
+
+# --- fused LoRA forward ----------------------------------------------------------------------------------------------
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """base(x) + scale * (dropout(x) A^T) B^T as one addmm, in the base output's dtype. Anything unusual (several
+    active adapters, DoRA, merged weights, extra arguments, a LoRA bias) takes peft's own forward."""
+    import torch
+    import torch.nn.functional as F
+
+    active = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
+        return self._studio_peft_forward(x, *args, **kwargs)
+    name = active[0]
+    if name not in self.lora_A or name in getattr(self, "lora_variant", {}) or self.lora_B[name].bias is not None:
+        return self._studio_peft_forward(x, *args, **kwargs)
+    result = self.base_layer(x)
+    dt = result.dtype
+    A = self.lora_A[name].weight
+    B = self.lora_B[name].weight
+    h = F.linear(self.lora_dropout[name](x).to(dt), A.to(dt))
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.to(dt).t(),
+                      alpha=self.scaling[name])
+    return out.view(result.shape)
+
+
+def fuse_lora(model) -> int:
+    """Bind the fused forward on every peft LoRA Linear / Linear4bit / Linear8bitLt. Returns the count."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt") \
+                and not hasattr(module, "_studio_peft_forward"):
+            module._studio_peft_forward = module.forward
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            n += 1
+    return n
+
+
+# --- variable-length attention -----------------------------------------------------------------------------------
+_cu_cache: dict = {}
+
+
+def segments_from_positions(position_ids):
+    """(cu_seqlens int32 [n+1], max_len) of a packed row: a new example starts wherever the position does not
+    follow the previous one (the collate restarts positions at 0)."""
+    import torch
+
+    p = position_ids.reshape(-1)
+    key = (p.data_ptr(), p.numel(), p._version, p.device)
+    hit = _cu_cache.get("key")
+    if hit == key:
+        return _cu_cache["value"]
+    starts = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
+    starts[1:] = p[1:] != p[:-1] + 1
+    idx = torch.nonzero(starts).flatten()
+    cu = torch.cat([idx, torch.tensor([p.numel()], device=p.device)]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())  # one sync per forward (cached for every layer and the recompute)
+    _cu_cache["key"], _cu_cache["value"] = key, (cu, max_len)
+    return cu, max_len
+
+
+def _varlen_kernel():
+    """torch's flash varlen attention and how its signature spells causality/GQA, or None."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, params
+
+
+def varlen_usable(device) -> bool:
+    import torch
+
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    return dev.type == "cuda" and _varlen_kernel() is not None and os.environ.get("STUDIO_VARLEN_BROKEN") != "1"
+
+
+def _packed_attention(query, key, value, position_ids, scaling):
+    """Causal attention within each example of a packed row. query [1, Hq, T, D], key/value [1, Hkv, T, D] ->
+    [1, T, Hq, D]. Flash varlen on CUDA; per-example SDPA elsewhere (the reference, and the CPU path)."""
+    import torch
+    import torch.nn.functional as F
+
+    cu, max_len = segments_from_positions(position_ids)
+    hq, hkv = query.shape[1], key.shape[1]
+    if varlen_usable(query.device):
+        varlen_attn, params = _varlen_kernel()
+        q = query[0].transpose(0, 1)
+        k = key[0].transpose(0, 1)
+        v = value[0].transpose(0, 1)
+        kw = {"scale": scaling}
+        if "enable_gqa" in params and hq != hkv:
+            kw["enable_gqa"] = True
+        elif hq != hkv:
+            k = k.repeat_interleave(hq // hkv, dim=1)
+            v = v.repeat_interleave(hq // hkv, dim=1)
+        if "is_causal" in params:
+            kw["is_causal"] = True
+        else:
+            kw["window_size"] = (-1, 0)
+        out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, **kw)
+        return out.unsqueeze(0)
+    outs = []
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        outs.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                                   scale=scaling, enable_gqa=hq != hkv))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def studio_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers AttentionInterface function: packed rows (batch 1, no padding mask, position_ids) go through
+    _packed_attention; everything else through transformers' own SDPA path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is None and position_ids is not None and query.shape[0] == 1 and query.shape[2] > 1 \
+            and dropout == 0.0:
+        return _packed_attention(query, key, value, position_ids, scaling), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def studio_mask(*args, **kwargs):
+    """The mask for studio_attention: none for an unpadded single row (the example boundaries come from
+    position_ids); transformers' SDPA mask otherwise (padding, several rows)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is None and kwargs.get("batch_size", 0) == 1:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def use_varlen_attention(model) -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(VARLEN_NAME, studio_attention)
+    AttentionMaskInterface.register(VARLEN_NAME, studio_mask)
+    inner = inner_model(model)
+    if getattr(inner.config, "_attn_implementation", None) not in ("sdpa", "eager", None):
+        return False  # flash-attention or flex chosen on purpose: they handle packed rows themselves
+    try:
+        inner.set_attn_implementation(VARLEN_NAME)
+    except Exception as e:
+        log.info("varlen attention not set (%s: %s)", type(e).__name__, e)
+        return False
+    return True
+
+
+# --- checkpoint offload ---------------------------------------------------------------------------------------------
+class _PinnedPool:
+    """Reusable pinned host buffers (cudaHostAlloc per layer per step would cost more than the copy)."""
+
+    def __init__(self):
+        self.free: dict = {}
+
+    def take(self, shape, dtype):
+        import torch
+
+        bucket = self.free.get((tuple(shape), dtype))
+        if bucket:
+            return bucket.pop()
+        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True)
+
+    def give(self, buf):
+        self.free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
+
+
+_pool = _PinnedPool()
+_side_stream = None
+
+
+def _offloaded_function():
+    import torch
+
+    class OffloadedCheckpoint(torch.autograd.Function):
+        """Run the layer without saving activations; park its input on the CPU; in backward bring it back,
+        recompute with grad and backpropagate through the recomputation."""
+
+        @staticmethod
+        def forward(ctx, run, hidden):
+            global _side_stream
+            if _side_stream is None:
+                _side_stream = torch.cuda.Stream(device=hidden.device)
+            buf = _pool.take(hidden.shape, hidden.dtype)
+            main = torch.cuda.current_stream(hidden.device)
+            _side_stream.wait_stream(main)
+            with torch.cuda.stream(_side_stream):
+                buf.copy_(hidden, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(_side_stream)
+            hidden.record_stream(_side_stream)  # the allocator must not hand hidden's memory out before the copy ends
+            ctx.run, ctx.buf, ctx.done, ctx.device = run, buf, done, hidden.device
+            ctx.rng = torch.cuda.get_rng_state(hidden.device)
+            with torch.no_grad():
+                return run(hidden)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.done)
+            hidden = ctx.buf.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
+            _pool.give(ctx.buf)  # later copies into it are ordered after this one on the streams
+            rng = torch.cuda.get_rng_state(ctx.device)
+            torch.cuda.set_rng_state(ctx.rng, ctx.device)  # the same dropout masks as the forward
+            with torch.enable_grad():
+                out = ctx.run(hidden)
+            torch.cuda.set_rng_state(rng, ctx.device)
+            torch.autograd.backward(out, grad_out)
+            return None, hidden.grad
+
+    return OffloadedCheckpoint
+
+
+def offload_checkpoints(model) -> int:
+    """Swap each decoder layer's checkpoint function for the offloading one (inputs >= OFFLOAD_MIN_BYTES on CUDA;
+    smaller ones keep torch's non-reentrant checkpoint). Needs checkpointing already on. Returns the layer count."""
+    import functools
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    inner = inner_model(model)
+    layers = [m for m in inner.modules() if getattr(m, "gradient_checkpointing", False)
+              and hasattr(m, "_gradient_checkpointing_func")]
+    if not layers:
+        return 0
+    fn_cls = _offloaded_function()
+    plain = functools.partial(checkpoint, use_reentrant=False)
+
+    def ckpt(run, *args, **kwargs):
+        hidden = args[0] if args else None
+        if (len(args) == 1 and not kwargs and isinstance(hidden, torch.Tensor) and hidden.is_cuda
+                and hidden.requires_grad and hidden.numel() * hidden.element_size() >= OFFLOAD_MIN_BYTES):
+            return fn_cls.apply(run, hidden)
+        return plain(run, *args, **kwargs)
+
+    for layer in layers:
+        layer._gradient_checkpointing_func = ckpt
+    # The first layer's input must require grad for the custom function to be part of the graph.
+    inner.enable_input_require_grads()
+    return len(layers)
+
+
+def ensure_non_reentrant(model) -> bool:
+    """Checkpointing on with use_reentrant=False where the model has it on at all (the engine turns it on)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    inner = inner_model(model)
+    layers = [m for m in inner.modules() if getattr(m, "gradient_checkpointing", False)
+              and hasattr(m, "_gradient_checkpointing_func")]
+    for layer in layers:
+        fn = layer._gradient_checkpointing_func
+        if isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant") is False:
+            continue
+        layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    return bool(layers)
+
+
+def compile_layers(model) -> int:
+    inner = inner_model(model)
+    layers = getattr(getattr(inner, "model", None), "layers", None)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=None)
+    return len(layers)
+
+
+# --- the hook train.py calls ---------------------------------------------------------------------------------------
 def patch_model_for_speed(model, training_cfg) -> list[str]:
     """Apply whatever speed-ups this device supports; return the names of those applied (for the log and studio.json)."""
-    return []
+    import torch
+
+    applied: list[str] = []
+    if not torch.cuda.is_available() or "none" in _switches():
+        return applied
+    inner = inner_model(model)
+    dtype = getattr(inner, "dtype", torch.bfloat16)
+    dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if _wanted("keep_bf16"):
+        if keep_compute_dtype(model, dtype):
+            applied.append("no_fp32_upcast")
+            torch.cuda.empty_cache()  # hand the freed fp32 copies back
+    if _wanted("bf16_lora", default=False) and cast_lora(model, dtype):
+        applied.append("bf16_lora_weights")
+    if getattr(training_cfg, "use_liger_kernel", True) and _wanted("liger"):
+        applied += apply_liger(model)
+    if _wanted("fused_lora") and fuse_lora(model):
+        applied.append("fused_lora")
+    if getattr(training_cfg, "padding_free", True) and _wanted("varlen") and use_varlen_attention(model):
+        applied.append("varlen_attention" if varlen_usable("cuda") else "packed_sdpa_attention")
+    if getattr(training_cfg, "gradient_checkpointing", False):
+        if ensure_non_reentrant(model):
+            applied.append("non_reentrant_checkpointing")
+        if _wanted("offload") and offload_checkpoints(model):
+            applied.append("offload_checkpoints")
+    if _wanted("compile", default=False) and compile_layers(model):
+        applied.append("compile_layers")
+    log.info("speed-ups: %s", ", ".join(applied) or "none")
+    return applied
+
+
+# --- self check -----------------------------------------------------------------------------------------------------
+def selfcheck() -> dict:
+    """What this machine can use, and the packed attention kernel against per-example SDPA (CUDA only)."""
+    import importlib.util
+
+    import torch
+
+    report = {"cuda": torch.cuda.is_available(), "torch": torch.__version__,
+              "liger_kernel": importlib.util.find_spec("liger_kernel") is not None,
+              "varlen_kernel": _varlen_kernel() is not None}
+    if torch.cuda.is_available() and report["varlen_kernel"]:
+        import torch.nn.functional as F
+
+        g = torch.Generator(device="cuda").manual_seed(0)
+        lens = [5, 300, 77, 1024, 1]
+        T, hq, hkv, d = sum(lens), 8, 2, 128
+        q = torch.randn(1, hq, T, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(1, hkv, T, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(1, hkv, T, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        pos = torch.cat([torch.arange(n, device="cuda") for n in lens]).unsqueeze(0)
+        try:
+            out = _packed_attention(q, k, v, pos, d ** -0.5)
+            ref, a = [], 0
+            for n in lens:
+                ref.append(F.scaled_dot_product_attention(q[:, :, a:a + n].double(), k[:, :, a:a + n].double(),
+                                                          v[:, :, a:a + n].double(), is_causal=True, enable_gqa=True))
+                a += n
+            ref = torch.cat(ref, dim=2).transpose(1, 2)
+            err = float((out.double() - ref).norm() / ref.norm())
+            report["varlen_rel_error"] = err
+            report["varlen_ok"] = err < 2e-2
+        except Exception as e:
+            report["varlen_ok"] = False
+            report["varlen_error"] = f"{type(e).__name__}: {e}"
+    return report
+
+
+if __name__ == "__main__":
+    import json
+
+    if "--selfcheck" in sys.argv:
+        print(json.dumps(selfcheck(), indent=1))
+    else:
+        print(__doc__)

@@ -1,0 +1,291 @@
+"""One benchmark arm in its own process (Unsloth patches transformers on import, so arms never share one):
+
+    python -m finetune.bench_arms JOB.json RESULT.json
+
+JOB: {"arm": "naive"|"unsloth"|"studio"|"studio:<STUDIO_SPEED switches>", "model_dir", "shape", "mode": "qlora"|"lora",
+      "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest", "mem_limit_gib", "ladder"}
+RESULT: per-step times, tokens and losses, the median tokens/s after warm-up, peak memory, MFU, the library
+versions and the speed-ups the arm applied; or {"error": ...} with the reason.
+
+The three arms train the same LoRA (r=16, alpha=16, dropout 0, every linear layer of every decoder block) with
+AdamW (lr 2e-4, grad-norm clip 1.0) on the same batches:
+  naive    transformers + peft as a typical user writes it: SDPA, padded batches, non-reentrant gradient
+           checkpointing, prepare_model_for_kbit_training for QLoRA, bf16 autocast (what Trainer(bf16=True) does)
+  unsloth  FastLanguageModel with its defaults, use_gradient_checkpointing="unsloth", padded batches, bf16 autocast
+  studio   our training path: finetune.model.load_model / apply_lora, finetune.speed.patch_model_for_speed, the
+           padding-free finetune.data.collate and the same forward/backward call as finetune/train.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR = 2e-4
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth", "unsloth_zoo", "triton",
+                "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _padded(examples, pad_id, device):
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e["labels"])
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+# --- the arms: each returns (model, step(examples) -> loss float, info) ----------------------------------------------
+def setup_naive(job, device):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    tok = AutoTokenizer.from_pretrained(job["model_dir"])
+    kwargs = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    if job["mode"] == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **kwargs)
+    model.config.use_cache = False
+    gc_kwargs = {"use_reentrant": False}
+    if job["mode"] == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    model = get_peft_model(model, LoraConfig(**LORA, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else None
+
+    def step(examples):
+        batch = _padded(examples, tok.pad_token_id, device)
+        if autocast is not None:
+            with autocast:
+                loss = model(**batch).loss
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return model, step, {"speedups": []}
+
+
+def setup_unsloth(job, device):
+    import unsloth  # noqa: F401  (first: it patches transformers and peft)
+    from unsloth import FastLanguageModel
+
+    import torch
+
+    max_len = job.get("max_len") or (2048 if job["seq"] == "var" else int(job["seq"]))
+    model, tok = FastLanguageModel.from_pretrained(model_name=job["model_dir"], max_seq_length=max_len,
+                                                   dtype=torch.bfloat16, load_in_4bit=job["mode"] == "qlora",
+                                                   local_files_only=True)
+    model = FastLanguageModel.get_peft_model(model, target_modules=TARGETS, bias="none",
+                                             use_gradient_checkpointing="unsloth", random_state=job.get("seed", 0),
+                                             max_seq_length=max_len, **LORA)
+    FastLanguageModel.for_training(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def step(examples):
+        batch = _padded(examples, pad, device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return model, step, {"speedups": ["unsloth defaults"]}
+
+
+def setup_studio(job, device):
+    import torch
+
+    from finetune import data as D
+    from finetune import model as M
+    from finetune.config import LoraSettings, ModelConfig, TrainingConfig
+    from finetune.speed import patch_model_for_speed
+    from finetune.train import count_label_tokens
+
+    arm = job["arm"]
+    if ":" in arm:  # studio:<switches> - an experiment with pieces of the fast path toggled
+        os.environ["STUDIO_SPEED"] = arm.split(":", 1)[1].replace("+", ",+").replace("-", ",-").strip(",")
+    mcfg = ModelConfig(name_or_path=job["model_dir"], quantization="4bit" if job["mode"] == "qlora" else "none",
+                       torch_dtype="bfloat16")
+    tcfg = TrainingConfig(learning_rate=LR, gradient_checkpointing=True)
+    tok = M.load_tokenizer(mcfg)
+    model = M.load_model(mcfg, for_training=True)
+    model = M.apply_lora(model, LoraSettings(**LORA, target_modules=TARGETS), gradient_checkpointing=True)
+    speedups = patch_model_for_speed(model, tcfg)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    # train.py packs rows only on a GPU (the CPU has no varlen kernel); the same rule here.
+    padding_free = tcfg.padding_free and device.type == "cuda"
+
+    def step(examples):
+        batch = {k: v.to(device) for k, v in D.collate(examples, tok.pad_token_id, padding_free=padding_free).items()}
+        n_labels = max(1, count_label_tokens(batch))
+        out = model(**batch, num_items_in_batch=n_labels)  # the call finetune/train.py makes
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    return model, step, {"speedups": speedups}
+
+
+SETUPS = {"naive": setup_naive, "unsloth": setup_unsloth, "studio": setup_studio}
+
+
+# --- measuring ---------------------------------------------------------------------------------------------------
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _mem(device) -> dict:
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def run_job(job: dict) -> dict:
+    import torch
+
+    from finetune.bench_models import device_peak_flops, make_batches, step_flops
+
+    torch.manual_seed(job.get("seed", 0))
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    result: dict = {"job": job, "versions": _versions(), "device": torch.cuda.get_device_name(device)
+                    if device.type == "cuda" else "cpu"}
+    if device.type == "cuda" and job.get("mem_limit_gib"):
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, job["mem_limit_gib"] * 2**30 / total), device)
+    t0 = time.perf_counter()
+    base = job["arm"].split(":", 1)[0]
+    model, step, info = SETUPS[base](job, device)
+    result.update(info, setup_s=round(time.perf_counter() - t0, 1))
+    vocab = model.config.vocab_size if hasattr(model, "config") else 512
+    result["setup_memory"] = _mem(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    peak = device_peak_flops(result["device"])
+
+    if job.get("kind") == "longest":
+        return _longest(job, step, device, vocab, result)
+
+    n_steps = job["warmup"] + job["steps"]
+    batches = make_batches(job["seq"], job["batch"], n_steps, vocab, seed=job.get("data_seed", 0))
+    rows = []
+    for i, examples in enumerate(batches):
+        _sync(device)
+        t = time.perf_counter()
+        loss = step(examples)
+        _sync(device)
+        dt = time.perf_counter() - t
+        lengths = [len(e["input_ids"]) for e in examples]
+        tokens = sum(lengths)
+        rows.append({"step": i + 1, "seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt, "loss": loss,
+                     "tflops": step_flops(job["shape"], lengths) / dt / 1e12})
+    measured = rows[job["warmup"]:]
+    med = statistics.median(r["tokens_per_s"] for r in measured)
+    med_tflops = statistics.median(r["tflops"] for r in measured)
+    result.update(steps=rows, tokens_per_s=med, tflops=med_tflops, mfu=(med_tflops * 1e12 / peak) if peak else None,
+                  losses=[r["loss"] for r in rows], **_mem(device))
+    return result
+
+
+def _longest(job, step, device, vocab, result) -> dict:
+    """The longest single sequence (batch 1) for which one full training step fits under the memory cap."""
+    import torch
+
+    from finetune.bench_models import make_batches
+
+    tried = []
+    best = None
+    deadline = time.monotonic() + job.get("time_budget_s", 240)
+    for n in job.get("ladder", [8192, 16384, 32768, 49152, 65536, 98304, 131072]):
+        if time.monotonic() > deadline:
+            tried.append({"seq": n, "ok": None, "why": "time budget"})
+            break
+        examples = make_batches(n, 1, 1, vocab, seed=n)[0]
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            _sync(device)
+            t = time.perf_counter()
+            loss = step(examples)
+            _sync(device)
+            dt = time.perf_counter() - t
+            mem = _mem(device)
+            tried.append({"seq": n, "ok": True, "seconds": dt, "tokens_per_s": n / dt, "loss": loss, **mem})
+            best = tried[-1]
+        except torch.OutOfMemoryError:
+            tried.append({"seq": n, "ok": False, "why": "out of memory"})
+            break
+        except RuntimeError as e:
+            if "out of memory" not in str(e).lower():
+                raise
+            tried.append({"seq": n, "ok": False, "why": "out of memory"})
+            break
+    result.update(longest=best["seq"] if best else 0, tried=tried, **({} if best is None else
+                  {"peak_allocated_gib": best.get("peak_allocated_gib"), "tokens_per_s": best["tokens_per_s"]}))
+    return result
+
+
+def main(argv: list[str]) -> int:
+    job_path, out_path = argv[0], argv[1]
+    job = json.loads(open(job_path, encoding="utf-8").read())
+    from finetune.bench_models import write_json
+
+    try:
+        result = run_job(job)
+    except BaseException as e:  # the orchestrator reports it and goes on with the next arm
+        result = {"job": job, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+        write_json(out_path, result)
+        print(result["traceback"], file=sys.stderr)
+        return 1
+    write_json(out_path, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
