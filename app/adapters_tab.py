@@ -80,8 +80,10 @@ def provenance_html(meta: dict) -> str:
 
 def build() -> SimpleNamespace:
     undocumented = dict(api_visibility="undocumented")
+    table = gr.Dataframe(render.adapters_frame([]), interactive=False, wrap=True, max_height=260, label="Stored adapters",
+                         elem_id="adapters-table")
     with gr.Row(equal_height=False, elem_classes=["toolbar"]):
-        select = gr.Dropdown(label="Adapter", choices=[], value=None, scale=4, elem_id="adapter-select")
+        select = gr.Dropdown(label="Adapter", info="Pick one, or click a row of the table above.", choices=[], value=None, scale=4, elem_id="adapter-select")
         download = gr.DownloadButton("Download zip", value=None, scale=1, elem_id="download-btn", interactive=False)
         delete = gr.Button("Delete…", variant="stop", scale=1, elem_id="delete-btn")
         refresh = gr.Button("Refresh", scale=1, elem_id="adapters-refresh")
@@ -90,7 +92,6 @@ def build() -> SimpleNamespace:
         confirm_yes = gr.Button("Yes, delete it", variant="stop", elem_id="delete-yes")
         confirm_no = gr.Button("Keep it", elem_id="delete-no")
     message = gr.HTML()
-    table = gr.Dataframe(render.adapters_frame([]), interactive=False, wrap=True, max_height=260, elem_id="adapters-table")
     with gr.Tabs():
         with gr.Tab("Details", id="details"):
             provenance = gr.HTML(elem_id="adapter-provenance")

@@ -81,7 +81,10 @@ def build_app() -> gr.Blocks:
             job_id, message = train_tab.start_job(train.form, values)
             if job_id is None:
                 return message, gr.skip(), gr.skip()
-            return message, gr.Tabs(selected="jobs"), gr.update(value=job_id)
+            from app import render  # the new job must be among the dropdown's choices before it is selected
+
+            return message, gr.Tabs(selected="jobs"), gr.update(choices=render.job_choices(api.store().list_jobs()),
+                                                                value=job_id)
 
         train.start.click(on_start, train.inputs, [train.message, tabs, jobs.job], concurrency_limit=None, **undocumented)
 
