@@ -53,19 +53,17 @@ def build() -> SimpleNamespace:
     action_msg = gr.HTML()
     progress = gr.HTML(render.progress_html(None), elem_id="job-progress")
     stats = gr.HTML(elem_id="job-stats")
-    loss_plot = gr.LinePlot(render.loss_frame(None), x="step", y="loss", color="series", title="Loss",
-                            x_title="optimizer step", y_title="loss", height=300, elem_id="loss-plot")
+    loss_plot = gr.HTML(render.loss_chart(None), elem_id="loss-plot")
     log = gr.Textbox(label="Log (last lines of train.log)", lines=LOG_LINES, max_lines=LOG_LINES, autoscroll=True,
                      interactive=False, elem_id="job-log", elem_classes=["mono"])
     command = gr.Textbox(label="The exact command this job runs (the same job from a terminal)", lines=2, max_lines=4,
                          interactive=False, buttons=["copy"], elem_id="job-command", elem_classes=["mono"])
     with gr.Accordion("Compare runs: overlay loss curves", open=False, elem_id="compare-accordion"):
         compare = gr.Dropdown(label="Runs to overlay", choices=[], multiselect=True, elem_id="compare-select")
-        overlay = gr.LinePlot(render.overlay_frame([]), x="step", y="loss", color="run", title="Training loss",
-                              x_title="optimizer step", height=320, elem_id="overlay-plot")
+        overlay = gr.HTML(render.overlay_chart([]), elem_id="overlay-plot")
     sig = gr.State({})  # what this browser was last sent, to skip unchanged outputs
-    # Not rendered here: main.py renders the timer outside the tabs. A timer inside a tab starts ticking when the tab
-    # mounts, and a plot update that lands while the plot is still mounting leaves its lines uncoloured (gradio 6.31).
+    # Not rendered here: main.py renders the timer outside the tabs, so polling does not restart whenever the tab is
+    # mounted (with gr.LinePlot, an update landing while the plot mounted left its lines uncoloured in gradio 6.31).
     timer = gr.Timer(POLL_SECONDS, render=False)
 
     outputs = [job, table, progress, stats, loss_plot, log, command, compare, overlay, sig]
@@ -100,7 +98,7 @@ def build() -> SimpleNamespace:
         detail_sig = (selected, live and len(live["loss_history"]), live and len(live["eval_history"]),
                       live and live["state"])
         if detail_sig != last.get("detail"):
-            out[loss_plot] = render.loss_frame(live)
+            out[loss_plot] = render.loss_chart(live)
             out[command] = (live or {}).get("command") or ""
             last["detail"] = detail_sig
         log_text = short_log((live or {}).get("log_tail") or "")
@@ -110,7 +108,7 @@ def build() -> SimpleNamespace:
         compared = [c for c in (compared or []) if c in ids]
         ov_sig = [(c, statuses[c].get("step"), next(r["state"] for r in rows if r["id"] == c)) for c in compared]
         if ov_sig != last.get("overlay"):
-            out[overlay] = render.overlay_frame([store().live(c) for c in compared])
+            out[overlay] = render.overlay_chart([store().live(c) for c in compared])
             last["overlay"] = ov_sig
         out[sig] = last
         return out

@@ -47,6 +47,12 @@ CSS = """
 .hbar .hfill { height: 100%; border-radius: 4px; }
 .hbar span { position: absolute; left: 6px; top: 0; line-height: 20px; font-size: .8rem; font-weight: 600; color: #111827; }
 #job-log textarea, .mono textarea { font-family: ui-monospace, monospace; font-size: .78rem; line-height: 1.3; }
+.chart { border: 1px solid #e5e7eb; border-radius: 8px; padding: .4rem .6rem; background: #fff; }
+.chart.empty { min-height: 5rem; }
+.chart-title { font-weight: 600; font-size: 15px; fill: #111827; }
+.line-chart .tick { font-size: 12px; fill: #6b7280; }
+.line-chart .axis { font-size: 13px; fill: #374151; }
+.line-chart .legend { font-size: 13px; fill: #374151; }
 .gen-stats { font-size: .85rem; color: #374151; padding: .2rem 0; }
 """
 

@@ -101,15 +101,6 @@ def stats_html(live: dict | None) -> str:
         f'<div class="stat"><div class="k">{k}</div><div class="v">{v}</div></div>' for k, v in cells) + "</div>"
 
 
-def loss_frame(live: dict | None) -> pd.DataFrame:
-    """Long format for gr.LinePlot: step, loss, series (train / eval)."""
-    rows = []
-    if live:
-        rows += [(int(s), float(v), "train loss") for s, v in _points(live.get("loss_history"), "loss")]
-        rows += [(int(s), float(v), "eval loss") for s, v in _points(live.get("eval_history"), "eval_loss")]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
-
-
 def _points(hist, key: str):
     """Accepts [[step, value], ...] or [{"step":..., key:...}, ...] (runner.histories' shape may evolve)."""
     for p in hist or []:
@@ -119,14 +110,6 @@ def _points(hist, key: str):
             s, v = p[0], p[1]
         if isinstance(s, (int, float)) and isinstance(v, (int, float)) and math.isfinite(v):
             yield s, v
-
-
-def overlay_frame(lives: list[dict]) -> pd.DataFrame:
-    rows = []
-    for live in lives:
-        label = f"{live['name']} ({live['id'][-4:]})"
-        rows += [(int(s), float(v), label) for s, v in _points(live.get("loss_history"), "loss")]
-    return pd.DataFrame(rows, columns=["step", "loss", "run"]).astype({"step": "int64", "loss": "float64"})
 
 
 # --- adapters --------------------------------------------------------------------------------------------------
@@ -333,3 +316,90 @@ def histogram_frame(preview: dict | None) -> pd.DataFrame:
                 lo, hi, c = h
             rows.append((f"{int(lo)}–{int(hi)}", int(c), i))
     return pd.DataFrame(rows, columns=["tokens", "rows", "order"])
+
+
+# --- line charts (SVG) -----------------------------------------------------------------------------------------
+# The loss curves are drawn here rather than with gr.LinePlot: a run's evaluation loss is often a single point (it is
+# computed when training ends), which a line plot cannot show, and markers make a short CPU run readable.
+PALETTE = ["#2563eb", "#f97316", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777"]
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
+    if hi <= lo:
+        hi = lo + (1 if integer else abs(lo) * 0.1 or 1)
+    raw = (hi - lo) / max(1, n)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    if integer:
+        step = max(1, round(step))
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [round(k * step, 10) for k in range(first, last + 1)]
+
+
+def line_chart_svg(series: dict[str, list], title: str = "", x_label: str = "step", y_label: str = "loss",
+                   empty: str = "No points yet: the first one appears after the first logged step.") -> str:
+    """Several named series of (x, y) points as one SVG chart with axes, markers, hover titles and a legend."""
+    pts = {k: [(float(x), float(y)) for x, y in v if math.isfinite(float(y))] for k, v in series.items()}
+    pts = {k: v for k, v in pts.items() if v}
+    if not pts:
+        return f'<div class="chart empty"><div class="chart-title">{esc(title)}</div><div class="muted">{esc(empty)}</div></div>'
+    W, H, L, R, T, B = 900, 300, 64, 16, 34, 44
+    xs = [x for v in pts.values() for x, _ in v]
+    ys = [y for v in pts.values() for _, y in v]
+    xt = nice_ticks(min(xs), max(xs), 8, integer=True)
+    pad = (max(ys) - min(ys)) * 0.08 or abs(max(ys)) * 0.05 or 0.1
+    yt = nice_ticks(min(ys) - pad, max(ys) + pad, 5)
+    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
+    if x1 == x0:
+        x1 = x0 + 1
+    if y1 == y0:
+        y1 = y0 + 1
+    sx = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
+    sy = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
+    out = [f'<svg viewBox="0 0 {W} {H}" width="100%" role="img" aria-label="{esc(title)}" class="line-chart">']
+    for y in yt:
+        out.append(f'<line x1="{L}" x2="{W - R}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#e5e7eb"/>'
+                   f'<text x="{L - 6}" y="{sy(y) + 4:.1f}" text-anchor="end" class="tick">{y:.4g}</text>')
+    for x in xt:
+        out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{T}" y2="{H - B}" stroke="#f3f4f6"/>'
+                   f'<text x="{sx(x):.1f}" y="{H - B + 16}" text-anchor="middle" class="tick">{x:g}</text>')
+    out.append(f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="none" stroke="#d1d5db"/>')
+    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 8}" text-anchor="middle" class="axis">{esc(x_label)}</text>')
+    out.append(f'<text x="14" y="{(T + H - B) / 2}" text-anchor="middle" class="axis" '
+               f'transform="rotate(-90 14 {(T + H - B) / 2})">{esc(y_label)}</text>')
+    out.append(f'<text x="{L}" y="20" class="chart-title">{esc(title)}</text>')
+    lx = W - R
+    for i, (name, v) in enumerate(reversed(list(pts.items()))):  # legend, right-aligned
+        color = PALETTE[(len(pts) - 1 - i) % len(PALETTE)]
+        lx -= 14 + 7.2 * len(name) + 24
+        out.append(f'<line x1="{lx}" x2="{lx + 18}" y1="16" y2="16" stroke="{color}" stroke-width="3"/>'
+                   f'<circle cx="{lx + 9}" cy="16" r="3.5" fill="{color}"/>'
+                   f'<text x="{lx + 24}" y="20" class="legend">{esc(name)}</text>')
+    for i, (name, v) in enumerate(pts.items()):
+        color = PALETTE[i % len(PALETTE)]
+        v = sorted(v)
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in v)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2.2" '
+                   f'stroke-linejoin="round" data-series="{esc(name)}" data-points="{len(v)}"/>')
+        marks = v if len(v) <= 60 else [v[-1]]
+        for x, y in marks:
+            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{color}">'
+                       f'<title>{esc(name)} at step {x:g}: {y:.4f}</title></circle>')
+    out.append("</svg>")
+    return f'<div class="chart">{"".join(out)}</div>'
+
+
+def loss_chart(live: dict | None) -> str:
+    if not live:
+        return line_chart_svg({}, "Loss", empty="Select a job to see its loss curve.")
+    series = {"train loss": list(_points(live.get("loss_history"), "loss")),
+              "eval loss": list(_points(live.get("eval_history"), "eval_loss"))}
+    empty = ("Waiting for the first logged step (the model is loading or the data is being prepared)."
+             if live.get("state") in ("queued", "running") else "This job logged no loss.")
+    return line_chart_svg(series, "Loss", "optimizer step", "loss", empty=empty)
+
+
+def overlay_chart(lives: list[dict]) -> str:
+    series = {f"{live['name']} ({live['id'][-4:]})": list(_points(live.get("loss_history"), "loss")) for live in lives}
+    return line_chart_svg(series, "Training loss of the selected runs", "optimizer step", "loss",
+                          empty="Pick two or more runs to overlay their training loss.")

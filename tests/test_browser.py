@@ -100,6 +100,11 @@ def progress(pg) -> dict:
     return {"state": el.get_attribute("data-state"), "step": int(el.get_attribute("data-step") or 0)}
 
 
+def curve_points(pg, series: str = "train loss") -> int:
+    line = pg.locator(f'#loss-plot polyline[data-series="{series}"]')
+    return int(line.get_attribute("data-points") or 0) if line.count() else 0
+
+
 def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
     deadline = time.monotonic() + timeout
     last = None
@@ -147,27 +152,32 @@ def test_train_watch_reload_chat_download(page, studio, tmp_path):
 
     # --- Jobs: progress and the loss curve move ---------------------------------------------------------------------
     wait_for(lambda: progress(pg).get("step", 0) >= 1, 600, "the first optimizer step in the progress bar")
-    wait_for(lambda: pg.locator("#loss-plot canvas, #loss-plot svg").count() > 0, 60, "the loss plot")
-    shot(pg, "jobs")
+    wait_for(lambda: curve_points(pg) >= 1, 30, "the first point of the loss curve")
+    first = progress(pg)["step"]
+    wait_for(lambda: progress(pg).get("step", 0) > first or progress(pg).get("state") != "running", 600,
+             "the progress bar to move")
+    wait_for(lambda: curve_points(pg) >= 2 or progress(pg).get("state") != "running", 30, "the loss curve to grow")
+    shot(pg, "jobs-running")
 
     # --- a reload keeps the job (the page reads the store) ------------------------------------------------------
     pg.reload()
     pg.wait_for_selector("#main-tabs")
     open_tab(pg, "Jobs")
-    pg.wait_for_selector("#jobs-table >> text=" + ADAPTER, timeout=30_000)
+    wait_for(lambda: ADAPTER in pg.locator("#jobs-table").inner_text(), 30, "the job in the table after the reload")
     wait_for(lambda: ADAPTER in pg.locator("#job-progress").inner_text(), 30, "the job selected after the reload")
 
     final = wait_for(lambda: progress(pg) if progress(pg).get("state") in ("completed", "failed", "cancelled") else None,
                      900, "the job to finish", poll=2)
     assert final["state"] == "completed", pg.locator("#job-progress").inner_text() + pg.locator("#job-log").inner_text()
     assert final["step"] == 3
-    wait_for(lambda: pg.locator("#loss-plot canvas, #loss-plot svg").count() > 0, 30, "the loss plot")
+    assert curve_points(pg) == 3, "the loss curve should have a point per step"
+    assert curve_points(pg, "eval loss") >= 1, "the evaluation loss at the end of training is missing"
     shot(pg, "jobs")
     train_s = time.monotonic() - t0
 
     # --- Adapters: provenance, evaluation, download -------------------------------------------------------------
     open_tab(pg, "Adapters")
-    pg.wait_for_selector("#adapters-table >> text=" + ADAPTER, timeout=30_000)
+    wait_for(lambda: ADAPTER in pg.locator("#adapters-table").inner_text(), 30, "the adapter in the store's table")
     wait_for(lambda: field(pg, "adapter-select").input_value() == ADAPTER, 30, "the adapter selected")
     pg.wait_for_selector("#adapter-provenance .stat-grid")
     assert "4bit" in pg.locator("#adapter-provenance").inner_text()
