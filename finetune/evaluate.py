@@ -109,7 +109,11 @@ def load_examples(data_path: str | None, split: str, data_cfg) -> tuple[list[dic
     examples, skipped = [], 0
     for i, rec in enumerate(records):
         where = f"{source}, row {i + 1}"
-        msgs = D.to_messages(rec, fmt, system_prompt=data_cfg.system_prompt) if fmt else _mc_messages(rec, data_cfg.system_prompt)
+        try:
+            msgs = D.to_messages(rec, fmt, system_prompt=data_cfg.system_prompt) if fmt else _mc_messages(rec, data_cfg.system_prompt)
+        except D.DataError as e:  # name the file and line, as training would
+            src, line, unit = records.where(i) if isinstance(records, D.Records) else (str(source), i + 1, "row")
+            raise e.at(src, line, unit) from None
         ex = _example(msgs, rec, where) if msgs else None
         if ex is None:
             skipped += 1
