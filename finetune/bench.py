@@ -29,6 +29,21 @@ from pathlib import Path
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
+ARMS3 = ["naive", "unsloth", "studio"]
+# The issue-7 measurements in priority order (the GPU session may run out of time: what matters most runs first).
+PLANS: dict[str, list[dict]] = {
+    "issue7": [
+        {"shape": "llama-3-8b", "mode": "qlora", "seq": 2048, "batch": 2, "arms": ARMS3 + ["naive@1"]},
+        {"shape": "llama-3-8b", "mode": "lora", "seq": 2048, "batch": 2, "arms": ARMS3 + ["studio:-offload"]},
+        {"shape": "llama-3-8b", "mode": "qlora", "seq": "var", "batch": 8, "steps": 12, "arms": ARMS3},
+        {"shape": "llama-3-8b", "mode": "qlora", "seq": "longest", "batch": 1, "kind": "longest",
+         "mem_limit_gib": 24, "time_budget_s": 150, "arms": ARMS3},
+        {"shape": "llama-3-8b", "mode": "qlora", "seq": 8192, "batch": 1, "arms": ARMS3},
+        {"shape": "llama-3.2-1b", "mode": "qlora", "seq": 2048, "batch": 2, "arms": ARMS3 + ["studio:-offload"]},
+        {"shape": "qwen2.5-7b", "mode": "qlora", "seq": 2048, "batch": 2, "arms": ARMS3},
+    ],
+}
+
 
 def _cases_from_args(a) -> list[dict]:
     cases = []
@@ -65,9 +80,12 @@ def case_key(c: dict) -> str:
 class Scheduler:
     """Jobs in priority order; each free device takes the first job whose model is built."""
 
-    def __init__(self, devices, work: Path, budget_s: float, timeout_s: float, log):
+    def __init__(self, devices, work: Path, budget_s: float, timeout_s: float, log, hard_s: float = 1e9,
+                 on_done=None):
         self.devices, self.work, self.log = devices, work, log
         self.deadline = time.monotonic() + budget_s
+        self.hard_deadline = time.monotonic() + hard_s  # running jobs are stopped here (a caller's time limit)
+        self.on_done = on_done or (lambda done: None)
         self.timeout_s = timeout_s
         self.pending: list[dict] = []
         self.running: dict[str, tuple] = {}
@@ -124,6 +142,7 @@ class Scheduler:
         summary = (f"{res.get('tokens_per_s', 0):.0f} tok/s, peak {res.get('peak_allocated_gib', 0):.2f} GiB"
                    if res["ok"] and job["type"] == "arm" else ("ok" if res["ok"] else res.get("error", "")[:200]))
         self.log(f"[{time.strftime('%H:%M:%S')}] gpu {dev}: done  {job['id']} ({res['wall_s']} s): {summary}")
+        self.on_done(self.done)
 
     def run(self):
         while self.pending or self.running:
@@ -131,10 +150,10 @@ class Scheduler:
                 rc = proc.poll()
                 if rc is not None:
                     self._finish(dev, rc)
-                elif time.monotonic() - t0 > job.get("timeout_s", self.timeout_s):
+                elif time.monotonic() - t0 > job.get("timeout_s", self.timeout_s) or time.monotonic() > self.hard_deadline:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-                    self._finish(dev, -9, f"timed out after {job.get('timeout_s', self.timeout_s)} s")
+                    self._finish(dev, -9, f"stopped after {time.monotonic() - t0:.0f} s (job or call time limit)")
             for dev in self.devices:
                 if dev in self.running:
                     continue
@@ -280,6 +299,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--out", help="markdown file whose generated block gets the tables")
     p.add_argument("--budget-s", type=float, default=1e9, help="launch no new job after this many seconds")
     p.add_argument("--timeout-s", type=float, default=600, help="per-job limit")
+    p.add_argument("--hard-s", type=float, default=1e9, help="stop running jobs after this many seconds (and report)")
     p.add_argument("--devices", help="comma list of CUDA device ids to use (default: all; cpu without CUDA)")
     p.add_argument("--build", help=argparse.SUPPRESS)
     p.add_argument("--report", help="re-render the tables from a results.json")
@@ -302,7 +322,12 @@ def cli(argv: list[str]) -> int:
             write_report(Path(a.out), text, results.get("header", ""))
         return 0
 
-    cases = json.loads(Path(a.plan).read_text(encoding="utf-8")) if a.plan else _cases_from_args(a)
+    if a.plan in PLANS:
+        cases = PLANS[a.plan]
+    elif a.plan:
+        cases = json.loads(Path(a.plan).read_text(encoding="utf-8"))
+    else:
+        cases = _cases_from_args(a)
     for c in cases:
         if c["shape"] not in SHAPES:
             p.error(f"--model {c['shape']!r}: not one of {', '.join(SHAPES)}")
@@ -321,7 +346,12 @@ def cli(argv: list[str]) -> int:
         if raw:
             (raw / "scheduler.log").write_text("\n".join(log_lines) + "\n", encoding="utf-8")
 
-    sched = Scheduler(devices, work, a.budget_s, a.timeout_s, log)
+    def save(done):
+        if raw:
+            (raw / "results.json").write_text(json.dumps({"header": _header(done, devices), "results": done},
+                                                         indent=1, default=str), encoding="utf-8")
+
+    sched = Scheduler(devices, work, a.budget_s, a.timeout_s, log, hard_s=a.hard_s, on_done=save)
     for job in plan_jobs(cases, models_dir, a.timeout_s):
         sched.add(job)
     log(f"devices: {', '.join(devices)}; {len(sched.pending)} jobs; work folder {work}")

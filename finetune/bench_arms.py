@@ -27,6 +27,7 @@ import traceback
 LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 2e-4
+LADDER = [16384, 32768, 49152, 65536, 98304, 131072]  # the longest-sequence probe's lengths, tried in order
 
 
 def _versions() -> dict:
@@ -80,6 +81,7 @@ def setup_naive(job, device):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model = get_peft_model(model, LoraConfig(**LORA, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model.train()  # from_pretrained leaves eval mode, where checkpointing is off (Trainer.train() switches it)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else None
 
@@ -105,10 +107,13 @@ def setup_unsloth(job, device):
 
     import torch
 
-    max_len = job.get("max_len") or (2048 if job["seq"] == "var" else int(job["seq"]))
+    if job.get("kind") == "longest":
+        max_len = max(job.get("ladder") or LADDER)
+    else:
+        max_len = job.get("max_len") or (2048 if job["seq"] == "var" else int(job["seq"]))
     model, tok = FastLanguageModel.from_pretrained(model_name=job["model_dir"], max_seq_length=max_len,
                                                    dtype=torch.bfloat16, load_in_4bit=job["mode"] == "qlora",
-                                                   local_files_only=True)
+                                                   )
     model = FastLanguageModel.get_peft_model(model, target_modules=TARGETS, bias="none",
                                              use_gradient_checkpointing="unsloth", random_state=job.get("seed", 0),
                                              max_seq_length=max_len, **LORA)
@@ -243,7 +248,7 @@ def _longest(job, step, device, vocab, result) -> dict:
     tried = []
     best = None
     deadline = time.monotonic() + job.get("time_budget_s", 240)
-    for n in job.get("ladder", [8192, 16384, 32768, 49152, 65536, 98304, 131072]):
+    for n in job.get("ladder") or LADDER:
         if time.monotonic() > deadline:
             tried.append({"seq": n, "ok": None, "why": "time budget"})
             break

@@ -100,7 +100,7 @@ def build_model(shape: str, root: Path, seed: int = 0) -> Path:
     spec = dict(SHAPES[shape])
     model_type = spec.pop("model_type")
     tok = build_tokenizer(spec["vocab_size"])
-    config = AutoConfig.for_model(model_type, **spec, torch_dtype="bfloat16", bos_token_id=tok.bos_token_id,
+    config = AutoConfig.for_model(model_type, **spec, dtype="bfloat16", bos_token_id=tok.bos_token_id,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True)
     torch.manual_seed(seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -16,7 +16,7 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
 On the CPU it changes nothing: the same recipe runs there as the plain transformers + peft model.
 
 STUDIO_SPEED (developer switch, comma separated) turns pieces off or on for experiments and the benchmark:
-"-liger", "-fused_lora", "-varlen", "-offload", "-keep_bf16", "+compile", "+bf16_lora" (LoRA weights stored in bf16),
+"-liger", "-fused_lora", "-varlen", "-offload", "-fast_checkpoint", "-keep_bf16", "+compile", "+bf16_lora" (LoRA weights stored in bf16),
 "none" (nothing at all).
 
 `python -m finetune.speed --selfcheck` prints which pieces this machine can use and checks the attention kernel
@@ -263,21 +263,25 @@ def use_varlen_attention(model) -> bool:
 
 # --- checkpoint offload ---------------------------------------------------------------------------------------------
 class _PinnedPool:
-    """Reusable pinned host buffers (cudaHostAlloc per layer per step would cost more than the copy)."""
+    """Reusable pinned host buffers (a cudaHostAlloc per layer per step costs more than the copy itself). Buffers
+    are flat bytes in power-of-two sizes, so batches of varying length reuse them instead of allocating anew."""
 
     def __init__(self):
-        self.free: dict = {}
+        self.free: dict[int, list] = {}
 
     def take(self, shape, dtype):
+        import math
+
         import torch
 
-        bucket = self.free.get((tuple(shape), dtype))
-        if bucket:
-            return bucket.pop()
-        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        cap = 1 << max(20, (nbytes - 1).bit_length())
+        bucket = self.free.get(cap)
+        raw = bucket.pop() if bucket else torch.empty(cap, dtype=torch.uint8, device="cpu", pin_memory=True)
+        return raw, raw[:nbytes].view(dtype).view(shape)
 
-    def give(self, buf):
-        self.free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
+    def give(self, raw):
+        self.free.setdefault(raw.numel(), []).append(raw)
 
 
 _pool = _PinnedPool()
@@ -288,51 +292,65 @@ def _offloaded_function():
     import torch
 
     class OffloadedCheckpoint(torch.autograd.Function):
-        """Run the layer without saving activations; park its input on the CPU; in backward bring it back,
-        recompute with grad and backpropagate through the recomputation."""
+        """Run the layer without saving activations, keeping only its input: on the GPU, or parked in pinned CPU
+        memory (copied on a side stream) when `offload`. In backward: bring it back, recompute with grad,
+        backpropagate through the recomputation. (The checkpoint torch.utils.checkpoint does, without its
+        saved-tensor hooks, which measured slower here.)"""
 
         @staticmethod
-        def forward(ctx, run, hidden):
+        def forward(ctx, run, hidden, offload):
             global _side_stream
-            if _side_stream is None:
-                _side_stream = torch.cuda.Stream(device=hidden.device)
-            buf = _pool.take(hidden.shape, hidden.dtype)
-            main = torch.cuda.current_stream(hidden.device)
-            _side_stream.wait_stream(main)
-            with torch.cuda.stream(_side_stream):
-                buf.copy_(hidden, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(_side_stream)
-            hidden.record_stream(_side_stream)  # the allocator must not hand hidden's memory out before the copy ends
-            ctx.run, ctx.buf, ctx.done, ctx.device = run, buf, done, hidden.device
-            ctx.rng = torch.cuda.get_rng_state(hidden.device)
+            ctx.run, ctx.device, ctx.raw = run, hidden.device, None
+            if offload:
+                if _side_stream is None:
+                    _side_stream = torch.cuda.Stream(device=hidden.device)
+                raw, buf = _pool.take(hidden.shape, hidden.dtype)
+                _side_stream.wait_stream(torch.cuda.current_stream(hidden.device))
+                with torch.cuda.stream(_side_stream):
+                    buf.copy_(hidden, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(_side_stream)
+                hidden.record_stream(_side_stream)  # the allocator must not hand hidden's memory out before the copy
+                ctx.raw, ctx.buf, ctx.done = raw, buf, done
+            else:
+                ctx.saved = hidden.detach()
+            ctx.rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else torch.get_rng_state()
             with torch.no_grad():
                 return run(hidden)
 
         @staticmethod
         def backward(ctx, grad_out):
-            torch.cuda.current_stream(ctx.device).wait_event(ctx.done)
-            hidden = ctx.buf.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
-            _pool.give(ctx.buf)  # later copies into it are ordered after this one on the streams
-            rng = torch.cuda.get_rng_state(ctx.device)
-            torch.cuda.set_rng_state(ctx.rng, ctx.device)  # the same dropout masks as the forward
+            if ctx.raw is not None:
+                torch.cuda.current_stream(ctx.device).wait_event(ctx.done)
+                hidden = ctx.buf.to(ctx.device, non_blocking=True)
+                _pool.give(ctx.raw)  # later copies into it are ordered after this one on the streams
+            else:
+                hidden = ctx.saved
+            hidden = hidden.detach().requires_grad_(True)
+            cuda = ctx.device.type == "cuda"
+            rng = torch.cuda.get_rng_state(ctx.device) if cuda else torch.get_rng_state()
+            # the same dropout masks as the forward
+            torch.cuda.set_rng_state(ctx.rng, ctx.device) if cuda else torch.set_rng_state(ctx.rng)
             with torch.enable_grad():
                 out = ctx.run(hidden)
-            torch.cuda.set_rng_state(rng, ctx.device)
+            torch.cuda.set_rng_state(rng, ctx.device) if cuda else torch.set_rng_state(rng)
             torch.autograd.backward(out, grad_out)
-            return None, hidden.grad
+            return None, hidden.grad, None
 
     return OffloadedCheckpoint
 
 
-def offload_checkpoints(model) -> int:
-    """Swap each decoder layer's checkpoint function for the offloading one (inputs >= OFFLOAD_MIN_BYTES on CUDA;
-    smaller ones keep torch's non-reentrant checkpoint). Needs checkpointing already on. Returns the layer count."""
+def offload_checkpoints(model, offload: bool = True) -> int:
+    """Swap each decoder layer's checkpoint function for OffloadedCheckpoint (inputs >= OFFLOAD_MIN_BYTES on CUDA
+    go to pinned CPU memory when `offload`). Needs checkpointing already on, and one process: a recompute inside
+    backward is reentrant, which DistributedDataParallel does not allow. Returns the layer count."""
     import functools
 
     import torch
     from torch.utils.checkpoint import checkpoint
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 0
     inner = inner_model(model)
     layers = [m for m in inner.modules() if getattr(m, "gradient_checkpointing", False)
               and hasattr(m, "_gradient_checkpointing_func")]
@@ -343,9 +361,9 @@ def offload_checkpoints(model) -> int:
 
     def ckpt(run, *args, **kwargs):
         hidden = args[0] if args else None
-        if (len(args) == 1 and not kwargs and isinstance(hidden, torch.Tensor) and hidden.is_cuda
-                and hidden.requires_grad and hidden.numel() * hidden.element_size() >= OFFLOAD_MIN_BYTES):
-            return fn_cls.apply(run, hidden)
+        if len(args) == 1 and not kwargs and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            big = hidden.is_cuda and hidden.numel() * hidden.element_size() >= OFFLOAD_MIN_BYTES
+            return fn_cls.apply(run, hidden, offload and big)
         return plain(run, *args, **kwargs)
 
     for layer in layers:
@@ -408,8 +426,10 @@ def patch_model_for_speed(model, training_cfg) -> list[str]:
     if getattr(training_cfg, "gradient_checkpointing", False):
         if ensure_non_reentrant(model):
             applied.append("non_reentrant_checkpointing")
-        if _wanted("offload") and offload_checkpoints(model):
-            applied.append("offload_checkpoints")
+        if _wanted("fast_checkpoint"):
+            offload = _wanted("offload")
+            if offload_checkpoints(model, offload=offload):
+                applied.append("offload_checkpoints" if offload else "fast_checkpoint")
     if _wanted("compile", default=False) and compile_layers(model):
         applied.append("compile_layers")
     log.info("speed-ups: %s", ", ".join(applied) or "none")
