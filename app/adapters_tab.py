@@ -81,7 +81,8 @@ def provenance_html(meta: dict) -> str:
 def build() -> SimpleNamespace:
     undocumented = dict(api_visibility="undocumented")
     table = gr.Dataframe(render.adapters_frame([]), interactive=False, wrap=True, max_height=260, label="Stored adapters",
-                         elem_id="adapters-table")
+                         elem_id="adapters-table",
+                         column_widths=["14%", "15%", "6%", "14%", "6%", "8%", "17%", "13%", "7%"])
     with gr.Row(equal_height=False, elem_classes=["toolbar"]):
         select = gr.Dropdown(label="Adapter", info="Pick one, or click a row of the table above.", choices=[], value=None, scale=4, elem_id="adapter-select")
         download = gr.DownloadButton("Download zip", value=None, scale=1, elem_id="download-btn", interactive=False)
@@ -114,10 +115,11 @@ def build() -> SimpleNamespace:
             run = gr.Button("Evaluate: base vs adapter", variant="primary", elem_id="eval-btn")
             previous = gr.Dropdown(label="Evaluation results of this adapter", choices=[], elem_id="eval-previous")
             chart = gr.HTML(render.eval_chart_html(None), elem_id="eval-chart")
-            sort = gr.Dropdown(render.SORT_METRICS, value="rouge_l", label="Sort examples by the adapter's gain in",
+            sort = gr.Dropdown(render.SORT_METRICS, value="rouge_l", label="Score the examples by",
+                               info="Rows are sorted by the adapter's gain on this score, largest first; click a column to re-sort.",
                                elem_id="eval-sort")
             examples = gr.Dataframe(render.examples_frame(None), interactive=False, wrap=True, max_height=520,
-                                    elem_id="eval-examples", column_widths=["4%", "22%", "18%", "18%", "18%", "6%", "6%", "8%"])
+                                    elem_id="eval-examples", column_widths=["4%", "20%", "18%", "18%", "18%", "7%", "8%", "7%"])
         with gr.Tab("Compare two adapters", id="compare"):
             with gr.Row():
                 cmp_a = gr.Dropdown(label="Adapter A", choices=[], elem_id="compare-a")

@@ -66,7 +66,7 @@ def build() -> SimpleNamespace:
     # mounted (with gr.LinePlot, an update landing while the plot mounted left its lines uncoloured in gradio 6.31).
     timer = gr.Timer(POLL_SECONDS, render=False)
 
-    outputs = [job, table, progress, stats, loss_plot, log, command, compare, overlay, sig]
+    outputs = [job, table, progress, stats, loss_plot, log, command, compare, overlay, sig, cancel, resume]
 
     def refresh(selected, compared, last):
         rows, statuses = snapshot()
@@ -100,6 +100,9 @@ def build() -> SimpleNamespace:
         if detail_sig != last.get("detail"):
             out[loss_plot] = render.loss_chart(live)
             out[command] = (live or {}).get("command") or ""
+            state = (live or {}).get("state")
+            out[cancel] = gr.update(interactive=state in ("queued", "running"))
+            out[resume] = gr.update(interactive=state in ("failed", "cancelled"))
             last["detail"] = detail_sig
         log_text = short_log((live or {}).get("log_tail") or "")
         if log_text != last.get("log"):

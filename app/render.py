@@ -219,9 +219,9 @@ SORT_METRICS = ["rouge_l", "token_f1", "exact_match", "loss"]
 
 
 def examples_frame(result: dict | None, sort_by: str = "rouge_l") -> pd.DataFrame:
-    """One row per example; sorted by the adapter - base difference of `sort_by`, largest gain first."""
-    cols = ["#", "prompt", "reference", "base answer", "adapter answer", f"base {sort_by}", f"adapter {sort_by}",
-            f"Δ {sort_by}"]
+    """One row per example with its `sort_by` score on each side and the adapter's gain (adapter - base; base - adapter
+    for the loss, where lower is better), largest gain first."""
+    cols = ["#", "prompt", "reference", "base answer", "adapter answer", "base score", "adapter score", "gain"]
     rows = []
     for i, ex in enumerate((result or {}).get("examples") or []):
         sc = ex.get("scores") or {}
@@ -232,9 +232,7 @@ def examples_frame(result: dict | None, sort_by: str = "rouge_l") -> pd.DataFram
         rows.append([i + 1, ex.get("prompt"), ex.get("reference"), ex.get("base"), ex.get("adapter"), r(b), r(a), r(d)])
     df = pd.DataFrame(rows, columns=cols)
     if len(df):
-        df = df.sort_values(f"Δ {sort_by}", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
-    if sort_by == "loss":
-        df = df.rename(columns={f"Δ {sort_by}": "loss reduction"})
+        df = df.sort_values("gain", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
     return df
 
 
