@@ -70,9 +70,23 @@ def staging_dir(name: str) -> Path:
     """A fresh hidden folder inside the store to write an adapter into before publish() renames it into place
     (same filesystem, so the rename is atomic). Hidden folders are never listed."""
     check_name(name, "adapter name")
+    _sweep_leftovers()
     p = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=adapters_dir()))
     os.chmod(p, 0o755)  # mkdtemp makes it private; the published adapter is for every studio process
     return p
+
+
+def _sweep_leftovers(max_age_s: float = 3600) -> None:
+    """Remove hidden staging/replaced/deleted folders that a killed process left behind (old ones only: a younger
+    one may belong to a run that is saving right now)."""
+    now = time.time()
+    for p in adapters_dir().glob(".*-*"):
+        if p.name.startswith((".tmp-", ".old-", ".deleted-")) and p.is_dir() and not p.is_symlink():
+            try:
+                if now - p.stat().st_mtime > max_age_s:
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -282,7 +282,9 @@ def apply_lora(model, lora_cfg, *, gradient_checkpointing: bool):
         use_rslora=lora_cfg.use_rslora,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing alias
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, peft_cfg)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------

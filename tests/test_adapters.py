@@ -120,3 +120,14 @@ def test_cli_list_show_export_delete():
     bad = cli("show", "store-cli")
     assert bad.returncode == 1 and "not in the store" in bad.stderr
     assert cli("show", "../x").returncode == 1
+
+
+def test_stale_staging_folders_are_swept():
+    stale = adapters_dir() / ".tmp-store-stale-abc"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    fresh = adapters_dir() / ".tmp-store-fresh-abc"
+    fresh.mkdir()
+    make_adapter("store-sweep")
+    assert not stale.exists() and fresh.exists()  # a fresh one may be a run saving right now
+    fresh.rmdir()
