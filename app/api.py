@@ -72,6 +72,12 @@ def store():
     return get_store()
 
 
+def to_json(data) -> str:
+    """Structured results go out as JSON text (json.loads on the client). Not as objects: gradio_client treats any
+    object with a string "path" key (an evaluation's data.path, say) as a file to download, and fails."""
+    return json.dumps(data, default=str, ensure_ascii=False)
+
+
 # --- jobs ------------------------------------------------------------------------------------------------------
 STATUS_KEYS = ("id", "name", "state", "phase", "step", "total_steps", "progress", "loss", "eval_loss",
                "tokens_per_second", "peak_memory_mb", "eta_seconds", "elapsed_seconds", "adapter_name", "error",
@@ -94,50 +100,51 @@ def submit_job(config_yaml: str) -> str:
     return store().submit(cfg)
 
 
-def job_status(job_id: str) -> dict:
-    """A job's state (queued, running, completed, failed, cancelled), step, total_steps, loss, adapter_name,
+def job_status(job_id: str) -> str:
+    """JSON: a job's state (queued, running, completed, failed, cancelled), step, total_steps, loss, adapter_name,
     error and progress figures."""
     live = store().live(_job_id(job_id))
-    return {k: live.get(k) for k in STATUS_KEYS}
+    return to_json({k: live.get(k) for k in STATUS_KEYS})
 
 
-def cancel_job(job_id: str) -> dict:
-    """Cancel a queued or running job; returns its status afterwards."""
+def cancel_job(job_id: str) -> str:
+    """Cancel a queued or running job; returns its status afterwards (JSON, as /job_status)."""
     store().cancel(_job_id(job_id))
     return job_status(job_id)
 
 
-def resume_job(job_id: str) -> dict:
-    """Re-queue a failed or cancelled job; it continues from its latest checkpoint."""
+def resume_job(job_id: str) -> str:
+    """Re-queue a failed or cancelled job; it continues from its latest checkpoint. Returns its status (JSON)."""
     store().resume(_job_id(job_id))
     return job_status(job_id)
 
 
-def list_jobs() -> list:
-    """Every job, newest first: id, name, state, adapter_name, created_at, started_at, finished_at, error."""
+def list_jobs() -> str:
+    """JSON list of every job, newest first: id, name, state, adapter_name, created_at, started_at, finished_at, error."""
     keys = ("id", "name", "state", "adapter_name", "created_at", "started_at", "finished_at", "error", "attempts")
-    return [{k: r.get(k) for k in keys} for r in store().list_jobs()]
+    return to_json([{k: r.get(k) for k in keys} for r in store().list_jobs()])
 
 
-def validate_config(config_yaml: str) -> dict:
+def validate_config(config_yaml: str) -> str:
     """Check a job YAML without queueing it: {"valid": true, "config": normalised YAML} or
     {"valid": false, "error": "... names each bad field ..."}."""
     try:
         cfg = JobConfig.from_yaml(config_yaml or "", "config")
     except ConfigError as e:
-        return {"valid": False, "error": str(e)}
-    return {"valid": True, "config": cfg.to_yaml()}
+        return to_json({"valid": False, "error": str(e)})
+    return to_json({"valid": True, "config": cfg.to_yaml()})
 
 
 # --- adapters --------------------------------------------------------------------------------------------------
-def list_adapters() -> list:
-    """Stored adapters, newest first: name, base_model, quantization, dataset, metrics, eval summary, created_at."""
+def list_adapters() -> str:
+    """JSON list of the stored adapters, newest first: name, base_model, quantization, dataset, metrics, eval summary,
+    created_at."""
     from finetune.adapters import list_adapters as _list
 
     rows = _list()
     for r in rows:
         r.pop("path", None)  # server-side paths are no business of a client
-    return json.loads(json.dumps(rows, default=str))
+    return to_json(rows)
 
 
 def _adapter_name(name: str) -> str:
@@ -188,8 +195,8 @@ def check_generation(max_new_tokens, temperature, top_p) -> None:
         raise gr.Error(f"top_p must be in (0, 1], got {top_p}")
 
 
-def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_tokens: int = 0) -> dict:
-    """The adapter against its base on held-out data (a file or folder path on the studio's machine; "" = the
+def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_tokens: int = 0) -> str:
+    """JSON: the adapter against its base on held-out data (a file or folder path on the studio's machine; "" = the
     adapter's own validation split): metrics per side, paired differences with 95% intervals, win/tie/loss and
     per-example answers. max_examples / max_new_tokens 0 = the adapter's job settings. Cached beside the adapter."""
     from finetune import evaluate as E
@@ -198,7 +205,8 @@ def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_t
     path = (data_path or "").strip() or None
     if path and (path.startswith(("/", ".", "~")) or Path(path).suffix) and not Path(path).expanduser().exists():
         raise gr.Error(f"data_path {path!r}: no such file on the studio's machine")
-    return E.evaluate(name, path, max_examples=int(max_examples) or None, max_new_tokens=int(max_new_tokens) or None)
+    return to_json(E.evaluate(name, path, max_examples=int(max_examples) or None,
+                              max_new_tokens=int(max_new_tokens) or None))
 
 
 # The public endpoints, in the order docs/api.md lists them. Registered by app.main with gr.api.

@@ -29,7 +29,7 @@ def studio(tmp_path_factory):
     with running_studio(home) as (url, proc, log):
         client = Client(url, verbose=False)
         yield client, home
-        for job in client.predict(api_name="/list_jobs"):  # leave no training process behind
+        for job in as_json(client.predict(api_name="/list_jobs")):  # leave no training process behind
             if job["state"] in ("queued", "running"):
                 client.predict(job["id"], api_name="/cancel_job")
 
@@ -104,10 +104,11 @@ def test_validation_errors_name_the_field(studio):
 def test_training_job_end_to_end(studio, trained, data):
     client, _ = studio
     job_id, st = trained
+    assert isinstance(client.predict(job_id, api_name="/job_status"), str)  # JSON text, as documented
     assert st["step"] == st["total_steps"] == 3
     assert isinstance(st["loss"], float) and st["loss"] > 0
     assert st["adapter_name"] == "api-tiny" and st["error"] is None
-    assert any(j["id"] == job_id and j["state"] == "completed" for j in client.predict(api_name="/list_jobs"))
+    assert any(j["id"] == job_id and j["state"] == "completed" for j in as_json(client.predict(api_name="/list_jobs")))
 
     adapters = as_json(client.predict(api_name="/list_adapters"))
     row = next(a for a in adapters if a["name"] == "api-tiny")
@@ -163,4 +164,4 @@ def test_auth_refuses_anonymous_client(tmp_path):
     with running_studio(tmp_path, "--auth", "alice:s3cret") as (url, _, _):
         with pytest.raises(Exception):
             Client(url, verbose=False).predict(api_name="/list_jobs")
-        assert Client(url, auth=("alice", "s3cret"), verbose=False).predict(api_name="/list_jobs") == []
+        assert as_json(Client(url, auth=("alice", "s3cret"), verbose=False).predict(api_name="/list_jobs")) == []
