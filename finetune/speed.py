@@ -9,8 +9,11 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
                    from fp32 master weights: no clone, no fp32 copy of x, no separate scale and add passes
   varlen_attention padding-free batches (one row, position_ids restarting at 0 per example) attended per example
                    through torch's variable-length flash attention: no padding compute and no cross-contamination
-  offload_checkpoints  non-reentrant-equivalent activation checkpointing that parks each layer's input in pinned
-                   CPU memory (copied on a side stream) and brings it back for the recompute
+  fast_checkpoint  activation checkpointing as one autograd function per decoder layer (input kept, layer recomputed
+                   in backward): measured faster than torch's non-reentrant checkpoint with its saved-tensor hooks;
+                   single process only (DDP forbids a reentrant backward), else torch's non-reentrant checkpoint
+  offload_checkpoints  the same, with layer inputs of 128 MiB or more (long sequences) parked in pinned CPU memory
+                   (copied on a side stream) and brought back for the recompute
   compile          torch.compile of each decoder layer (opt-in, STUDIO_SPEED=+compile: measured, see docs/benchmarks.md)
 
 On the CPU it changes nothing: the same recipe runs there as the plain transformers + peft model.
@@ -33,8 +36,10 @@ log = logging.getLogger(__name__)
 
 LIGER_MODEL_TYPES = ("llama", "qwen2", "mistral")
 VARLEN_NAME = "studio_varlen"
-# A layer input smaller than this stays on the GPU: copying it costs more than the memory it frees.
-OFFLOAD_MIN_BYTES = int(os.environ.get("STUDIO_OFFLOAD_MIN_MB", "16")) * 2**20
+# A layer input smaller than this stays on the GPU. Measured on an H200 (docs/benchmarks.md): at 2 x 2048 tokens of
+# Llama-3-8B (32 MiB per layer) offloading cost 5-20% of the speed for 0.9 GiB; from 16k tokens (128 MiB per layer)
+# on it is what lets a 24 GiB card train 65k-token sequences.
+OFFLOAD_MIN_BYTES = int(os.environ.get("STUDIO_OFFLOAD_MIN_MB", "128")) * 2**20
 
 
 def _switches() -> set[str]:
@@ -340,6 +345,16 @@ def _offloaded_function():
     return OffloadedCheckpoint
 
 
+def _checkpointed_layers(model) -> list:
+    """The decoder layers that checkpoint themselves (transformers' GradientCheckpointingLayer with it turned on)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return []
+    return [m for m in inner_model(model).modules() if isinstance(m, GradientCheckpointingLayer)
+            and m.gradient_checkpointing and hasattr(m, "_gradient_checkpointing_func")]
+
+
 def offload_checkpoints(model, offload: bool = True) -> int:
     """Swap each decoder layer's checkpoint function for OffloadedCheckpoint (inputs >= OFFLOAD_MIN_BYTES on CUDA
     go to pinned CPU memory when `offload`). Needs checkpointing already on, and one process: a recompute inside
@@ -351,11 +366,10 @@ def offload_checkpoints(model, offload: bool = True) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return 0
-    inner = inner_model(model)
-    layers = [m for m in inner.modules() if getattr(m, "gradient_checkpointing", False)
-              and hasattr(m, "_gradient_checkpointing_func")]
+    layers = _checkpointed_layers(model)
     if not layers:
         return 0
+    inner = inner_model(model)
     fn_cls = _offloaded_function()
     plain = functools.partial(checkpoint, use_reentrant=False)
 
@@ -379,9 +393,7 @@ def ensure_non_reentrant(model) -> bool:
 
     from torch.utils.checkpoint import checkpoint
 
-    inner = inner_model(model)
-    layers = [m for m in inner.modules() if getattr(m, "gradient_checkpointing", False)
-              and hasattr(m, "_gradient_checkpointing_func")]
+    layers = _checkpointed_layers(model)
     for layer in layers:
         fn = layer._gradient_checkpointing_func
         if isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant") is False:
@@ -429,7 +441,7 @@ def patch_model_for_speed(model, training_cfg) -> list[str]:
         if _wanted("fast_checkpoint"):
             offload = _wanted("offload")
             if offload_checkpoints(model, offload=offload):
-                applied.append("offload_checkpoints" if offload else "fast_checkpoint")
+                applied += ["fast_checkpoint"] + (["offload_long_checkpoints"] if offload else [])
     if _wanted("compile", default=False) and compile_layers(model):
         applied.append("compile_layers")
     log.info("speed-ups: %s", ", ".join(applied) or "none")

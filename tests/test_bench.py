@@ -1,0 +1,75 @@
+"""The benchmark harness on the CPU with a tiny random Llama: correctness only (no speed assertions). The arms run
+in their own processes exactly as on a GPU; the table comes out and the studio arm's losses match naive's."""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune import bench
+from finetune import bench_models as BM
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_cli_tiny_cpu(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    out.write_text(f"# Benchmarks\n\nnotes kept\n\n{bench.START}\nold\n{bench.END}\n\nmore notes\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "finetune", "bench", "--model", "tiny", "--mode", "lora", "--seq", "48",
+           "--batch", "2", "--steps", "2", "--warmup", "1", "--arms", "naive,naive@1,studio",
+           "--models-dir", str(tmp_path / "models"), "--raw", str(tmp_path / "raw"), "--out", str(out),
+           "--devices", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "raw" / "results.json").read_text())["results"]
+    arms = {r["job"]["arm_label"]: r for r in results.values() if r["job"]["type"] == "arm"}
+    assert set(arms) == {"naive", "naive@1", "studio"} and all(r["ok"] for r in arms.values())
+    for r in arms.values():
+        assert len(r["losses"]) == 3 and r["tokens_per_s"] > 0 and r["device"] == "cpu"
+    # The tiny model's config and tokenizer were built once, with a pad token that is not EOS.
+    tok = json.loads((tmp_path / "models" / "tiny" / "tokenizer_config.json").read_text())
+    assert tok["pad_token"] != tok["eos_token"]
+    # Parity: step 1 is the same computation (LoRA B starts at 0); later steps within the two naive seeds' spread.
+    naive, naive1, studio = arms["naive"]["losses"], arms["naive@1"]["losses"], arms["studio"]["losses"]
+    assert studio[0] == pytest.approx(naive[0], abs=1e-4)
+    seed_noise = max(abs(a - b) for a, b in zip(naive, naive1))
+    assert max(abs(a - b) for a, b in zip(naive, studio)) <= max(seed_noise, 1e-3)
+    text = out.read_text()
+    assert "notes kept" in text and "more notes" in text and "old" not in text
+    assert "| naive | " in text and "| studio | " in text and "tiny lora seq=48 batch=2" in text
+
+
+def test_shapes_match_the_published_parameter_counts():
+    # Llama-3-8B: 8.03B parameters, of which the embedding (0.525B) is not a matmul; Qwen2.5-7B: 7.62B.
+    assert BM.matmul_params("llama-3-8b") == 8_030_261_248 - 128256 * 4096 - 4096 * 65  # minus embedding and norms
+    assert abs(BM.matmul_params("qwen2.5-7b") / 1e9 - 7.07) < 0.01
+    assert abs(BM.matmul_params("llama-3.2-1b") / 1e9 - 1.236) < 0.01  # tied: the lm_head is the embedding
+
+
+def test_step_flops_counts_only_real_tokens():
+    one = BM.step_flops("llama-3-8b", [2048])
+    assert BM.step_flops("llama-3-8b", [2048, 2048]) == pytest.approx(2 * one)
+    assert one / 2048 == pytest.approx(4 * BM.matmul_params("llama-3-8b") + 12 * 4096 * 32 * 2049 / 2, rel=1e-9)
+
+
+def test_variable_lengths_are_log_normal_around_350_and_capped():
+    lengths = [n for step in BM.example_lengths("var", 8, 200, seed=3) for n in step]
+    assert 300 <= statistics.median(lengths) <= 400
+    assert max(lengths) <= 2048 and min(lengths) >= 16
+    batches = BM.make_batches("var", 4, 3, vocab_size=512, seed=1)
+    assert batches == BM.make_batches("var", 4, 3, vocab_size=512, seed=1)  # every arm sees the same data
+    assert all(max(e["input_ids"]) < 512 - BM.N_SPECIAL for step in batches for e in step)
+
+
+def test_plan_jobs_build_each_model_once_before_its_arms(tmp_path):
+    jobs = bench.plan_jobs(bench.PLANS["issue7"], tmp_path, 300)
+    builds = [j for j in jobs if j["type"] == "build"]
+    assert [b["shape"] for b in builds] == ["llama-3-8b", "llama-3.2-1b", "qwen2.5-7b"]
+    for j in jobs:
+        if j["type"] == "arm":
+            assert jobs.index(next(b for b in builds if b["id"] == j["needs"])) < jobs.index(j)
+    assert {j["arm"].split(":")[0] for j in jobs if j["type"] == "arm"} == {"naive", "unsloth", "studio"}
