@@ -70,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--max-upload-mb {args.max_upload_mb}: must be positive", file=sys.stderr)
         return 2
 
+    import logging
+
+    # The engine's progress lines (model loads, adapter swaps, evaluations) in the studio's log; the rest quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("finetune", "studio"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
     import gradio as gr
 
     from app.main import CSS, build_app

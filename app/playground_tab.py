@@ -35,6 +35,16 @@ def to_messages(history: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": text_of(m.get("content"))} for m in history if m.get("role") in ("user", "assistant", "system")]
 
 
+def base_of(adapter: str) -> dict:
+    """generate()'s base/quantization arguments for the base model an adapter was trained on."""
+    from finetune.adapters import get_adapter
+
+    meta = get_adapter(adapter)
+    model = (meta.get("config") or {}).get("model") or {}
+    return {"base": model.get("name_or_path") or meta.get("base_model"),
+            "quantization": model.get("quantization") or meta.get("quantization")}
+
+
 def stats_html(st: dict, label: str = "") -> str:
     if not st:
         return ""
@@ -44,7 +54,7 @@ def stats_html(st: dict, label: str = "") -> str:
     if st.get("peak_memory_mb"):
         bits.append(f"peak {st['peak_memory_mb']:,.0f} MB")
     if st.get("quantization"):
-        bits.append(f"base {st['quantization']}")
+        bits.append("base unquantized" if st["quantization"] == "none" else f"base {st['quantization']}")
     return f'<div class="gen-stats" data-tps="{tps or 0:.2f}">{render.esc(label)}{" · ".join(bits)}</div>'
 
 
@@ -116,10 +126,13 @@ def build() -> SimpleNamespace:
             raise gr.Error("the prompt is empty")
         check_generation(n, temp, p)
         # One loaded model and one lock: the two answers are generated one after the other, each streamed.
+        # "Base" next to an adapter means that adapter's own base, loaded as it was trained (same quantization).
+        base_kw = base_of(a or b) if not (a and b) and (a or b) else {}
         sides = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}] for _ in range(2)]
         yield sides[0], sides[1], '<div class="gen-stats muted">generating…</div>', '<div class="gen-stats muted">waiting…</div>'
         for i, tgt in enumerate((a, b)):
-            for text in G.stream(tgt or None, prompt, max_new_tokens=int(n), temperature=float(temp), top_p=float(p)):
+            kw = {} if tgt else base_kw
+            for text in G.stream(tgt or None, prompt, max_new_tokens=int(n), temperature=float(temp), top_p=float(p), **kw):
                 sides[i][-1]["content"] = text
                 yield (sides[0], gr.skip(), gr.skip(), gr.skip()) if i == 0 else (gr.skip(), sides[1], gr.skip(), gr.skip())
             st = stats_html(G.last_stats())

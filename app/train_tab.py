@@ -74,12 +74,14 @@ def build(default: JobConfig | None = None) -> SimpleNamespace:
             group("Evaluation after training", columns=3)
     with gr.Accordion("YAML and command line", open=False, elem_id="yaml-accordion"):
         with gr.Row():
-            show_yaml = gr.Button("Show YAML and CLI command", elem_id="show-yaml-btn")
-            import_file = gr.File(label="Import a job YAML", file_types=[".yaml", ".yml"], height=90,
-                                  elem_id="import-yaml")
-        yaml_code = gr.Code(language="yaml", label="job.yaml", interactive=False, elem_id="yaml-code")
-        cli_code = gr.Code(language="shell", label="The same job from a terminal", interactive=False, elem_id="cli-code")
-
+            with gr.Column(scale=1):
+                show_yaml = gr.Button("Show YAML and CLI command", elem_id="show-yaml-btn")
+                cli_code = gr.Code(language="shell", label="The same job from a terminal", interactive=False,
+                                   elem_id="cli-code")
+                import_file = gr.File(label="Import a job YAML into the form", file_types=[".yaml", ".yml"],
+                                      height=140, elem_id="import-yaml")
+            with gr.Column(scale=1):
+                yaml_code = gr.Code(language="yaml", label="job.yaml", interactive=False, elem_id="yaml-code")
     inputs = set(form.components())
     undocumented = dict(api_visibility="undocumented")
 
