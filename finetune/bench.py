@@ -269,7 +269,8 @@ def tables(results: dict[str, dict]) -> str:
 
 
 def write_report(path: Path, text: str, header: str) -> None:
-    """Replace the generated block between the markers, keeping what is written around it; or create the file."""
+    """Replace the generated block between the markers, keeping what is written around it; append it to a file
+    without markers; or create the file."""
     block = f"{START}\n{header}\n\n{text}\n{END}"
     if path.is_file():
         old = path.read_text(encoding="utf-8")
@@ -277,6 +278,8 @@ def write_report(path: Path, text: str, header: str) -> None:
             new = old[:old.index(START)] + block + old[old.index(END) + len(END):]
             path.write_text(new, encoding="utf-8")
             return
+        path.write_text(old.rstrip("\n") + "\n\n## Latest generated tables\n\n" + block + "\n", encoding="utf-8")
+        return  # a hand-written page without the markers: append, never overwrite
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# Benchmarks\n\n{block}\n", encoding="utf-8")
 
