@@ -315,7 +315,6 @@ def run(config: JobConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
 
     # ---- setup ----------------------------------------------------------------------------------------------
     accelerator = Accelerator()

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from finetune.config import ConfigError, JobConfig, example_config
 
