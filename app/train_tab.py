@@ -91,6 +91,9 @@ def build(default: JobConfig | None = None) -> SimpleNamespace:
             cfg = form.to_config(values)
         except ConfigError as e:
             return errors_html(str(e))
+        if existing_adapter(cfg.adapter_name):
+            return errors_html(f"adapter_name: an adapter named {cfg.adapter_name!r} is already in the store: "
+                               "choose another name (or delete it in the Adapters tab)")
         return ok_html(f"Valid: <code>{render.esc(cfg.adapter_name)}</code> trains "
                        f"{render.esc(cfg.model.name_or_path)} ({cfg.model.quantization}) on "
                        f"<code>{render.esc(cfg.data.path)}</code>.")
@@ -158,11 +161,21 @@ def preview_summary_html(pv: dict) -> str:
         for k, v in cells if v is not None) + "</div>" + warn + source)
 
 
+def existing_adapter(name: str) -> bool:
+    from finetune.adapters import adapter_path
+
+    return (adapter_path(name) / "adapter_config.json").is_file()
+
+
 def start_job(form: Form, values) -> tuple[str | None, str]:
-    """Validate and queue; returns (job id or None, message HTML)."""
+    """Validate and queue; returns (job id or None, message HTML). The form never replaces a stored adapter by
+    accident (a script may, through /submit_job)."""
     try:
         cfg = form.to_config(values)
     except ConfigError as e:
         return None, errors_html(str(e))
+    if existing_adapter(cfg.adapter_name):
+        return None, errors_html(f"adapter_name: an adapter named {cfg.adapter_name!r} is already in the store: "
+                                 "choose another name, or delete that adapter in the Adapters tab first")
     job_id = store().submit(cfg)
     return job_id, ok_html(f"Queued job <code>{job_id}</code> for adapter <code>{render.esc(cfg.adapter_name)}</code>.")

@@ -121,18 +121,19 @@ def test_train_watch_reload_chat_download(page, studio, tmp_path):
     t0 = time.monotonic()
     # --- Train: demo dataset, preview, a short QLoRA run ---------------------------------------------------------
     pg.get_by_label("Demo: Python docs Q&A (built in)").check()
-    pg.click("#preview-btn")
-    pg.wait_for_selector("#preview-rows .preview-row", timeout=180_000)
-    assert pg.locator("#preview-rows .trained").count() >= 1, "the assistant part is not highlighted"
-    summary = pg.locator("#preview-summary").inner_text().lower()
-    assert "chat" in summary and "rows" in summary
     field(pg, "field-adapter_name").fill(ADAPTER)
     assert field(pg, "field-model-quantization").input_value() == "4bit"  # QLoRA is the default
     set_number(pg, "field-training-max_steps", 3)
     set_number(pg, "field-training-per_device_train_batch_size", 2)
-    set_number(pg, "field-data-max_seq_length", 64)
+    set_number(pg, "field-data-max_seq_length", 128)  # the demo's rows are < 100 tokens: nothing truncated
     set_number(pg, "field-evaluation-max_examples", 2)
     set_number(pg, "field-evaluation-max_new_tokens", 8)
+    pg.click("#preview-btn")
+    pg.wait_for_selector("#preview-rows .preview-row", timeout=180_000)
+    assert pg.locator("#preview-rows .trained").count() >= 1, "the assistant part is not highlighted"
+    summary = pg.locator("#preview-summary").inner_text().lower()
+    assert "chat" in summary and "400" in summary and "rows truncated" in summary
+    wait_for(lambda: pg.locator("#preview-hist svg, #preview-hist canvas").count() > 0, 30, "the length histogram")
     pg.click("#validate-btn")
     pg.wait_for_selector("#train-message .msg.ok")
     shot(pg, "train")
@@ -205,4 +206,14 @@ def test_train_watch_reload_chat_download(page, studio, tmp_path):
     assert pg.locator("#chatbot").inner_text().strip().count("\n") >= 1
     assert float(pg.locator("#chat-stats .gen-stats").get_attribute("data-tps")) > 0
     shot(pg, "playground")
+
+    # --- Duplicate: the job's config back in the Train form; the form will not overwrite the stored adapter ---------
+    open_tab(pg, "Jobs")
+    pg.click("#duplicate-btn")
+    wait_for(lambda: field(pg, "field-adapter_name").is_visible() and field(pg, "field-adapter_name").input_value() == ADAPTER,
+             30, "the duplicated config in the Train form")
+    assert field(pg, "field-training-max_steps").input_value() == "3"
+    pg.click("#start-btn")
+    pg.wait_for_selector("#train-message .msg.error")
+    assert "already in the store" in pg.locator("#train-message").inner_text()
     print(f"\nbrowser path: training part {train_s:.0f} s, total {time.monotonic() - t0:.0f} s")
