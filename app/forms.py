@@ -178,7 +178,7 @@ class Form:
             gr.Markdown(f"**{title}**", elem_classes=["group-title"])
             self._rows(section, basic, default_cfg, columns)
             if advanced:
-                with gr.Accordion(f"Advanced {title.split()[0].lower()} options", open=False):
+                with gr.Accordion("Advanced options", open=False):
                     self._rows(section, advanced, default_cfg, columns)
 
     def _rows(self, section: str, names: list[str], default_cfg: JobConfig, columns: int) -> None:

@@ -54,7 +54,7 @@ def build() -> SimpleNamespace:
     progress = gr.HTML(render.progress_html(None), elem_id="job-progress")
     stats = gr.HTML(elem_id="job-stats")
     loss_plot = gr.HTML(render.loss_chart(None), elem_id="loss-plot")
-    log = gr.Textbox(label="Log (last lines of train.log)", lines=LOG_LINES, max_lines=LOG_LINES, autoscroll=True,
+    log = gr.Textbox(label="Log (last lines of train.log)", lines=LOG_LINES + 4, max_lines=LOG_LINES + 4, autoscroll=True,
                      interactive=False, elem_id="job-log", elem_classes=["mono"])
     command = gr.Textbox(label="The exact command this job runs (the same job from a terminal)", lines=2, max_lines=4,
                          interactive=False, buttons=["copy"], elem_id="job-command", elem_classes=["mono"])
