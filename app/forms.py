@@ -45,17 +45,19 @@ SOURCES = [SOURCE_DEMO, SOURCE_UPLOAD, SOURCE_PATH]
 UPLOAD_TYPES = [".jsonl", ".json", ".csv", ".parquet"]
 
 
-class FieldNumber(gr.Number):
-    """gr.Number whose out-of-range message names the config field (gradio's own says only "Value -1 is less...")."""
+def name_bounds_errors(number: gr.Number, field_path: str) -> gr.Number:
+    """Make gradio's out-of-range message ("Value 1.5 is greater than maximum value 1.0.") name the config field.
+    Wrapped on the instance: subclassing a gradio component makes gradio write a .pyi stub beside this module."""
+    original = number.preprocess
 
-    is_template = True  # rendered by the stock Number frontend
-    field_path = ""      # set after construction: gradio reads a component's props from its __init__ signature
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return original(payload)
         except gr.Error as e:
-            raise gr.Error(f"{self.field_path}: {e.message}") from None
+            raise gr.Error(f"{field_path}: {e.message}") from None
+
+    number.preprocess = preprocess
+    return number
 
 
 # --- field introspection ----------------------------------------------------------------------------------------
@@ -157,9 +159,9 @@ class Form:
             lo, hi = _bounds(info, kind)
             if path == "training.max_steps":
                 lo = -1
-            w = FieldNumber(value=value, precision=0 if kind == "int" else None, minimum=lo, maximum=hi,
-                            step=_step(info.default, kind), placeholder="empty = not set" if optional else None, **common)
-            w.field_path = path
+            w = name_bounds_errors(gr.Number(value=value, precision=0 if kind == "int" else None, minimum=lo, maximum=hi,
+                                             step=_step(info.default, kind),
+                                             placeholder="empty = not set" if optional else None, **common), path)
         else:
             w = gr.Textbox(value=_to_widget_value(value, kind), max_lines=1 if name != "system_prompt" else 4,
                            placeholder="empty = not set" if optional else None, **common)
