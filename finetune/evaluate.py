@@ -313,7 +313,9 @@ def evaluate(adapter_name: str, data_path: str | None = None, split: str = "vali
     weights = adir / "adapter_model.safetensors"
     if not weights.exists():
         raise EvalError(f"{weights}: adapter weights missing; the adapter folder is incomplete")
-    key_parts = {"version": EVAL_VERSION, "data": fingerprint, "split": data_info["split"], "max_examples": limit,
+    # The fingerprint is of the examples actually used, so it stands for the data, the split and max_examples at
+    # once: asking for 16 or 20 examples of a 12-row file is the same evaluation and is served from the cache.
+    key_parts = {"version": EVAL_VERSION, "data": fingerprint,
                  "max_new_tokens": max_new_tokens, "weights": _file_hash(weights),
                  "adapter_config": _file_hash(adir / "adapter_config.json") if (adir / "adapter_config.json").exists() else None,
                  "base": cfg.model.model_dump(mode="json"), "max_seq_length": cfg.data.max_seq_length}

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-_home = Path(tempfile.mkdtemp(prefix="studio-test-"))
+# Guarded so that a second import of this module (as `tests.conftest`) cannot swap the home mid-session.
+_home = Path(os.environ.get("STUDIO_TEST_HOME") or tempfile.mkdtemp(prefix="studio-test-"))
+os.environ["STUDIO_TEST_HOME"] = str(_home)
 os.environ["STUDIO_HOME"] = str(_home)
 os.environ["STUDIO_ADAPTERS_DIR"] = str(_home / "adapters")
 os.environ.setdefault("STUDIO_MODEL_CACHE", str(ROOT / "studio_data" / "models"))

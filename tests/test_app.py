@@ -12,7 +12,7 @@ import zipfile
 import pytest
 import yaml
 
-from tests.conftest import arithmetic_rows, write_jsonl
+from conftest import arithmetic_rows, write_jsonl
 from tests.studio_server import ROOT, free_port, running_studio, studio_env
 
 gradio_client = pytest.importorskip("gradio_client")

@@ -59,6 +59,11 @@ def test_evaluate_heldout_both_sides_paired_and_cached(adapter, chat_jsonl):
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout) == r
 
+    # asking for more examples than the file holds is the same evaluation: served from the cache
+    t0 = time.perf_counter()
+    assert E.evaluate(adapter, str(heldout), max_examples=20, max_new_tokens=24)["key"] == r["key"]
+    assert time.perf_counter() - t0 < 2.0
+
     # a different setting is a different evaluation, not a stale cache hit
     other = E.evaluate(adapter, str(heldout), max_examples=2, max_new_tokens=8)
     assert other["key"] != r["key"] and other["data"]["n"] == 2

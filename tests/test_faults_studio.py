@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import arithmetic_rows, write_jsonl
+from conftest import arithmetic_rows, write_jsonl
 from tests.studio_server import free_port, running_studio
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -47,9 +47,12 @@ def rss_mb(pid: int) -> float:
     return total
 
 
+def as_json(x):
+    return json.loads(x) if isinstance(x, str) else x
+
+
 def status(client, job_id: str) -> dict:
-    s = client.predict(job_id, api_name="/job_status")
-    return json.loads(s) if isinstance(s, str) else s
+    return as_json(client.predict(job_id, api_name="/job_status"))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,7 @@ def test_studio_killed_mid_run_reattaches_job(home, train_file):
                          300, "the re-attached job to finish")
         assert final["state"] == "completed", final
         assert final["step"] == final["total_steps"] == 10
-        names = [a["name"] for a in client.predict(api_name="/list_adapters")]
+        names = [a["name"] for a in as_json(client.predict(api_name="/list_adapters"))]
         assert "survivor" in names
 
 
