@@ -93,6 +93,14 @@ def build() -> SimpleNamespace:
         confirm_yes = gr.Button("Yes, delete it", variant="stop", elem_id="delete-yes")
         confirm_no = gr.Button("Keep it", elem_id="delete-no")
     message = gr.HTML()
+    with gr.Accordion("Import an adapter (zip)", open=False, elem_id="import-accordion"):
+        with gr.Row(equal_height=False):
+            import_file = gr.File(label="Adapter zip (a studio download, or a peft folder zipped)", file_types=[".zip"],
+                                  scale=3, elem_id="import-file")
+            with gr.Column(scale=2):
+                import_name = gr.Textbox(label="Store it as", placeholder="the folder name inside the zip", max_lines=1,
+                                         info="Letters, digits, '.', '_' or '-'.", elem_id="import-name")
+                import_btn = gr.Button("Import", elem_id="import-btn")
     with gr.Tabs():
         with gr.Tab("Details", id="details"):
             provenance = gr.HTML(elem_id="adapter-provenance")
@@ -189,6 +197,15 @@ def build() -> SimpleNamespace:
         delete_adapter(name)
         return gr.update(visible=False), f'<div class="msg ok">deleted {render.esc(name)}</div>', None
 
+    @friendly
+    def on_import(file, name):
+        import json
+
+        from app.api import import_adapter
+
+        stored = json.loads(import_adapter(file, name))["name"]
+        return f'<div class="msg ok">imported {render.esc(stored)}</div>', None, "", stored
+
     refreshed = [table, select, cmp_a, cmp_b]
     refresh.click(on_refresh, select, refreshed, **undocumented)
     select.change(on_select, [select, sort], [provenance, details, download, previous, chart, examples], **undocumented)
@@ -205,6 +222,10 @@ def build() -> SimpleNamespace:
     confirm_no.click(lambda: gr.update(visible=False), None, confirm_row, **undocumented)
     confirm_yes.click(on_delete_confirmed, select, [confirm_row, message, select], **undocumented).then(
         on_refresh, select, refreshed, **undocumented)
+
+    imported = gr.State()
+    import_btn.click(on_import, [import_file, import_name], [message, import_file, import_name, imported],
+                     **undocumented).success(on_refresh, imported, refreshed, **undocumented)
 
     def pick_row(evt: gr.SelectData):
         row = evt.row_value or []

@@ -174,6 +174,20 @@ def delete_adapter(name: str) -> str:
     return f"deleted {name}"
 
 
+def import_adapter(zip_file: str, name: str = "") -> str:
+    """Add an adapter to the store from a zip: a /download_adapter export, or any peft `save_pretrained` folder
+    zipped. name "" = the folder's name inside the zip. Returns JSON {"name": ...}. Members that leave the folder
+    (zip-slip), symlinks, zip bombs, non-adapter files and a name already in the store are refused."""
+    from finetune.adapter_import import import_zip
+
+    path = zip_file.get("path") if isinstance(zip_file, dict) else zip_file
+    if not path:
+        raise gr.Error("zip_file is empty: upload an adapter zip (what /download_adapter returns)")
+    if not str(path).lower().endswith(".zip"):
+        raise gr.Error(f"zip_file {Path(str(path)).name!r} is not a .zip file")
+    return to_json({"name": import_zip(path, (name or "").strip() or None)})
+
+
 # --- model work --------------------------------------------------------------------------------------------------
 def generate(adapter: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> str:
     """One answer from the base model (adapter "") or base + adapter. Greedy when temperature is 0."""
@@ -229,3 +243,11 @@ def register() -> None:
         btn = gr.Button("download")
     btn.click(friendly(download_adapter), name, out, api_name="download_adapter",
               api_description=download_adapter.__doc__)
+    # /import_adapter takes a file, so it too goes through components (gradio_client: handle_file(path)).
+    with gr.Row(visible=False):
+        zip_in = gr.File(label="zip_file", file_types=[".zip"])
+        zip_name = gr.Textbox(label="name")
+        imported = gr.Textbox(label="result")
+        import_btn = gr.Button("import")
+    import_btn.click(friendly(import_adapter), [zip_in, zip_name], imported, api_name="import_adapter",
+                     api_description=import_adapter.__doc__)

@@ -19,7 +19,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 
 ENDPOINTS = ("/submit_job", "/job_status", "/cancel_job", "/resume_job", "/list_jobs", "/validate_config",
-             "/list_adapters", "/download_adapter", "/delete_adapter", "/generate", "/evaluate")
+             "/list_adapters", "/download_adapter", "/import_adapter", "/delete_adapter", "/generate", "/evaluate")
 FINISHED = ("completed", "failed", "cancelled")
 
 
@@ -143,6 +143,32 @@ def test_cancel_and_resume(studio, trained, data):
     assert st["state"] in ("queued", "running")
     st = as_json(client.predict(job_id, api_name="/cancel_job"))
     assert st["state"] == "cancelled"
+
+
+def test_import_adapter_round_trip_and_zip_slip(studio, trained, tmp_path):
+    from gradio_client import handle_file
+
+    client, home = studio
+    z = client.predict("api-tiny", api_name="/download_adapter")
+    z = z.get("path") if isinstance(z, dict) else z
+    assert as_json(client.predict(handle_file(z), "api-tiny-copy", api_name="/import_adapter")) == {"name": "api-tiny-copy"}
+    rows = {a["name"]: a for a in as_json(client.predict(api_name="/list_adapters"))}
+    assert rows["api-tiny-copy"]["base_model"] == rows["api-tiny"]["base_model"]
+    store = home / "adapters"
+    assert (store / "api-tiny-copy" / "adapter_model.safetensors").read_bytes() == \
+        (store / "api-tiny" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(Exception, match="already exists"):
+        client.predict(handle_file(z), "api-tiny-copy", api_name="/import_adapter")
+
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as out:
+        out.writestr("evil/adapter_config.json", "{}")
+        out.writestr("evil/adapter_model.safetensors", b"x")
+        out.writestr("../../escaped.json", "{}")
+    with pytest.raises(Exception, match="zip-slip"):
+        client.predict(handle_file(str(evil)), "", api_name="/import_adapter")
+    assert not (home / "escaped.json").exists() and not (store / "evil").exists()
+    assert "deleted" in client.predict("api-tiny-copy", api_name="/delete_adapter")
 
 
 def test_delete_adapter(studio, trained):

@@ -194,6 +194,14 @@ def test_train_watch_reload_chat_download(page, studio, tmp_path):
     assert f"{ADAPTER}/adapter_model.safetensors" in names and f"{ADAPTER}/adapter_config.json" in names
     meta = json.loads(zipfile.ZipFile(target).read(f"{ADAPTER}/studio.json"))
     assert meta["quantization"] == "4bit" and meta["metrics"]["steps"] == 3
+    # ... and back in under another name, as a person who received the zip would
+    pg.locator("#import-accordion").get_by_text("Import an adapter (zip)").click()
+    pg.locator("#import-file input[type=file]").set_input_files(str(target))
+    field(pg, "import-name").fill("browser-copy")
+    wait_for(lambda: pg.locator("#import-file").get_by_text("adapter.zip").count() > 0, 30, "the zip uploaded")
+    pg.click("#import-btn")
+    wait_for(lambda: "browser-copy" in pg.locator("#adapters-table").inner_text(), 30, "the imported adapter listed")
+    assert (studio[1] / "adapters" / "browser-copy" / "adapter_model.safetensors").is_file()
 
     # --- Playground: chat with the adapter ------------------------------------------------------------------------
     open_tab(pg, "Playground")
