@@ -196,9 +196,22 @@ def test_train_watch_reload_chat_download(page, studio, tmp_path):
     assert meta["quantization"] == "4bit" and meta["metrics"]["steps"] == 3
     # ... and back in under another name, as a person who received the zip would
     pg.locator("#import-accordion").get_by_text("Import an adapter (zip)").click()
-    pg.locator("#import-file input[type=file]").set_input_files(str(target))
+    drop = pg.locator("#import-file button").first
+    drop.wait_for(state="visible")
     field(pg, "import-name").fill("browser-copy")
-    wait_for(lambda: pg.locator("#import-file").get_by_text("adapter.zip").count() > 0, 30, "the zip uploaded")
+
+    def uploaded() -> bool:
+        with pg.expect_file_chooser() as chooser:  # click the drop zone and pick the file, as a person does
+            drop.click()
+        chooser.value.set_files(str(target))
+        try:
+            pg.locator("#import-file").get_by_text("adapter.zip").first.wait_for(timeout=10_000)
+            return True
+        except sync_api.TimeoutError:  # seen about one run in five under load: the pick is dropped; a person re-picks
+            return False
+
+    wait_for(uploaded, 60, "the zip uploaded", poll=0)
+    wait_for(lambda: "Uploading" not in pg.locator("#import-file").inner_text(), 30, "the upload to finish")
     pg.click("#import-btn")
     wait_for(lambda: "browser-copy" in pg.locator("#adapters-table").inner_text(), 30, "the imported adapter listed")
     assert (studio[1] / "adapters" / "browser-copy" / "adapter_model.safetensors").is_file()
@@ -206,6 +219,12 @@ def test_train_watch_reload_chat_download(page, studio, tmp_path):
     # --- Playground: chat with the adapter ------------------------------------------------------------------------
     open_tab(pg, "Playground")
     pick(pg, "chat-target", ADAPTER)
+    # A 3-step adapter rambles after its first sentence; 40 tokens keep the answer (and the screenshot) readable.
+    pg.locator("#gen-settings").get_by_text("Generation settings").click()
+    limit = pg.locator("#gen-max-new input[type=number]")
+    limit.fill("40")
+    limit.press("Tab")  # the slider takes a typed value when the box loses focus
+    wait_for(lambda: pg.locator("#gen-max-new input[type=range]").input_value() == "40", 10, "max_new_tokens set")
     field(pg, "chat-input").fill("What does `abs` do in Python?")
     pg.click("#chat-send")
     wait_for(lambda: pg.locator("#chat-stats .gen-stats[data-tps]").count() > 0, 300, "the answer to finish")
@@ -213,6 +232,8 @@ def test_train_watch_reload_chat_download(page, studio, tmp_path):
     assert bubbles.count() >= 2
     assert pg.locator("#chatbot").inner_text().strip().count("\n") >= 1
     assert float(pg.locator("#chat-stats .gen-stats").get_attribute("data-tps")) > 0
+    assert 1 <= int(re.match(r"\s*(\d+) tokens", pg.locator("#chat-stats").inner_text()).group(1)) <= 40
+    assert "abs" in pg.locator("#chatbot").inner_text()
     shot(pg, "playground")
 
     # --- Duplicate: the job's config back in the Train form; the form will not overwrite the stored adapter ---------
