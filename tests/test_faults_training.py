@@ -70,6 +70,17 @@ def assert_checkpoints_whole(run_dir: Path) -> None:
             assert list(st.keys())
 
 
+def written_since(folder: Path, pattern: str, t0: float) -> bool:
+    """Whether a file matching pattern was written at or after t0; it may be renamed away between glob and stat."""
+    for p in folder.glob(pattern):
+        try:
+            if p.stat().st_mtime >= t0:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 def kill_point(store: JobStore, job_id: str, kind: str, rng: random.Random) -> str:
     """Wait for the chosen moment of the current attempt, then SIGKILL the trainer. Returns what was hit."""
     row = wait_for(lambda: (r := store.get(job_id))["state"] == "running" and r["pgid"] and r, DEADLINE, "launch")
@@ -87,7 +98,7 @@ def kill_point(store: JobStore, job_id: str, kind: str, rng: random.Random) -> s
         wait_for(lambda: store.live(job_id)["phase"] == "training" or store.get(job_id)["state"] != "running",
                  DEADLINE, "training to start")
         t0 = time.time()
-        wait_for(lambda: any(p.stat().st_mtime >= t0 for p in ckpts.glob(".tmp-checkpoint-*"))
+        wait_for(lambda: written_since(ckpts, ".tmp-checkpoint-*", t0)
                  or store.get(job_id)["state"] != "running", DEADLINE, "a checkpoint being written", interval=0.002)
     elif kind == "saving":
         wait_for(lambda: runner.read_status(run_dir).get("phase") in ("saving", "completed")
