@@ -21,6 +21,7 @@ import re
 import secrets
 import signal
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -353,9 +354,16 @@ class JobStore:
         """Record how a job whose processes are all gone ended. Only a `running` job changes, so two watchers
         (the scheduler thread and a cancel, or two studios) agree on one outcome."""
         with self._procs_lock:
-            proc = self._procs.pop(job_id, None)
+            proc = self._procs.get(job_id)
         if proc is not None and returncode is None:
-            returncode = proc.poll()  # also reaps it
+            # Our own child: its exit code is the truth. The /proc scan can miss a process that is in the middle of
+            # exiting (seen under load: the job finished with exit_code None), so give it a moment to be reaped.
+            try:
+                returncode = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                return  # still alive after all: the next scheduler pass looks again
+        with self._procs_lock:
+            self._procs.pop(job_id, None)
         row = self.get(job_id)
         if row["state"] != "running":
             return
