@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from app import render
-from app.api import MODEL_GROUP, friendly
+from app.api import MODEL_GROUP, friendly, import_zip_file
 from app.forms import UPLOAD_TYPES, keep_upload
 
 EVAL_OWN = "Its own validation split"
@@ -199,11 +199,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_import(file, name):
-        import json
-
-        from app.api import import_adapter
-
-        stored = json.loads(import_adapter(file, name))["name"]
+        stored = import_zip_file(file, name)
         return f'<div class="msg ok">imported {render.esc(stored)}</div>', None, "", stored
 
     refreshed = [table, select, cmp_a, cmp_b]

@@ -174,10 +174,9 @@ def delete_adapter(name: str) -> str:
     return f"deleted {name}"
 
 
-def import_adapter(zip_file: str, name: str = "") -> str:
-    """Add an adapter to the store from a zip: a /download_adapter export, or any peft `save_pretrained` folder
-    zipped. name "" = the folder's name inside the zip. Returns JSON {"name": ...}. Members that leave the folder
-    (zip-slip), symlinks, zip bombs, non-adapter files and a name already in the store are refused."""
+def import_zip_file(zip_file, name: str = "") -> str:
+    """Import an uploaded zip (a path, or gradio's file dict) into the store; the stored name. Shared by the
+    Adapters tab and /import_adapter."""
     from finetune.adapter_import import import_zip
 
     path = zip_file.get("path") if isinstance(zip_file, dict) else zip_file
@@ -185,7 +184,14 @@ def import_adapter(zip_file: str, name: str = "") -> str:
         raise gr.Error("zip_file is empty: upload an adapter zip (what /download_adapter returns)")
     if not str(path).lower().endswith(".zip"):
         raise gr.Error(f"zip_file {Path(str(path)).name!r} is not a .zip file")
-    return to_json({"name": import_zip(path, (name or "").strip() or None)})
+    return import_zip(path, (name or "").strip() or None)
+
+
+def import_adapter(zip_file: str, name: str = "") -> str:
+    """Add an adapter to the store from a zip: a /download_adapter export, or any peft `save_pretrained` folder
+    zipped. name "" = the folder's name inside the zip. Returns JSON {"name": ...}. Members that leave the folder
+    (zip-slip), symlinks, zip bombs, non-adapter files and a name already in the store are refused."""
+    return to_json({"name": import_zip_file(zip_file, name)})
 
 
 # --- model work --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 gradio_client and browser tests. The model cache is shared with the rest of the suite (converted once)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def as_json(x):
+    """A structured API result: the studio sends JSON text (gradio_client would mistake objects for files)."""
+    return json.loads(x) if isinstance(x, str) else x
 
 
 def free_port() -> int:

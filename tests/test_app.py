@@ -3,7 +3,6 @@ user's script would: submit a tiny real training job on SmolLM2, follow it, list
 delete the adapter, cancel and resume a job, and get clear errors (naming the field) for bad input."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import arithmetic_rows, write_jsonl
-from tests.studio_server import ROOT, free_port, running_studio, studio_env
+from tests.studio_server import ROOT, as_json, free_port, running_studio, studio_env
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
@@ -50,10 +49,6 @@ def tiny_job(name: str, train_path, max_steps: int = 3) -> str:
     cfg["training"].update(max_steps=max_steps, per_device_train_batch_size=2, save_steps=0)
     cfg["evaluation"].update(enabled=True, max_examples=2, max_new_tokens=8)
     return yaml.safe_dump(cfg)
-
-
-def as_json(x):
-    return json.loads(x) if isinstance(x, str) else x
 
 
 def wait_state(client, job_id: str, states, timeout: float) -> dict:

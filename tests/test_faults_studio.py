@@ -4,7 +4,6 @@
 - path traversal in names and downloads: every attempt refused, nothing outside the store read or written."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import arithmetic_rows, write_jsonl
-from tests.studio_server import free_port, running_studio
+from tests.studio_server import as_json, free_port, running_studio
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
@@ -45,10 +44,6 @@ def rss_mb(pid: int) -> float:
         except FileNotFoundError:
             pass
     return total
-
-
-def as_json(x):
-    return json.loads(x) if isinstance(x, str) else x
 
 
 def status(client, job_id: str) -> dict:
