@@ -34,6 +34,8 @@ GROUPS: dict[str, tuple[str, list[str], list[tuple[int, int]]]] = {
     "1b-lora-nockpt": ("llama-3.2-1b", ["model.quantization=none", "lora.lora_dropout=0.0",
                                         "training.gradient_checkpointing=false"], [(512, 1), (2048, 1), (512, 4),
                                                                                    (2048, 2), (4096, 1)]),
+    "1b-lora-noliger": ("llama-3.2-1b", ["model.quantization=none", "training.use_liger_kernel=false"],
+                        [(512, 1), (2048, 2), (4096, 2)]),
     "tiny-qlora": ("tiny", ["model.quantization=4bit"], [(64, 1), (128, 2)]),
     "tiny-lora": ("tiny", ["model.quantization=none", "training.gradient_checkpointing=false"], [(64, 1), (128, 2)]),
 }
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune.bench_memory")
     p.add_argument("--out", required=True)
     p.add_argument("--models", default=os.environ.get("STUDIO_BENCH_MODELS", "/tmp/studio-bench-models"))
-    p.add_argument("--groups", default="8b-qlora,8b-lora,1b-qlora,1b-lora,1b-int8-opt8,1b-lora-nockpt")
+    p.add_argument("--groups", default=",".join(g for g in GROUPS if not g.startswith("tiny")))
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=420, help="seconds the workers get, all together")
