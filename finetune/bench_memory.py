@@ -224,3 +224,36 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- the plan beside the measurements ------------------------------------------------------------------------------
+def shape_folder(shape: str, root: Path) -> Path:
+    """A folder holding only the shape's config.json: what the planner reads (no weights needed)."""
+    from finetune.bench_models import SHAPES
+
+    folder = Path(root) / shape
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(SHAPES[shape]), encoding="utf-8")
+    return folder
+
+
+def compare(rows: list[dict], device_gib: float, root: Path) -> list[dict]:
+    """Each measured case beside the plan of the same JobConfig (on a GPU of device_gib, liger-kernel as the
+    measurement had it)."""
+    from finetune.config import JobConfig
+    from finetune.plan import GIB, Device, estimate
+
+    out = []
+    for row in rows:
+        if row.get("error") or row.get("peak_allocated_gib") is None:
+            continue
+        folder = shape_folder(row["shape"], root)
+        config = JobConfig(adapter_name="memory-bench", model={"name_or_path": str(folder)}).with_overrides(row["set"])
+        liger = "liger_fused_linear_cross_entropy" in row["setup"].get("speedups", [])
+        plan = estimate(config, Device("cuda", int(device_gib * GIB), fused_loss=liger), suggest=False)
+        measured = row["peak_allocated_gib"]
+        out.append({"group": row["group"], "seq": row["seq"], "batch": row["batch"], "measured_gib": measured,
+                    "measured_reserved_gib": row.get("peak_reserved_gib"), "plan_gib": plan.training_peak / GIB,
+                    "plan_reserved_gib": plan.reserved_for(plan.training_peak) / GIB, "plan_phase": plan.phase,
+                    "error": plan.training_peak / GIB / measured - 1, "row": row, "plan": plan})
+    return out

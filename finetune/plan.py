@@ -36,14 +36,23 @@ from finetune.config import DEFAULT_MODEL, ConfigError, JobConfig
 GIB = 2**30
 MIB = 2**20
 
-# Per-layer activation bytes per token measured against the count below (one layer recomputed, its backward's
-# gradients alongside): fitted on the H200 measurements.
-LAYER_BACKWARD_FACTOR = 1.6
-# CUDA context + cuBLAS handles + kernels loaded, outside the caching allocator (nvidia-smi minus reserved).
-CUDA_CONTEXT_BYTES = 600 * MIB
-# The caching allocator's reserved memory over its peak allocation (block rounding, fragmentation).
-ALLOCATOR_SLACK = 0.05
-ALLOCATOR_SLACK_BYTES = 128 * MIB
+# Fitted to the H200 measurements (docs/benchmarks.md, "Memory plan vs measured"), one constant per physical effect:
+# a layer's backward holds its recomputed activations and their gradients at once: this many times the activations
+LAYER_BACKWARD_FACTOR = 1.37
+# LoRA dropout, per element of a LoRA input, still held at that peak (its bool mask; the copies are freed by then)
+DROPOUT_BYTES = 1.2
+# LLM.int8: the int32 product of the widest projection, per token, before it is scaled to the compute dtype
+INT8_ACCUMULATOR_BYTES = 3
+# layer inputs in flight while checkpoints are offloaded: the one copied back, the one copied out, the recompute's
+OFFLOAD_IN_FLIGHT = 2.75
+# cuBLAS / cuBLASLt workspaces and small buffers the caching allocator holds from the first matmul on
+CUDA_WORKSPACE_BYTES = 64 * MIB
+# CUDA context + kernels loaded, outside the caching allocator (device memory in use minus reserved, measured)
+CUDA_CONTEXT_BYTES = 685 * MIB
+# The caching allocator's reserved memory over its peak: a share of the step's transient tensors (block rounding,
+# fragmentation between differently sized activations), plus a little
+ALLOCATOR_SLACK = 0.10
+ALLOCATOR_SLACK_BYTES = 64 * MIB
 # A CPU run: the Python process with torch, transformers, peft, accelerate, datasets (and their threads) loaded.
 CPU_PROCESS_BYTES = 700 * MIB
 # Layer inputs at least this large go to pinned host memory on a GPU (finetune/speed.py OFFLOAD_MIN_BYTES).
@@ -327,9 +336,11 @@ def layer_bytes_per_token(shape: Shape, s: Setting) -> float:
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     lin = shape.linears()
     lora_in = sum(lin[n][0] for n in s.targets)
-    if s.gpu:  # fast path: liger norms / rope / swiglu, fused LoRA addmm, flash attention
-        dense = a * (h + 2 * (q + 2 * kv) + q + 3 * h + 3 * i) + 4 * (2 + shape.heads)
-        lora = a * s.r * len(s.targets) + (a + 1) * lora_in * s.dropout
+    if s.gpu:  # fast path: liger norms / in-place rope / swiglu, fused LoRA addmm, flash attention
+        dense = a * (h + (q + 2 * kv) + q + 3 * h + 3 * i) + 4 * (2 + shape.heads)
+        lora = a * s.r * len(s.targets) + DROPOUT_BYTES * lora_in * s.dropout
+        if s.quant == "8bit":  # LLM.int8 writes an int32 product before scaling it to the compute dtype
+            lora += INT8_ACCUMULATOR_BYTES * i
     else:      # transformers + peft as they are: fp32 norms, fp32 LoRA input copies, the math attention
         res = s.residual_bytes
         dense = 2 * h * (8 + 2 * res) + a * (2 * (q + 2 * kv) + q + 2 * h + 4 * i)
@@ -345,14 +356,16 @@ def attention_bytes(shape: Shape, s: Setting) -> float:
     return s.batch * shape.heads * s.seq * s.seq * (4 + 2 * s.a)
 
 
-def loss_bytes(shape: Shape, s: Setting) -> tuple[float, float]:
-    """(peak while computing the loss and its gradient, what stays held through the layers' backward)."""
+def loss_bytes(shape: Shape, s: Setting) -> dict[str, float]:
+    """Logits and loss: the forward's peak, the peak of the loss's own backward, and what stays held while the
+    layers run backward (the output keeps its logits until the step ends)."""
     t, h, v, a = s.tokens, shape.hidden, shape.vocab, s.a
     if s.fused_loss:  # liger: logits of one chunk at a time, the input gradient computed in the forward
         chunk = 1 << max(0, math.ceil(t / math.ceil(v / h)) - 1).bit_length()
-        return 2 * t * h * a + chunk * v * (a + 4), 0.0
+        return {"forward": 2 * t * h * a + chunk * v * (a + 4), "backward": 0.0, "held": t * h * a}
     out = 4 if (not s.gpu and s.quant != "none") else a  # an fp32 lm_head on a quantized CPU run
-    return t * v * (out + 12), t * v * out  # logits, their fp32 log-softmax, its gradient and the input gradient
+    # forward: logits, their fp32 copy, log-softmax; its backward adds the gradient in and out
+    return {"forward": t * v * (out + 8), "backward": t * v * (out + 12), "held": t * v * out}
 
 
 @dataclass
@@ -364,6 +377,7 @@ class Plan:
     phase: str                                   # which part of the step sets the peak
     breakdown: dict[str, float]                  # bytes at the peak, by part (they sum to peak)
     phases: dict[str, float]                     # every phase's allocated bytes
+    training_peak: float                         # the largest phase of a training step (loading left out)
     host_offload_bytes: float = 0.0              # layer inputs parked in pinned host memory (GPU)
     notes: list[str] = field(default_factory=list)
     suggestions: list[dict] = field(default_factory=list)
@@ -376,9 +390,14 @@ class Plan:
 
     @property
     def reserved(self) -> float:
+        return self.reserved_for(self.peak)
+
+    def reserved_for(self, allocated: float) -> float:
+        """What the caching allocator holds when `allocated` bytes are in use (a CPU has no such cache)."""
         if self.device.kind != "cuda":
-            return self.peak
-        return self.peak * (1 + ALLOCATOR_SLACK) + ALLOCATOR_SLACK_BYTES
+            return allocated
+        transient = max(0.0, allocated - self.phases["optimizer_step"])
+        return allocated + transient * ALLOCATOR_SLACK + ALLOCATOR_SLACK_BYTES
 
     @property
     def needed(self) -> float:
@@ -390,7 +409,7 @@ class Plan:
         return self.device.memory_bytes <= 0 or self.needed <= self.device.memory_bytes
 
     def summary(self) -> dict:
-        return {"peak_gib": _gib(self.peak), "reserved_gib": _gib(self.reserved), "needed_gib": _gib(self.needed),
+        return {"peak_gib": _gib(self.peak), "training_peak_gib": _gib(self.training_peak), "reserved_gib": _gib(self.reserved), "needed_gib": _gib(self.needed),
                 "device_memory_gib": _gib(self.device.memory_bytes), "fits": self.fits}
 
     def to_dict(self) -> dict:
@@ -416,35 +435,36 @@ def _gib(b: float) -> float:
 
 
 def _parts(config: JobConfig, shape: Shape, device: Device) -> tuple[dict, dict, dict, Setting]:
-    """(what lives through the whole step, what each phase adds on top, notes) in bytes."""
+    """(what lives through the whole step, what each phase adds on top, facts for the notes) in bytes."""
     s = setting(config, shape, device)
     n_lora = lora_params(shape, s)
     other_dtype = 4 if (not s.gpu and s.quant != "none") else s.a
     static = {"base_weights": linear_weight_bytes(shape, s),
               "embeddings_lm_head_norms": shape.other_params() * other_dtype,
               "lora_weights": 4 * n_lora,
-              "optimizer_states": optimizer_bytes(n_lora, s)}
-    if not s.gpu:
-        static["process_baseline"] = CPU_PROCESS_BYTES
+              "optimizer_states": optimizer_bytes(n_lora, s),
+              "runtime": CUDA_WORKSPACE_BYTES if s.gpu else CPU_PROCESS_BYTES}
     grads = 4 * n_lora
-    t, h = s.tokens, shape.hidden
-    res = s.residual_bytes
+    t, h, res = s.tokens, shape.hidden, s.residual_bytes
     layer_in = t * h * res
     offload = s.gpu and s.checkpointing and layer_in >= OFFLOAD_MIN_BYTES
-    per_layer = t * layer_bytes_per_token(shape, s) + attention_bytes(shape, s)
+    layer = t * layer_bytes_per_token(shape, s) + attention_bytes(shape, s)
     if s.checkpointing:
         saved = 0 if offload else shape.layers * layer_in
-        working = per_layer * LAYER_BACKWARD_FACTOR + (layer_in if offload else 0)
+        working = layer * LAYER_BACKWARD_FACTOR + (OFFLOAD_IN_FLIGHT * layer_in if offload else 0)
     else:
-        saved = shape.layers * (layer_in + per_layer)
-        working = per_layer * (LAYER_BACKWARD_FACTOR - 1)
-    dequant = max(i * o for i, o in shape.linears().values()) * s.a if s.quant != "none" else 0
-    loss_peak, loss_held = loss_bytes(shape, s)
-    grads_in_fwd = grads if s.accumulation > 1 else 0
+        saved = shape.layers * (layer_in + layer)
+        working = layer * (LAYER_BACKWARD_FACTOR - 1)
+    loss = loss_bytes(shape, s)
+    in_fwd = grads if s.accumulation > 1 else 0  # earlier micro-batches' gradients
+    layer_fwd = t * s.a * (3 * shape.intermediate + h) if s.checkpointing else 0  # a layer run without grad
     phases = {
-        "loss": {"lora_gradients": grads_in_fwd, "saved_layer_inputs": saved, "logits_loss": loss_peak + t * h * res},
-        "backward": {"lora_gradients": grads, "saved_layer_inputs": saved, "logits_loss": loss_held,
-                     "layer_recompute": working + 2 * layer_in, "dequantize_workspace": dequant},
+        "forward": {"lora_gradients": in_fwd, "saved_layer_inputs": saved + layer_in,
+                    "logits_loss": max(loss["forward"], layer_fwd)},
+        "loss_backward": {"lora_gradients": in_fwd, "saved_layer_inputs": saved + layer_in,
+                          "logits_loss": loss["backward"]},
+        "backward": {"lora_gradients": grads, "saved_layer_inputs": saved, "logits_loss": loss["held"],
+                     "layer_recompute": working + 2 * layer_in},
         "optimizer_step": {"lora_gradients": grads,
                            "optimizer_workspace": 2 * 4 * n_lora if s.optim == "adamw_torch" else 4 * n_lora},
     }
@@ -452,13 +472,15 @@ def _parts(config: JobConfig, shape: Shape, device: Device) -> tuple[dict, dict,
     return static, phases, info, s
 
 
-def _load_phase(shape: Shape, s: Setting, static: dict) -> dict:
-    """Loading a quantized model: prepare_model_for_kbit_training upcasts embeddings / lm_head / norms to fp32
-    before the fast path casts them back (GPU); a CPU run also maps the checkpoint's bf16 file while quantizing."""
+def _load_phase(shape: Shape, s: Setting) -> dict:
+    """Loading a quantized model: prepare_model_for_kbit_training upcasts embeddings / lm_head / norms to fp32 one
+    tensor at a time (the fast path casts them back on a GPU); a CPU run also maps the checkpoint's bf16 file."""
     if s.quant == "none":
         return {}
-    extra = shape.other_params() * (4 - s.a) if s.gpu else (shape.linear_params() + shape.other_params()) * 2
-    return {"loading_transient": extra}
+    biggest = shape.vocab * shape.hidden * s.a
+    if s.gpu:
+        return {"loading_transient": shape.other_params() * (4 - s.a) + biggest}
+    return {"loading_transient": (shape.linear_params() + shape.other_params()) * 2}
 
 
 def estimate(config: JobConfig, device: Device | None = None, *, suggest: bool = True) -> Plan:
@@ -478,8 +500,9 @@ def estimate(config: JobConfig, device: Device | None = None, *, suggest: bool =
 
 def _estimate(config: JobConfig, device: Device, shape: Shape, source: str) -> Plan:
     static, phases, info, s = _parts(config, shape, device)
-    phases["loading"] = _load_phase(shape, s, static)
+    phases["loading"] = _load_phase(shape, s)
     totals = {name: sum(static.values()) + sum(extra.values()) for name, extra in phases.items()}
+    training = max(v for k, v in totals.items() if k != "loading")
     worst = max(totals, key=totals.get)
     breakdown = {k: v for k, v in {**static, **phases[worst]}.items() if v > 0}
     notes = []
@@ -490,7 +513,7 @@ def _estimate(config: JobConfig, device: Device, shape: Shape, source: str) -> P
                      "can evict to the host")
     if not s.gpu:
         notes.append("CPU run: the estimate is the training process's peak resident memory")
-    return Plan(config, device, shape, source, worst, breakdown, totals, info["host"], notes)
+    return Plan(config, device, shape, source, worst, breakdown, totals, training, info["host"], notes)
 
 
 def _variant(config: JobConfig, **changes) -> JobConfig:
