@@ -54,7 +54,10 @@ CUDA_CONTEXT_BYTES = 685 * MIB
 ALLOCATOR_SLACK = 0.10
 ALLOCATOR_SLACK_BYTES = 64 * MIB
 # A CPU run: the Python process with torch, transformers, peft, accelerate, datasets (and their threads) loaded.
-CPU_PROCESS_BYTES = 700 * MIB
+CPU_PROCESS_BYTES = 530 * MIB
+# glibc's heap keeps memory a step frees for reuse: the CPU's peak resident set holds this many times the step's
+# live activations (fitted to peak RSS of real SmolLM2 runs on CPU)
+CPU_HEAP_FACTOR = 2.0
 # Layer inputs at least this large go to pinned host memory on a GPU (finetune/speed.py OFFLOAD_MIN_BYTES).
 OFFLOAD_MIN_BYTES = int(os.environ.get("STUDIO_OFFLOAD_MIN_MB", "128")) * MIB
 LIGER_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -125,6 +128,8 @@ def shape_from_config(cfg: dict, source: str = "config.json") -> Shape:
     except (TypeError, KeyError, ValueError):
         raise PlanError(f"{source}: not a decoder config this planner reads (needs hidden_size, num_hidden_layers, "
                         "num_attention_heads, vocab_size)") from None
+    if min(hidden, layers, heads, vocab) <= 0:
+        raise PlanError(f"{source}: hidden_size, num_hidden_layers, num_attention_heads and vocab_size must be > 0")
     model_type = str(cfg.get("model_type", ""))
     gated = model_type not in ("gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi")
     return Shape(
@@ -148,9 +153,9 @@ def find_config(name_or_path: str, revision: str | None = None) -> tuple[dict, s
         return (_read_json(path), str(path)) if path.is_file() else (dict(EMBEDDED_CONFIG), f"{DEFAULT_MODEL} (built in)")
     local = Path(name).expanduser()
     if local.exists():
-        path = local / "config.json" if local.is_dir() else local
-        if not path.is_file():
-            raise PlanError(f"model.name_or_path {name!r}: the folder has no config.json")
+        path = local / "config.json"  # only this file of a folder is ever read
+        if not local.is_dir() or not path.is_file():
+            raise PlanError(f"model.name_or_path {name!r}: not a model folder with a config.json")
         return _read_json(path), str(path)
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -168,7 +173,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlanError(f"{path}: cannot read config.json ({e})") from None
+        raise PlanError(f"{path}: cannot read config.json ({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise PlanError(f"{path}: config.json is not a JSON object")
     return data
@@ -386,7 +391,7 @@ class Plan:
 
     @property
     def peak(self) -> float:
-        return sum(self.breakdown.values())
+        return self.phases[self.phase]
 
     @property
     def reserved(self) -> float:
@@ -472,15 +477,15 @@ def _parts(config: JobConfig, shape: Shape, device: Device) -> tuple[dict, dict,
     return static, phases, info, s
 
 
-def _load_phase(shape: Shape, s: Setting) -> dict:
-    """Loading a quantized model: prepare_model_for_kbit_training upcasts embeddings / lm_head / norms to fp32 one
-    tensor at a time (the fast path casts them back on a GPU); a CPU run also maps the checkpoint's bf16 file."""
+def _load_phase(shape: Shape, s: Setting, static: dict) -> dict:
+    """Loading (no LoRA or optimizer state yet): a quantized model goes through prepare_model_for_kbit_training,
+    which upcasts embeddings / lm_head / norms to fp32 one tensor at a time (the fast path casts them back on a
+    GPU): the fp32 copies plus the compute-dtype original of the one being cast."""
+    not_yet = -(static["lora_weights"] + static["optimizer_states"])
     if s.quant == "none":
-        return {}
-    biggest = shape.vocab * shape.hidden * s.a
-    if s.gpu:
-        return {"loading_transient": shape.other_params() * (4 - s.a) + biggest}
-    return {"loading_transient": (shape.linear_params() + shape.other_params()) * 2}
+        return {"not_loaded_yet": not_yet}
+    upcast = shape.other_params() * (4 - s.a) if s.gpu else 0  # on a CPU they stay fp32 (counted already)
+    return {"not_loaded_yet": not_yet, "loading_transient": upcast + shape.vocab * shape.hidden * s.a}
 
 
 def estimate(config: JobConfig, device: Device | None = None, *, suggest: bool = True) -> Plan:
@@ -500,11 +505,17 @@ def estimate(config: JobConfig, device: Device | None = None, *, suggest: bool =
 
 def _estimate(config: JobConfig, device: Device, shape: Shape, source: str) -> Plan:
     static, phases, info, s = _parts(config, shape, device)
-    phases["loading"] = _load_phase(shape, s)
+    if not s.gpu:
+        for extra in phases.values():
+            extra["heap_retained"] = (CPU_HEAP_FACTOR - 1) * sum(extra.values())
+    phases["loading"] = _load_phase(shape, s, static)
     totals = {name: sum(static.values()) + sum(extra.values()) for name, extra in phases.items()}
     training = max(v for k, v in totals.items() if k != "loading")
     worst = max(totals, key=totals.get)
-    breakdown = {k: v for k, v in {**static, **phases[worst]}.items() if v > 0}
+    parts = {**static, **phases[worst]}
+    if parts.pop("not_loaded_yet", None) is not None:
+        parts.pop("lora_weights"), parts.pop("optimizer_states")
+    breakdown = {k: v for k, v in parts.items() if v > 0}
     notes = []
     if info["offload"]:
         notes.append(f"layer inputs of {_gib(info['host'])} GiB go to pinned host memory (checkpoint offload)")
@@ -577,7 +588,7 @@ def suggestions(config: JobConfig, device: Device, shape: Shape, source: str, pl
     for rank, (why, changes) in enumerate(_candidates(config, device, shape)):
         p = _estimate(_variant(config, **changes), device, shape, source)
         rows.append({"change": why, "set": changes, **p.summary(), "_rank": rank})
-    if not any(r["fits"] for r in rows):
+    if not any(r["fits"] for r in rows if "data.max_seq_length" not in r["set"]):  # only truncation fits, or nothing
         rows.append(_combined(config, device, shape, source, rows))
     rows.sort(key=lambda r: (not r["fits"], r["_rank"] if r["fits"] else r["needed_gib"]))
     for r in rows:
