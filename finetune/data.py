@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune import limits, policy
 from finetune.config import DEMO_DATASET
 
 IGNORE_INDEX = -100
@@ -78,12 +79,15 @@ def _where(records, i: int) -> tuple[str | None, int, str]:
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
-def load_records(path: str, split: str = "train") -> Records:
-    """Rows of a file, a saved datasets folder, a hub id or the built-in demo, as a list of dicts."""
+def load_records(path: str, split: str = "train", field: str = "data.path") -> Records:
+    """Rows of a file, a saved datasets folder, a hub id or the built-in demo, as a list of dicts. In the studio
+    (policy.confined) only paths inside the allowed roots are read."""
     path = str(path).strip()
     if not path:
-        raise DataError("data.path is empty: give a JSONL/JSON/CSV/Parquet file, a datasets folder or a hub id",
-                        field="data.path")
+        raise DataError(f"{field} is empty: give a JSONL/JSON/CSV/Parquet file, a datasets folder or a hub id",
+                        field=field)
+    if policy.confined():
+        policy.check_data_path(path, field)
     if path == DEMO_DATASET or path.startswith("builtin:"):
         return _load_builtin(path, split)
     p = Path(path).expanduser()
@@ -102,7 +106,30 @@ def load_records(path: str, split: str = "train") -> Records:
         raise DataError("file not found", path=path)
     if not rows:
         raise DataError("the data is empty (no rows)", path=path)
+    _check_sizes(rows)
     return rows
+
+
+def _longest(value: Any) -> int:
+    """Length of the longest string inside a value (rows nest: messages are lists of dicts)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return max((_longest(v) for v in value), default=0)
+    return 0
+
+
+def _check_sizes(records: Records) -> None:
+    """Refuse a field over limits.MAX_DATA_FIELD_CHARS before anything is rendered or tokenized."""
+    for i, row in enumerate(records):
+        for key, value in row.items():
+            n = _longest(value)
+            if n > limits.MAX_DATA_FIELD_CHARS:
+                source, line, unit = _where(records, i)
+                raise DataError(f"a value of {n} characters; the limit is {limits.MAX_DATA_FIELD_CHARS}",
+                                path=source, line=line, field=str(key)[:100], unit=unit)
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -132,6 +159,9 @@ def _load_jsonl(p: Path) -> Records:
     for n, line in enumerate(_read_text(p).split("\n"), start=1):
         if not line.strip():
             continue
+        if len(line) > limits.MAX_DATA_LINE_CHARS:
+            raise DataError(f"the line is {len(line)} characters long; the limit is {limits.MAX_DATA_LINE_CHARS}",
+                            path=str(p), line=n)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -357,7 +387,7 @@ def split_records(records, data_cfg) -> tuple[Records, Records]:
     if not isinstance(records, Records):
         records = Records(records)
     if data_cfg.validation_path:
-        return records, load_records(data_cfg.validation_path, "validation")
+        return records, load_records(data_cfg.validation_path, "validation", "data.validation_path")
     if data_cfg.path == DEMO_DATASET:
         return records, load_records(DEMO_DATASET, "heldout")
     n = len(records)
