@@ -196,6 +196,7 @@ def _load_json(p: Path) -> Records:
 
 def _load_csv(p: Path) -> Records:
     text = _read_text(p)
+    csv.field_size_limit(limits.MAX_DATA_FIELD_CHARS + 1)  # one past ours: _check_sizes names the column
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
     try:
         header = next(reader, None)
@@ -213,6 +214,9 @@ def _load_csv(p: Path) -> Records:
                 lines.append(start)
             start = reader.line_num + 1
     except csv.Error as e:
+        if "field limit" in str(e):
+            raise DataError(f"a value longer than {limits.MAX_DATA_FIELD_CHARS} characters (the limit)", path=str(p),
+                            line=reader.line_num) from None
         raise DataError(f"broken CSV ({e})", path=str(p), line=reader.line_num) from None
     return Records(rows, str(p), lines, "line")
 
