@@ -155,7 +155,7 @@ def list_adapters() -> str:
 def _adapter_name(name: str) -> str:
     from finetune.adapters import adapter_path
 
-    name = (name or "").strip()
+    name = (name or "").strip(" ")  # spaces only: a name with a newline is refused, not repaired
     if not name:
         raise gr.Error("adapter name is empty")
     p = adapter_path(name)
@@ -189,7 +189,7 @@ def import_zip_file(zip_file, name: str = "") -> str:
         raise gr.Error("zip_file is empty: upload an adapter zip (what /download_adapter returns)")
     if not str(path).lower().endswith(".zip"):
         raise gr.Error(f"zip_file {Path(str(path)).name!r} is not a .zip file")
-    return import_zip(path, (name or "").strip() or None)
+    return import_zip(path, (name or "").strip(" ") or None)
 
 
 def import_adapter(zip_file: str, name: str = "") -> str:
@@ -208,7 +208,7 @@ def generate(adapter: str, prompt: str, max_new_tokens: int = 128, temperature: 
         raise gr.Error("prompt is empty")
     limits.check_text("prompt", prompt)
     check_generation(max_new_tokens, temperature, top_p)
-    name = _adapter_name(adapter) if (adapter or "").strip() else None
+    name = _adapter_name(adapter) if (adapter or "").strip(" ") else None
     return G.generate(name, prompt, max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
 
 
