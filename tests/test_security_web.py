@@ -197,13 +197,13 @@ def test_requests_from_other_sites_pages_are_refused(studio):
 
 # --- Chromium: a hostile imported adapter ----------------------------------------------------------------------
 def hostile_zip(path, name: str):
-    p = HOSTILE[1]
+    p = HOSTILE[1]  # markup in every text field; numbers stay numbers (hostile types: the renderer tests above)
     meta = {"base_model": p, "quantization": HOSTILE[0], "created_at": 1.7e9, "job_id": HOSTILE[3],
             "dataset": {"path": HOSTILE[2], "format": p, "num_train": p},
             "config": {"model": {"name_or_path": p}, "lora": {"r": p, "target_modules": [HOSTILE[5]]},
                        "training": {"learning_rate": HOSTILE[6]}},
-            "metrics": {"steps": p, "first_loss": p, "final_loss": p, "eval_loss": p},
-            "eval": {"paired": {"rouge_l": {"mean_diff": p, "ci_low": 0, "ci_high": 1}}}}
+            "metrics": {"steps": 3, "first_loss": 2.0, "final_loss": 1.0},
+            "eval": {"paired": {"rouge_l": {"mean_diff": 0.1, "ci_low": 0, "ci_high": 0.2, "wins": p}}}}
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{name}/adapter_config.json", json.dumps({"peft_type": "LORA", "base_model_name_or_path": p,
                                                               "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
@@ -259,6 +259,12 @@ def test_imported_adapter_markup_does_not_run_in_the_page(studio, tmp_path):
                 page.locator(f"#{box}").locator("input").first.click()
                 page.get_by_role("option", name=name).first.click()
             page.locator("#compare-out").get_by_text("<script>", exact=False).first.wait_for()
+            # an error message that carries the markup (a refused adapter name) pops up as a toast
+            page.get_by_text("Import an adapter (zip)").click()
+            page.locator("#import-file input[type=file]").set_input_files(str(tmp_path / "h.zip"))
+            page.locator("#import-name input, #import-name textarea").first.fill(HOSTILE[1])
+            page.locator("#import-btn").click()
+            page.locator("[data-testid=toast-body]").get_by_text("onerror", exact=False).first.wait_for()
             page.screenshot(path=str(tmp_path.parent / "hostile-adapter.png"), full_page=True)
             assert page.evaluate("window.__pwned") is None
             assert page.title() == title and not dialogs
