@@ -32,6 +32,7 @@ def user_error(e: BaseException) -> gr.Error:
     """A gr.Error with finetune.errors.plain_message's sentence; an unexpected error's traceback is logged on the
     server, never sent to the client."""
     if isinstance(e, gr.Error):
+        e.print_exception = False  # a message for the user, not a fault: no traceback in the server log
         return e
     if not expected(e):
         log.error("unexpected error: %s", "".join(traceback.format_exception(e)))
