@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune import limits
+from finetune.errors import StudioError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEMO_DATASET = "builtin:python-docs"
@@ -208,7 +209,7 @@ class JobConfig(_Section):
         return JobConfig.parse(data, "--set")
 
 
-class ConfigError(ValueError):
+class ConfigError(StudioError):
     """A config that cannot be used; the message names the source and each bad field."""
 
 

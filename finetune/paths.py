@@ -5,6 +5,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from finetune.errors import StudioError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,7 +56,7 @@ OUTSIDE_ROOTS = ("{field}: not a path this studio may read. Data and models must
                  "adapter store or a folder the operator allowed (launch.py --allow-path DIR)")
 
 
-class OutsideRootsError(ValueError):
+class OutsideRootsError(StudioError):
     """A path outside the allowed roots. The message is the same whether or not the path exists."""
 
 

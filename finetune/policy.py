@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.config import DEFAULT_MODEL, DEMO_DATASET
+from finetune.config import DEFAULT_MODEL
+from finetune.errors import StudioError
 from finetune.paths import confine
 
 ENV_CONFINED = "STUDIO_CONFINED"
@@ -23,7 +24,7 @@ ENV_REMOTE_CODE = "STUDIO_ALLOW_REMOTE_CODE"
 ENV_HUB = "STUDIO_ALLOW_HUB"
 
 
-class PolicyError(ValueError):
+class PolicyError(StudioError):
     """A request for something the operator did not allow; the message names the field and the switch."""
 
 
