@@ -224,6 +224,12 @@ def hostile_eval(name: str) -> dict:
                           "scores": {"base": {"rouge_l": 0.2}, "adapter": {"rouge_l": 0.3}, "diff": {"rouge_l": 0.1}}}]}
 
 
+def assert_nothing_ran(page, title: str, where: str) -> None:
+    assert page.evaluate("window.__pwned") is None, f"a script from the data ran in {where}"
+    assert page.title() == title, where
+    assert page.locator("img[src='x'], svg[onload], iframe, a[href^='javascript']").count() == 0, where
+
+
 def test_imported_adapter_markup_does_not_run_in_the_page(studio, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -251,14 +257,17 @@ def test_imported_adapter_markup_does_not_run_in_the_page(studio, tmp_path):
             title = page.title()
             page.get_by_role("tab", name="Adapters", exact=True).click()
             page.locator("#adapter-provenance").get_by_text("onerror", exact=False).first.wait_for()
+            assert_nothing_ran(page, title, "the adapter table and details")
             page.get_by_role("tab", name="Evaluate", exact=True).click()
             page.locator("#eval-chart").get_by_text("<script>", exact=False).first.wait_for()
             page.locator("#eval-examples").get_by_text("onerror", exact=False).first.wait_for(state="attached")
+            assert_nothing_ran(page, title, "the evaluation chart and examples")
             page.get_by_role("tab", name="Compare two adapters", exact=True).click()
             for box in ("compare-a", "compare-b"):
                 page.locator(f"#{box}").locator("input").first.click()
                 page.get_by_role("option", name=name).first.click()
             page.locator("#compare-out").get_by_text("<script>", exact=False).first.wait_for()
+            assert_nothing_ran(page, title, "the comparison")
             # an error message that carries the markup (a refused adapter name) pops up as a toast
             page.get_by_text("Import an adapter (zip)").click()
             page.locator("#import-file input[type=file]").set_input_files(str(tmp_path / "h.zip"))
@@ -266,8 +275,7 @@ def test_imported_adapter_markup_does_not_run_in_the_page(studio, tmp_path):
             page.locator("#import-btn").click()
             page.locator("[data-testid=toast-body]").get_by_text("onerror", exact=False).first.wait_for()
             page.screenshot(path=str(tmp_path.parent / "hostile-adapter.png"), full_page=True)
-            assert page.evaluate("window.__pwned") is None
-            assert page.title() == title and not dialogs
-            assert page.locator("img[src='x'], svg[onload], iframe, a[href^='javascript']").count() == 0
+            assert_nothing_ran(page, title, "an error message")
+            assert not dialogs
         finally:
             browser.close()
