@@ -18,7 +18,7 @@ import pytest
 from safetensors import safe_open
 
 from finetune import runner
-from finetune.adapters import adapters_dir
+from finetune.store.adapters import adapters_dir
 from finetune.config import JobConfig
 from finetune.jobs import JobStore
 
