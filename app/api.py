@@ -31,6 +31,7 @@ def user_error(e: BaseException) -> gr.Error:
     """A gr.Error for an exception: our own errors carry sentences already; anything else gets its type named
     (and its traceback logged on the server, not sent to the client)."""
     if isinstance(e, gr.Error):
+        e.print_exception = False  # a message for the user, not a fault: no traceback in the server log
         return e
     from finetune.store.adapters import AdapterError
     from finetune.jobs import JobError

@@ -134,14 +134,15 @@ def build() -> SimpleNamespace:
         if not selected:
             raise gr.Error("select a job first")
         row = store().cancel(selected)
-        return f'<div class="msg ok">job {selected} is {row["state"]}</div>'
+        return f'<div class="msg ok">job {render.esc(selected)} is {render.esc(row["state"])}</div>'
 
     @friendly
     def on_resume(selected):
         if not selected:
             raise gr.Error("select a job first")
         store().resume(selected)
-        return f'<div class="msg ok">job {selected} is queued again; it continues from its latest checkpoint</div>'
+        return (f'<div class="msg ok">job {render.esc(selected)} is queued again; it continues from its latest '
+                'checkpoint</div>')
 
     cancel.click(on_cancel, job, action_msg, api_visibility="undocumented", concurrency_limit=None)
     resume.click(on_resume, job, action_msg, api_visibility="undocumented", concurrency_limit=None)

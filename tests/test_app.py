@@ -179,10 +179,3 @@ def test_non_loopback_bind_needs_auth(tmp_path):
                        cwd=ROOT, env=studio_env(tmp_path), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "--auth" in r.stderr and "--insecure" in r.stderr
-
-
-def test_auth_refuses_anonymous_client(tmp_path):
-    with running_studio(tmp_path, "--auth", "alice:s3cret") as (url, _, _):
-        with pytest.raises(Exception):
-            Client(url, verbose=False).predict(api_name="/list_jobs")
-        assert as_json(Client(url, auth=("alice", "s3cret"), verbose=False).predict(api_name="/list_jobs")) == []
