@@ -22,29 +22,21 @@ from pathlib import Path
 import gradio as gr
 
 from finetune.config import ConfigError, JobConfig
+from finetune.errors import expected, plain_message
 
 log = logging.getLogger("studio.api")
 MODEL_GROUP = "model"
 
 
 def user_error(e: BaseException) -> gr.Error:
-    """A gr.Error for an exception: our own errors carry sentences already; anything else gets its type named
-    (and its traceback logged on the server, not sent to the client)."""
+    """A gr.Error with finetune.errors.plain_message's sentence; an unexpected error's traceback is logged on the
+    server, never sent to the client."""
     if isinstance(e, gr.Error):
         e.print_exception = False  # a message for the user, not a fault: no traceback in the server log
         return e
-    from finetune.store.adapters import AdapterError
-    from finetune.jobs import JobError
-
-    known = (ConfigError, JobError, AdapterError, FileNotFoundError, ValueError, KeyError, TimeoutError)
-    if isinstance(e, known):
-        msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
-    elif isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-        msg = "ran out of memory; try fewer max_new_tokens, a smaller model, or wait for other requests to finish"
-    else:
+    if not expected(e):
         log.error("unexpected error: %s", "".join(traceback.format_exception(e)))
-        msg = f"{type(e).__name__}: {e}"
-    return gr.Error(msg or type(e).__name__, print_exception=False)
+    return gr.Error(plain_message(e), print_exception=False)
 
 
 def friendly(fn):

@@ -82,16 +82,18 @@ def state_badge(state: str) -> str:
 JOB_COLUMNS = ["job id", "name", "state", "step", "loss", "adapter", "created", "duration"]
 
 
-def jobs_frame(rows: list[dict], statuses: dict[str, dict]) -> pd.DataFrame:
+def jobs_frame(views: list[dict]) -> pd.DataFrame:
+    """The job table, from each job's view (finetune.rundir.view)."""
     out = []
-    for r in rows:
-        st = statuses.get(r["id"]) or {}
-        total = st.get("total_steps")
-        step = f"{st.get('step', 0)}/{total}" if total else ("–" if r["state"] == "queued" else str(st.get("step", "–")))
-        end = r.get("finished_at") or (time.time() if r["state"] == "running" else None)
-        dur = fmt_duration(end - r["started_at"]) if r.get("started_at") and end else "–"
-        out.append([r["id"], r["name"], r["state"], step, fmt_num(st.get("loss")), r.get("adapter_name") or "–",
-                    fmt_time(r["created_at"]), dur])
+    for v in views:
+        total = v.get("total_steps")
+        started = v["state"] != "queued" or v.get("attempts")
+        step = f"{v.get('step') or 0}/{total}" if total and started else ("–" if not started else str(v.get("step", "–")))
+        end = v.get("finished_at") or (time.time() if v["state"] == "running" else None)
+        dur = fmt_duration(end - v["started_at"]) if v.get("started_at") and end else "–"
+        adapter = v.get("adapter_name") if v["state"] == "completed" else None
+        out.append([v["id"], v["name"], v["state"], step, fmt_num(v.get("loss")), adapter or "–",
+                    fmt_time(v["created_at"]), dur])
     return pd.DataFrame(out, columns=JOB_COLUMNS)
 
 
@@ -133,7 +135,7 @@ def stats_html(live: dict | None) -> str:
 
 
 def _points(hist, key: str):
-    """Accepts [[step, value], ...] or [{"step":..., key:...}, ...] (runner.histories' shape may evolve)."""
+    """Accepts [[step, value], ...] or [{"step":..., key:...}, ...] (rundir.histories' shape may evolve)."""
     for p in hist or []:
         if isinstance(p, dict):
             s, v = p.get("step"), p.get(key, p.get("value"))
