@@ -86,7 +86,7 @@ def build() -> SimpleNamespace:
         delete = gr.Button("Delete…", variant="stop", scale=1, elem_id="delete-btn")
         refresh = gr.Button("Refresh", scale=1, elem_id="adapters-refresh")
     with gr.Row(visible=False, elem_id="delete-confirm") as confirm_row:
-        confirm_text = gr.Markdown()
+        confirm_text = gr.Markdown(sanitize_html=True)
         confirm_yes = gr.Button("Yes, delete it", variant="stop", elem_id="delete-yes")
         confirm_no = gr.Button("Keep it", elem_id="delete-no")
     message = gr.HTML()

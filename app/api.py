@@ -13,6 +13,7 @@ Heavy modules (finetune.evaluation.generate, finetune.evaluation.evaluate, and t
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import json
 import logging
@@ -28,26 +29,35 @@ log = logging.getLogger("studio.api")
 MODEL_GROUP = "model"
 
 
-def user_error(e: BaseException) -> gr.Error:
+def user_error(e: BaseException, for_page: bool = False) -> gr.Error:
     """A gr.Error with finetune.errors.plain_message's sentence; an unexpected error's traceback is logged on the
-    server, never sent to the client."""
+    server, never sent to the client. for_page: the message is shown in the page, where Gradio renders it as HTML,
+    and may quote what a client or a file said: it is escaped."""
+    err = _as_gr_error(e)
+    err.print_exception = False  # a message for the user, not a fault: no traceback in the server log
+    if for_page and not getattr(err, "escaped", False):
+        err.message, err.escaped = html.escape(str(err.message), quote=False), True
+    return err
+
+
+def _as_gr_error(e: BaseException) -> gr.Error:
     if isinstance(e, gr.Error):
-        e.print_exception = False  # a message for the user, not a fault: no traceback in the server log
         return e
     if not expected(e):
         log.error("unexpected error: %s", "".join(traceback.format_exception(e)))
-    return gr.Error(plain_message(e), print_exception=False)
+    return gr.Error(plain_message(e))
 
 
-def friendly(fn):
-    """Wrap an event handler (function or generator) so that any exception reaches the user as a gr.Error."""
+def friendly(fn, for_page: bool = True):
+    """Wrap an event handler (function or generator) so that any exception reaches the user as a gr.Error.
+    for_page=False for the named API: its clients read the message as text, not HTML."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as e:
-                raise user_error(e) from None
+                raise user_error(e, for_page) from None
         return gen
 
     @functools.wraps(fn)
@@ -55,7 +65,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            raise user_error(e) from None
+            raise user_error(e, for_page) from None
     return wrapper
 
 
@@ -235,12 +245,12 @@ def register() -> None:
     """Inside a gr.Blocks: every endpoint with api_name = its function name. /download_adapter returns a file, so it
     goes through hidden components (a File output makes gradio_client download it)."""
     for fn, kw in ENDPOINTS:
-        gr.api(friendly(fn), api_name=fn.__name__, **kw)
+        gr.api(friendly(fn, for_page=False), api_name=fn.__name__, **kw)
     with gr.Row(visible=False):
         name = gr.Textbox(label="name")
         out = gr.File(label="adapter zip")
         btn = gr.Button("download")
-    btn.click(friendly(download_adapter), name, out, api_name="download_adapter",
+    btn.click(friendly(download_adapter, for_page=False), name, out, api_name="download_adapter",
               api_description=download_adapter.__doc__)
     # /import_adapter takes a file, so it too goes through components (gradio_client: handle_file(path)).
     with gr.Row(visible=False):
@@ -248,5 +258,5 @@ def register() -> None:
         zip_name = gr.Textbox(label="name")
         imported = gr.Textbox(label="result")
         import_btn = gr.Button("import")
-    import_btn.click(friendly(import_adapter), [zip_in, zip_name], imported, api_name="import_adapter",
+    import_btn.click(friendly(import_adapter, for_page=False), [zip_in, zip_name], imported, api_name="import_adapter",
                      api_description=import_adapter.__doc__)

@@ -73,7 +73,9 @@ def build() -> SimpleNamespace:
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p", elem_id="gen-top-p")
     with gr.Tabs():
         with gr.Tab("Chat", id="chat"):
+            # Answers are Markdown written by a model someone else may have trained: Gradio's sanitiser stays on.
             chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
+                                 sanitize_html=True,
                                  placeholder="Ask something. Try a question about a Python standard-library function.")
             with gr.Row(equal_height=False, elem_classes=["toolbar"]):
                 msg = gr.Textbox(label="Message", placeholder="What does os.path.join do?", scale=6, max_lines=6,
@@ -93,10 +95,10 @@ def build() -> SimpleNamespace:
                 side_stop = gr.Button("Stop", scale=1, elem_id="side-stop")
             with gr.Row():
                 with gr.Column():
-                    out_a = gr.Chatbot(label="Left", height=360, elem_id="side-out-a")
+                    out_a = gr.Chatbot(label="Left", height=360, elem_id="side-out-a", sanitize_html=True)
                     stats_a = gr.HTML(elem_id="side-stats-a")
                 with gr.Column():
-                    out_b = gr.Chatbot(label="Right", height=360, elem_id="side-out-b")
+                    out_b = gr.Chatbot(label="Right", height=360, elem_id="side-out-b", sanitize_html=True)
                     stats_b = gr.HTML(elem_id="side-stats-b")
 
     @friendly
