@@ -1,5 +1,5 @@
 """Playground tab: chat with the base model or any adapter on it (tokens stream in), and a side-by-side mode that
-sends one prompt to two targets (base vs adapter, or two adapters). finetune.generate keeps one base model loaded
+sends one prompt to two targets (base vs adapter, or two adapters). finetune.evaluation.generate keeps one base model loaded
 and swaps adapters on it; every event here is in the shared "model" concurrency group, so concurrent users queue."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ BASE_LABEL = "Base model (no adapter)"
 
 
 def target_choices() -> list[tuple[str, str]]:
-    from finetune.adapters import list_adapters
+    from finetune.store.adapters import list_adapters
 
     return [(BASE_LABEL, "")] + [(f"{r['name']}  ({r.get('base_model')}, {r.get('quantization')})", r["name"])
                                  for r in list_adapters()]
@@ -37,7 +37,7 @@ def to_messages(history: list[dict]) -> list[dict]:
 
 def base_of(adapter: str) -> dict:
     """generate()'s base/quantization arguments for the base model an adapter was trained on."""
-    from finetune.adapters import get_adapter
+    from finetune.store.adapters import get_adapter
 
     meta = get_adapter(adapter)
     model = render.obj(render.obj(meta.get("config")).get("model"))
@@ -103,7 +103,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_chat(message, history, tgt, n, temp, p):
-        from finetune import generate as G
+        from finetune.evaluation import generate as G
 
         message = (message or "").strip()
         if not message:
@@ -121,7 +121,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_side(prompt, a, b, n, temp, p):
-        from finetune import generate as G
+        from finetune.evaluation import generate as G
 
         prompt = (prompt or "").strip()
         if not prompt:
