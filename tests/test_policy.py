@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, arithmetic_rows, write_jsonl
-from finetune import adapters, limits, policy
-from finetune.adapter_import import ZipImportError, import_zip
+from finetune import limits, policy
+from finetune.store import adapters
+from finetune.store.zip_import import ZipImportError, import_zip
 from finetune.config import ConfigError, JobConfig, check_name
 from finetune.data import DataError, load_records
 from finetune.paths import OutsideRootsError, confine, uploads_dir
@@ -54,7 +55,7 @@ def test_imported_studio_json_cannot_turn_remote_code_on(tmp_path, monkeypatch):
 def test_generation_never_trusts_remote_code_from_metadata(monkeypatch):
     """A folder copied into the store by hand (not imported) still cannot switch remote code on for /generate."""
     monkeypatch.delenv("STUDIO_ALLOW_REMOTE_CODE", raising=False)
-    from finetune.generate import _adapter_info
+    from finetune.evaluation.generate import _adapter_info
 
     folder = adapters.adapters_dir() / "copied-remote"
     folder.mkdir()
@@ -163,7 +164,7 @@ def test_import_keeps_only_adapter_files_and_drops_evaluations(tmp_path):
         assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                            "studio.json"]
         assert "eval" not in json.loads((folder / "studio.json").read_text())
-        from finetune.evaluate import cached_results
+        from finetune.evaluation.evaluate import cached_results
 
         assert cached_results(name) == []
     finally:

@@ -18,8 +18,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from finetune import policy
-from finetune.adapters import META, AdapterError, WEIGHTS, adapter_path, publish, staging_dir
 from finetune.fsutil import write_json_atomic
+from finetune.store.adapters import META, AdapterError, WEIGHTS, adapter_path, publish, staging_dir
 from finetune.config import check_name
 from finetune.limits import MAX_ZIP_MEMBERS as MAX_MEMBERS, MAX_ZIP_RATIO as MAX_RATIO
 from finetune.limits import MAX_ZIP_SMALL_FILE_BYTES, MAX_ZIP_TOTAL_BYTES as MAX_TOTAL_BYTES
