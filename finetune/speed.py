@@ -124,6 +124,10 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     name = active[0]
     if name not in self.lora_A or name in getattr(self, "lora_variant", {}) or self.lora_B[name].bias is not None:
         return self._studio_peft_forward(x, *args, **kwargs)
+    if self._studio_weight is not None:
+        out = _projection_forward(self, x, name)
+        if out is not None:
+            return out
     result = self.base_layer(x)
     dt = result.dtype
     A = self.lora_A[name].weight
@@ -132,6 +136,131 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.to(dt).t(),
                       alpha=self.scaling[name])
     return out.view(result.shape)
+
+
+# --- one autograd function per LoRA projection ------------------------------------------------------------------
+def _nf4_dequantizer(weight):
+    """A function dtype -> the dense [out, in] weight of a bitsandbytes 4-bit parameter, calling the library's
+    CUDA kernels directly: bnb's own forward goes through Params4bit.__torch_function__, a Python-registered
+    torch op and fresh allocations for the double-quantized absmax, all host time per projection per pass."""
+    import torch
+
+    qs = weight.quant_state
+    packed = weight.data
+    try:
+        from bitsandbytes.backends.cuda.ops import _dequantize_4bit_impl, _dequantize_blockwise_impl
+    except ImportError:
+        _dequantize_4bit_impl = None
+    if _dequantize_4bit_impl is None or not packed.is_cuda or (qs.nested and qs.state2.blocksize != 256):
+        import bitsandbytes.functional as BF
+
+        return lambda dt: BF.dequantize_4bit(packed, qs).to(dt)
+
+    def dense(dt):
+        absmax = qs.absmax
+        if qs.nested:
+            absmax = torch.empty(qs.absmax.shape, dtype=torch.float32, device=packed.device)
+            _dequantize_blockwise_impl(qs.absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize,
+                                       torch.float32, out=absmax)
+            absmax.add_(qs.offset)
+        out = torch.empty(qs.shape, dtype=dt, device=packed.device)
+        _dequantize_4bit_impl(packed, absmax, qs.blocksize, qs.quant_type, dt, out=out)
+        return out
+
+    return dense
+
+
+def _dense_weight(base):
+    """dtype -> the frozen base weight of a LoRA projection, or None where this path does not apply (8-bit,
+    a trainable base weight or bias, anything unknown)."""
+    import torch
+
+    bias = getattr(base, "bias", None)
+    if (bias is not None and bias.requires_grad) or base.weight.requires_grad:
+        return None
+    if type(base) is torch.nn.Linear:
+        w = base.weight
+        return lambda dt: w if w.dtype == dt else w.to(dt)
+    if type(base).__name__ == "Linear4bit" and getattr(base.weight, "quant_state", None) is not None:
+        return _nf4_dequantizer(base.weight)
+    return None
+
+
+_projection_cls = None
+
+
+def _projection_function():
+    """LoraProjection.apply(x, A, B, weight_fn, bias, scale, p): base(x) + scale * (dropout_p(x) A^T) B^T as ONE
+    autograd node with a hand-written backward (peft + bnb make about eight: the 4-bit matmul, two casts, the
+    LoRA products, transposes, reshapes and the add, each a Python dispatch on the way in and a node on the way
+    back). Saves x (shared by q/k/v, so no copy), the dropout mask, the [T, r] LoRA activation and the
+    compute-dtype casts of A and B; the base weight is dequantized again in backward instead of being kept."""
+    global _projection_cls
+    if _projection_cls is not None:
+        return _projection_cls
+    import torch
+    import torch.nn.functional as F
+
+    class LoraProjection(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, A, B, weight_fn, bias, scale, p):
+            dt = x.dtype
+            x2 = x.reshape(-1, x.shape[-1])
+            a, b = A.to(dt), B.to(dt)
+            mask = None
+            xd = x2
+            if p > 0.0:
+                mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - p)
+                xd = x2 * mask * (1.0 / (1.0 - p))
+            h = torch.mm(xd, a.t())
+            out = F.linear(x2, weight_fn(dt), bias)
+            out.addmm_(h, b.t(), alpha=scale)
+            ctx.save_for_backward(xd, a, b, h, mask)
+            ctx.weight_fn, ctx.scale, ctx.p, ctx.x_shape = weight_fn, scale, p, x.shape
+            ctx.dtypes = (A.dtype, B.dtype)
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            xd, a, b, h, mask = ctx.saved_tensors
+            g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
+            dB = torch.mm(g.t(), h).mul_(ctx.scale)
+            dh = torch.mm(g, b).mul_(ctx.scale)
+            dA = torch.mm(dh.t(), xd)
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = torch.mm(g, ctx.weight_fn(a.dtype))
+                if mask is None:
+                    dx.addmm_(dh, a)
+                else:
+                    dx.add_(torch.mm(dh, a).mul_(mask).mul_(1.0 / (1.0 - ctx.p)))
+                dx = dx.view(ctx.x_shape)
+            return dx, dA.to(ctx.dtypes[0]), dB.to(ctx.dtypes[1]), None, None, None, None
+
+    _projection_cls = LoraProjection
+    return LoraProjection
+
+
+def _dropout_p(module) -> float | None:
+    """The LoRA dropout probability (0 for none), or None for a dropout this path does not reproduce."""
+    import torch
+
+    if isinstance(module, torch.nn.Identity):
+        return 0.0
+    if type(module) is torch.nn.Dropout:
+        return float(module.p) if module.training else 0.0
+    return None
+
+
+def _projection_forward(self, x, name):
+    """The LoRA projection through LoraProjection, or None where it does not apply."""
+    weight_fn = self._studio_weight
+    p = _dropout_p(self.lora_dropout[name])
+    if weight_fn is None or p is None:
+        return None
+    base = self.base_layer
+    return _projection_function().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, weight_fn,
+                                        getattr(base, "bias", None), self.scaling[name], p)
 
 
 def fuse_lora(model) -> int:
@@ -145,6 +274,7 @@ def fuse_lora(model) -> int:
         if isinstance(module, LoraLayer) and type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt") \
                 and not hasattr(module, "_studio_peft_forward"):
             module._studio_peft_forward = module.forward
+            module._studio_weight = _dense_weight(module.base_layer) if _wanted("fused_proj") else None
             module.forward = types.MethodType(_fused_lora_forward, module)
             n += 1
     return n
