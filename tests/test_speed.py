@@ -54,6 +54,10 @@ def loss_and_grads(model, batch):
     return float(loss), grads
 
 
+def rel_err(a, b) -> float:
+    return float((a.double() - b.double()).norm() / (b.double().norm() + 1e-30))
+
+
 def assert_grads_close(ga, gb, rtol=1e-4):
     assert ga.keys() == gb.keys() and ga
     for k in ga:
@@ -66,6 +70,8 @@ def test_optimized_path_matches_plain_padded_batch():
     the custom checkpoint, on the flattened batch. Same loss, same LoRA gradients."""
     plain, fast = twins(checkpointing=True)
     assert speed.fuse_lora(fast) == 14  # 7 projections x 2 layers
+    groups = {id(m._studio_group) for m in fast.modules() if getattr(m, "_studio_group", None) is not None}
+    assert len(groups) == 4  # q/k/v and gate/up of each layer
     assert speed.use_varlen_attention(fast)
     assert speed.offload_checkpoints(fast, offload=False) == 2
     exs = examples()
@@ -73,6 +79,21 @@ def test_optimized_path_matches_plain_padded_batch():
     l_fast, g_fast = loss_and_grads(fast, D.collate(exs, 0, padding_free=True))
     assert l_fast == pytest.approx(l_plain, rel=1e-5)
     assert_grads_close(g_plain, g_fast)
+
+
+def test_grouped_and_single_projections_agree(monkeypatch):
+    """q/k/v and gate/up as one node each against one node per projection: same loss and LoRA gradients."""
+    single, grouped = twins(checkpointing=True)
+    monkeypatch.setenv("STUDIO_SPEED", "-group")
+    speed.fuse_lora(single)
+    monkeypatch.delenv("STUDIO_SPEED")
+    speed.fuse_lora(grouped)
+    assert all(getattr(m, "_studio_group", None) is None for m in single.modules())
+    batch = D.collate(examples(), 0, padding_free=False)
+    l_single, g_single = loss_and_grads(single, batch)
+    l_grouped, g_grouped = loss_and_grads(grouped, batch)
+    assert l_grouped == pytest.approx(l_single, rel=1e-6)
+    assert_grads_close(g_single, g_grouped, rtol=1e-5)
 
 
 def test_padding_free_batch_has_no_cross_contamination():
@@ -183,6 +204,35 @@ def test_lora_projection_with_dropout_matches_its_definition():
     assert 0 < int(mask.sum()) < mask.numel()  # the mask did drop something
 
 
+@pytest.mark.parametrize("opt_kwargs", [{"foreach": True}, {"fused": True}, {"foreach": False}])
+def test_lora_projection_recasts_weights_after_each_optimizer_step(opt_kwargs):
+    """fp32 LoRA weights on a bf16 layer: the compute-dtype copies kept between passes follow every update."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False, dtype=torch.bfloat16))
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=4, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    layer.lora_A["default"].float()
+    layer.lora_B["default"].float()
+    speed.fuse_lora(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.1, **opt_kwargs)
+    x = torch.randn(8, 16, dtype=torch.bfloat16)
+    for i in range(3):
+        out = layer(x)
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        base = layer.base_layer(x).float()
+        ref = base + (x.float() @ A.detach().bfloat16().float().t()) @ B.detach().bfloat16().float().t()
+        assert rel_err(out.detach(), ref) < 1e-2
+        if i:  # the LoRA term is large by now: a stale copy of the weights would miss the bound above
+            assert rel_err(base, ref) > 0.1
+        out.float().pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert float(layer.lora_B["default"].weight.abs().sum()) > 0  # the updates did happen
+
+
 def test_lora_projection_is_skipped_when_switched_off(monkeypatch):
     monkeypatch.setenv("STUDIO_SPEED", "-fused_proj")
     model = tiny_peft()
@@ -191,10 +241,6 @@ def test_lora_projection_is_skipped_when_switched_off(monkeypatch):
 
 
 # --- on a CUDA GPU (skipped elsewhere) -------------------------------------------------------------------------------
-def rel_err(a, b) -> float:
-    return float((a.double() - b.double()).norm() / (b.double().norm() + 1e-30))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_nf4_lora_projection_matches_bitsandbytes_and_peft():
