@@ -34,7 +34,7 @@ def results(name: str) -> list[dict]:
 def result_choices(rs: list[dict]) -> list[tuple[str, str]]:
     out = []
     for r in rs:
-        d = r.get("data") or {}
+        d = render.obj(r.get("data"))
         out.append((f"{render.fmt_time(r.get('created_at'))} · {d.get('n')} examples · {d.get('path')} ({d.get('split')})",
                     r.get("key")))
     return out
@@ -51,16 +51,13 @@ def latest_summary(name: str) -> dict | None:
         meta = get_adapter(name)
     except (ValueError, FileNotFoundError):
         return None
-    ev = meta.get("eval")
+    ev = render.obj(meta.get("eval"))
     return {**ev, "adapter": name, "quantization": meta.get("quantization")} if ev else None
 
 
 def provenance_html(meta: dict) -> str:
-    cfg = meta.get("config") or {}
-    m = meta.get("metrics") or {}
-    ds = meta.get("dataset") or {}
-    lora = cfg.get("lora") or {}
-    tr = cfg.get("training") or {}
+    cfg, m, ds = render.obj(meta.get("config")), render.obj(meta.get("metrics")), render.obj(meta.get("dataset"))
+    lora, tr = render.obj(cfg.get("lora")), render.obj(cfg.get("training"))
     cells = [
         ("base model", meta.get("base_model")), ("quantization", meta.get("quantization")),
         ("dataset", ds.get("path")), ("format", ds.get("format")),
@@ -213,7 +210,7 @@ def build() -> SimpleNamespace:
               concurrency_limit=1, concurrency_id=MODEL_GROUP, **undocumented)
     cmp_a.change(on_compare, [cmp_a, cmp_b], cmp_out, **undocumented)
     cmp_b.change(on_compare, [cmp_a, cmp_b], cmp_out, **undocumented)
-    delete.click(lambda n: (gr.update(visible=bool(n)), f"Delete adapter **{n}** for good?") if n else
+    delete.click(lambda n: (gr.update(visible=bool(n)), f"Delete adapter **{render.esc(n)}** for good?") if n else
                  (gr.update(visible=False), "") , select, [confirm_row, confirm_text], **undocumented)
     confirm_no.click(lambda: gr.update(visible=False), None, confirm_row, **undocumented)
     confirm_yes.click(on_delete_confirmed, select, [confirm_row, message, select], **undocumented).then(

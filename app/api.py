@@ -13,6 +13,7 @@ Heavy modules (finetune.generate, finetune.evaluate, and through them torch) are
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import json
 import logging
@@ -22,39 +23,41 @@ from pathlib import Path
 import gradio as gr
 
 from finetune.config import ConfigError, JobConfig
+from finetune.errors import expected, plain_message
 
 log = logging.getLogger("studio.api")
 MODEL_GROUP = "model"
 
 
-def user_error(e: BaseException) -> gr.Error:
-    """A gr.Error for an exception: our own errors carry sentences already; anything else gets its type named
-    (and its traceback logged on the server, not sent to the client)."""
+def user_error(e: BaseException, for_page: bool = False) -> gr.Error:
+    """A gr.Error with finetune.errors.plain_message's sentence; an unexpected error's traceback is logged on the
+    server, never sent to the client. for_page: the message is shown in the page, where Gradio renders it as HTML,
+    and may quote what a client or a file said: it is escaped."""
+    err = _as_gr_error(e)
+    err.print_exception = False  # a message for the user, not a fault: no traceback in the server log
+    if for_page and not getattr(err, "escaped", False):
+        err.message, err.escaped = html.escape(str(err.message), quote=False), True
+    return err
+
+
+def _as_gr_error(e: BaseException) -> gr.Error:
     if isinstance(e, gr.Error):
         return e
-    from finetune.adapters import AdapterError
-    from finetune.jobs import JobError
-
-    known = (ConfigError, JobError, AdapterError, FileNotFoundError, ValueError, KeyError, TimeoutError)
-    if isinstance(e, known):
-        msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
-    elif isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-        msg = "ran out of memory; try fewer max_new_tokens, a smaller model, or wait for other requests to finish"
-    else:
+    if not expected(e):
         log.error("unexpected error: %s", "".join(traceback.format_exception(e)))
-        msg = f"{type(e).__name__}: {e}"
-    return gr.Error(msg or type(e).__name__, print_exception=False)
+    return gr.Error(plain_message(e))
 
 
-def friendly(fn):
-    """Wrap an event handler (function or generator) so that any exception reaches the user as a gr.Error."""
+def friendly(fn, for_page: bool = True):
+    """Wrap an event handler (function or generator) so that any exception reaches the user as a gr.Error.
+    for_page=False for the named API: its clients read the message as text, not HTML."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as e:
-                raise user_error(e) from None
+                raise user_error(e, for_page) from None
         return gen
 
     @functools.wraps(fn)
@@ -62,7 +65,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            raise user_error(e) from None
+            raise user_error(e, for_page) from None
     return wrapper
 
 
@@ -242,12 +245,12 @@ def register() -> None:
     """Inside a gr.Blocks: every endpoint with api_name = its function name. /download_adapter returns a file, so it
     goes through hidden components (a File output makes gradio_client download it)."""
     for fn, kw in ENDPOINTS:
-        gr.api(friendly(fn), api_name=fn.__name__, **kw)
+        gr.api(friendly(fn, for_page=False), api_name=fn.__name__, **kw)
     with gr.Row(visible=False):
         name = gr.Textbox(label="name")
         out = gr.File(label="adapter zip")
         btn = gr.Button("download")
-    btn.click(friendly(download_adapter), name, out, api_name="download_adapter",
+    btn.click(friendly(download_adapter, for_page=False), name, out, api_name="download_adapter",
               api_description=download_adapter.__doc__)
     # /import_adapter takes a file, so it too goes through components (gradio_client: handle_file(path)).
     with gr.Row(visible=False):
@@ -255,5 +258,5 @@ def register() -> None:
         zip_name = gr.Textbox(label="name")
         imported = gr.Textbox(label="result")
         import_btn = gr.Button("import")
-    import_btn.click(friendly(import_adapter), [zip_in, zip_name], imported, api_name="import_adapter",
+    import_btn.click(friendly(import_adapter, for_page=False), [zip_in, zip_name], imported, api_name="import_adapter",
                      api_description=import_adapter.__doc__)

@@ -40,7 +40,7 @@ def base_of(adapter: str) -> dict:
     from finetune.adapters import get_adapter
 
     meta = get_adapter(adapter)
-    model = (meta.get("config") or {}).get("model") or {}
+    model = render.obj(render.obj(meta.get("config")).get("model"))
     return {"base": model.get("name_or_path") or meta.get("base_model"),
             "quantization": model.get("quantization") or meta.get("quantization")}
 
@@ -48,13 +48,13 @@ def base_of(adapter: str) -> dict:
 def stats_html(st: dict, label: str = "") -> str:
     if not st:
         return ""
-    tps = st.get("tokens_per_second")
-    bits = [f"{st.get('new_tokens', '–')} tokens", f"{tps:.1f} tokens/s" if tps else "– tokens/s",
-            f"{st.get('latency_s', 0):.1f}s"]
-    if st.get("peak_memory_mb"):
+    tps = render.num(st.get("tokens_per_second"))
+    bits = [f"{render.esc(st.get('new_tokens', '–'))} tokens", f"{tps:.1f} tokens/s" if tps else "– tokens/s",
+            f"{render.num(st.get('latency_s')) or 0:.1f}s"]
+    if render.num(st.get("peak_memory_mb")):
         bits.append(f"peak {st['peak_memory_mb']:,.0f} MB")
     if st.get("quantization"):
-        bits.append("base unquantized" if st["quantization"] == "none" else f"base {st['quantization']}")
+        bits.append("base unquantized" if st["quantization"] == "none" else f"base {render.esc(st['quantization'])}")
     return f'<div class="gen-stats" data-tps="{tps or 0:.2f}">{render.esc(label)}{" · ".join(bits)}</div>'
 
 

@@ -11,7 +11,6 @@ CLI: python -m finetune adapters list | show NAME | delete NAME | export NAME
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -20,17 +19,18 @@ import tempfile
 import time
 import uuid
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from finetune.config import check_name
+from finetune.errors import StudioError
+from finetune.fsutil import file_lock, write_json_atomic
 from finetune.paths import adapters_dir, studio_home
 
 META = "studio.json"
 WEIGHTS = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(StudioError):
     """A bad adapter name or a path that would leave the store."""
 
 
@@ -55,15 +55,9 @@ def _existing(name: str) -> Path:
     return p
 
 
-@contextmanager
 def _store_lock():
     """Serializes writers of the store (publish, delete, metadata updates) across processes."""
-    with open(adapters_dir() / ".lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(adapters_dir() / ".lock")
 
 
 def staging_dir(name: str) -> Path:
@@ -87,12 +81,6 @@ def _sweep_leftovers(max_age_s: float = 3600) -> None:
                     shutil.rmtree(p, ignore_errors=True)
             except OSError:
                 pass
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -177,7 +165,7 @@ def update_metadata(name: str, key: str, value) -> dict:
         meta_path = p / META
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
         meta[key] = value
-        write_json_atomic(meta_path, meta)
+        write_json_atomic(meta_path, meta, indent=2)
     return meta
 
 

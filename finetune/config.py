@@ -14,6 +14,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from finetune.errors import StudioError
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEMO_DATASET = "builtin:python-docs"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -209,7 +211,7 @@ class JobConfig(_Section):
         return JobConfig.parse(data, "--set")
 
 
-class ConfigError(ValueError):
+class ConfigError(StudioError):
     """A config that cannot be used; the message names the source and each bad field."""
 
 

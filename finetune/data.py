@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import DEMO_DATASET
+from finetune.errors import StudioError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -42,7 +43,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 MAX_PREVIEW_ROWS = 5000  # rows tokenized for the preview's length histogram
 
 
-class DataError(ValueError):
+class DataError(StudioError):
     """Data that cannot be trained on. `str(e)` reads "FILE, line N: FIELD: what is wrong"."""
 
     def __init__(self, message: str, path: str | None = None, line: int | None = None, field: str | None = None,

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from finetune import metrics as M
+from finetune.errors import StudioError
+from finetune.fsutil import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ TEXT_METRICS = ("exact_match", "token_f1", "rouge_l")
 Progress = Callable[[float, str], None]
 
 
-class EvalError(ValueError):
+class EvalError(StudioError):
     """Evaluation cannot run: the message says which adapter, file or field is the problem."""
 
 
@@ -280,14 +282,6 @@ def _adapter_config(adapter_name: str):
     return meta, cfg
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -316,8 +310,8 @@ def evaluate(adapter_name: str, data_path: str | None = None, split: str = "vali
     # The fingerprint is of the examples actually used, so it stands for the data, the split and max_examples at
     # once: asking for 16 or 20 examples of a 12-row file is the same evaluation and is served from the cache.
     key_parts = {"version": EVAL_VERSION, "data": fingerprint,
-                 "max_new_tokens": max_new_tokens, "weights": _file_hash(weights),
-                 "adapter_config": _file_hash(adir / "adapter_config.json") if (adir / "adapter_config.json").exists() else None,
+                 "max_new_tokens": max_new_tokens, "weights": sha256_file(weights),
+                 "adapter_config": sha256_file(adir / "adapter_config.json") if (adir / "adapter_config.json").exists() else None,
                  "base": cfg.model.model_dump(mode="json"), "max_seq_length": cfg.data.max_seq_length}
     key = cache_key(key_parts)
     cache_file = adir / "eval" / f"{key}.json"
@@ -399,9 +393,7 @@ def _prompt_str(messages: list[dict]) -> str:
 
 def _store(adapter_name: str, cache_file: Path, result: dict) -> None:
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(cache_file)  # atomic: a reader never sees half a file
+    write_json_atomic(cache_file, result, ensure_ascii=False)
     summary = {k: result[k] for k in ("key", "data", "settings", "metrics", "paired", "created_at", "duration_s")}
     summary["file"] = str(cache_file.relative_to(cache_file.parent.parent))
     try:

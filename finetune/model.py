@@ -10,7 +10,6 @@ folder or hub id (with an optional revision) works the same way.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import importlib.util
 import logging
 import os
@@ -19,10 +18,10 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 from finetune.config import DEFAULT_MODEL, ModelConfig
+from finetune.fsutil import file_lock
 from finetune.paths import model_cache_dir
 
 log = logging.getLogger(__name__)
@@ -78,18 +77,6 @@ def embedded_gguf() -> Path:
     return path
 
 
-@contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock across processes (two jobs starting at once must not both convert)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _REQUIRED)
 
@@ -99,7 +86,7 @@ def prepare_default() -> Path:
     target = model_cache_dir() / DEFAULT_MODEL
     if _complete(target):
         return target
-    with _file_lock(model_cache_dir() / f".{DEFAULT_MODEL}.lock"):
+    with file_lock(model_cache_dir() / f".{DEFAULT_MODEL}.lock"):
         if _complete(target):  # another process converted it while we waited
             return target
         gguf = embedded_gguf()

@@ -1,5 +1,5 @@
 """Zip import of adapters: a round trip of a real export works; zip-slip, symlinks, bombs and junk are refused
-and leave nothing in the store (issue 6)."""
+and leave nothing in the store."""
 from __future__ import annotations
 
 import io

@@ -1,4 +1,4 @@
-"""Fault injection on the running studio (issue 6), through its named API as a user's script would:
+"""Fault injection on the running studio, through its named API as a user's script would:
 - the studio is SIGKILLed mid-run and started again: the job is re-attached and completes;
 - 20 concurrent playground requests: all answered, none lost, the studio's memory stays bounded (one model);
 - path traversal in names and downloads: every attempt refused, nothing outside the store read or written."""
@@ -14,23 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import arithmetic_rows, write_jsonl
+from conftest import arithmetic_rows, wait_for, write_jsonl
 from tests.studio_server import as_json, free_port, running_studio
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 
 from finetune.config import example_config  # noqa: E402
-
-
-def wait_for(cond, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def rss_mb(pid: int) -> float:
