@@ -8,7 +8,7 @@
 Every function here is plain Python with type hints (gr.api derives the endpoint's schema from them) and turns
 every failure into a gr.Error with a sentence that names the field, file or job: a client sees the message, never
 a traceback. Model work (generate, evaluate) is registered under the shared "model" concurrency group.
-Heavy modules (finetune.generate, finetune.evaluate, and through them torch) are imported inside the functions.
+Heavy modules (finetune.evaluation.generate, finetune.evaluation.evaluate, and through them torch) are imported inside the functions.
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def validate_config(config_yaml: str) -> str:
 def list_adapters() -> str:
     """JSON list of the stored adapters, newest first: name, base_model, quantization, dataset, metrics, eval summary,
     created_at."""
-    from finetune.adapters import list_adapters as _list
+    from finetune.store.adapters import list_adapters as _list
 
     rows = _list()
     for r in rows:
@@ -151,7 +151,7 @@ def list_adapters() -> str:
 
 
 def _adapter_name(name: str) -> str:
-    from finetune.adapters import adapter_path
+    from finetune.store.adapters import adapter_path
 
     name = (name or "").strip()
     if not name:
@@ -164,14 +164,14 @@ def _adapter_name(name: str) -> str:
 
 def download_adapter(name: str) -> str:
     """A zip of the adapter's folder (adapter_model.safetensors, adapter_config.json, studio.json, README.md)."""
-    from finetune.adapters import export_zip
+    from finetune.store.adapters import export_zip
 
     return str(export_zip(_adapter_name(name)))
 
 
 def delete_adapter(name: str) -> str:
     """Delete an adapter from the store."""
-    from finetune.adapters import delete_adapter as _delete
+    from finetune.store.adapters import delete_adapter as _delete
 
     _delete(_adapter_name(name))
     return f"deleted {name}"
@@ -180,7 +180,7 @@ def delete_adapter(name: str) -> str:
 def import_zip_file(zip_file, name: str = "") -> str:
     """Import an uploaded zip (a path, or gradio's file dict) into the store; the stored name. Shared by the
     Adapters tab and /import_adapter."""
-    from finetune.adapter_import import import_zip
+    from finetune.store.zip_import import import_zip
 
     path = zip_file.get("path") if isinstance(zip_file, dict) else zip_file
     if not path:
@@ -200,7 +200,7 @@ def import_adapter(zip_file: str, name: str = "") -> str:
 # --- model work --------------------------------------------------------------------------------------------------
 def generate(adapter: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> str:
     """One answer from the base model (adapter "") or base + adapter. Greedy when temperature is 0."""
-    from finetune import generate as G
+    from finetune.evaluation import generate as G
 
     if not (prompt or "").strip():
         raise gr.Error("prompt is empty")
@@ -222,7 +222,7 @@ def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_t
     """JSON: the adapter against its base on held-out data (a file or folder path on the studio's machine; "" = the
     adapter's own validation split): metrics per side, paired differences with 95% intervals, win/tie/loss and
     per-example answers. max_examples / max_new_tokens 0 = the adapter's job settings. Cached beside the adapter."""
-    from finetune import evaluate as E
+    from finetune.evaluation import evaluate as E
 
     name = _adapter_name(adapter)
     path = (data_path or "").strip() or None

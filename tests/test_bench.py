@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import bench
-from finetune import bench_models as BM
+from finetune.bench import harness as bench
+from finetune.bench import models as BM
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,7 @@ def test_plan_jobs_build_each_model_once_before_its_arms(tmp_path):
 
 
 def test_profile_analysis_attributes_gpu_idle_time_to_host_ops():
-    from finetune.bench_profile import analyse
+    from finetune.bench.profile import analyse
 
     def x(cat, name, ts, dur):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from conftest import tiny_config, wait_for
 from finetune import rundir, runner
-from finetune.adapters import adapters_dir
+from finetune.store.adapters import adapters_dir
 from finetune.config import JobConfig
 from finetune.jobs import JobStore
 

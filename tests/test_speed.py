@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from finetune import data as D  # noqa: E402
-from finetune import speed  # noqa: E402
+from finetune.recipe import speed  # noqa: E402
 
 
 def tiny_peft(seed: int = 0, dropout: float = 0.0, checkpointing: bool = False):
@@ -279,7 +279,7 @@ def test_fast_path_on_gpu_matches_plain_4bit_model(tmp_path, monkeypatch):
     """The whole fast path (liger, single-node LoRA projections, varlen attention, custom checkpoint) on a real
     4-bit load of a tiny Llama, packed batch, against the same load with nothing patched on the padded batch."""
     from finetune import model as M
-    from finetune.bench_models import build_model
+    from finetune.bench.models import build_model
     from finetune.config import LoraSettings, ModelConfig, TrainingConfig
 
     path = build_model("tiny", tmp_path)

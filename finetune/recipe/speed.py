@@ -28,7 +28,7 @@ STUDIO_SPEED (developer switch, comma separated) turns pieces off or on for expe
 "+bf16_lora" (LoRA weights stored in bf16),
 "none" (nothing at all).
 
-`python -m finetune.speed --selfcheck` prints which pieces this machine can use and checks the attention kernel
+`python -m finetune.recipe.speed --selfcheck` prints which pieces this machine can use and checks the attention kernel
 against a reference.
 """
 from __future__ import annotations

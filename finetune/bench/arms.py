@@ -1,6 +1,6 @@
 """One benchmark arm in its own process (Unsloth patches transformers on import, so arms never share one):
 
-    python -m finetune.bench_arms JOB.json RESULT.json
+    python -m finetune.bench.arms JOB.json RESULT.json
 
 JOB: {"arm": "naive"|"unsloth"|"unsloth:packed"|"studio"|"studio:<STUDIO_SPEED switches>", "model_dir", "shape",
       "mode": "qlora"|"lora", "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest",
@@ -15,7 +15,7 @@ AdamW (lr 2e-4, grad-norm clip 1.0) on the same batches:
   unsloth  FastLanguageModel with its defaults, use_gradient_checkpointing="unsloth", padded batches, bf16 autocast;
            "unsloth:packed": the same model fed one packed row with packed_seq_lengths and restarting position_ids,
            as Unsloth's trainer feeds it with a padding-free collator (its default on a GPU that supports it)
-  studio   our training path: finetune.model.load_model / apply_lora, finetune.speed.patch_model_for_speed, the
+  studio   our training path: finetune.model.load_model / apply_lora, finetune.recipe.speed.patch_model_for_speed, the
            padding-free finetune.data.collate and the same forward/backward call as finetune/train.py
 """
 from __future__ import annotations
@@ -160,7 +160,7 @@ def setup_studio(job, device):
     from finetune import data as D
     from finetune import model as M
     from finetune.config import LoraSettings, ModelConfig, TrainingConfig
-    from finetune.speed import patch_model_for_speed
+    from finetune.recipe.speed import patch_model_for_speed
     from finetune.train import count_label_tokens
 
     arm = job["arm"]
@@ -215,7 +215,7 @@ def _mem(device) -> dict:
 def run_job(job: dict) -> dict:
     import torch
 
-    from finetune.bench_models import device_peak_flops, make_batches, step_flops
+    from finetune.bench.models import device_peak_flops, make_batches, step_flops
 
     torch.manual_seed(job.get("seed", 0))
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -251,7 +251,7 @@ def run_job(job: dict) -> dict:
         rows.append({"step": i + 1, "seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt, "loss": loss,
                      "tflops": step_flops(job["shape"], lengths) / dt / 1e12})
     if job.get("profile"):
-        from finetune.bench_profile import profile_steps
+        from finetune.bench.profile import profile_steps
 
         result["profile"] = profile_steps(step, batches[-job["profile"]:], device, job.get("trace"))
     measured = rows[job["warmup"]:]
@@ -266,7 +266,7 @@ def _longest(job, step, device, vocab, result) -> dict:
     """The longest single sequence (batch 1) for which one full training step fits under the memory cap."""
     import torch
 
-    from finetune.bench_models import make_batches
+    from finetune.bench.models import make_batches
 
     tried = []
     best = None
@@ -302,7 +302,7 @@ def _longest(job, step, device, vocab, result) -> dict:
 def main(argv: list[str]) -> int:
     job_path, out_path = argv[0], argv[1]
     job = json.loads(open(job_path, encoding="utf-8").read())
-    from finetune.bench_models import write_json
+    from finetune.bench.models import write_json
 
     try:
         result = run_job(job)
