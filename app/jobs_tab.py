@@ -6,7 +6,6 @@ an app restart. The only per-browser state is which job is selected (the dropdow
 sent, so that unchanged plots are skipped instead of redrawn every two seconds."""
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -25,12 +24,9 @@ def short_log(text: str) -> str:
     return "\n".join(ln if len(ln) <= LOG_WIDTH else ln[:LOG_WIDTH - 1] + "…" for ln in lines)
 
 
-def snapshot() -> tuple[list[dict], dict[str, dict]]:
-    from finetune import runner
-
-    rows = store().list_jobs(limit=300)
-    statuses = {r["id"]: runner.read_status(Path(r["run_dir"])) for r in rows}
-    return rows, statuses
+def snapshot() -> list[dict]:
+    """Every job's view (finetune.rundir.view, without curves and log), newest first."""
+    return store().views(limit=300)
 
 
 def default_job(rows: list[dict]) -> str | None:
@@ -42,7 +38,7 @@ def default_job(rows: list[dict]) -> str | None:
 
 
 def build() -> SimpleNamespace:
-    table = gr.Dataframe(render.jobs_frame([], {}), interactive=False, wrap=True, max_height=260, label="All jobs",
+    table = gr.Dataframe(render.jobs_frame([]), interactive=False, wrap=True, max_height=260, label="All jobs",
                          elem_id="jobs-table", show_search="search")
     with gr.Row(equal_height=False, elem_classes=["toolbar"]):
         job = gr.Dropdown(label="Job", choices=[], value=None, scale=4, elem_id="job-select",
@@ -69,7 +65,8 @@ def build() -> SimpleNamespace:
     outputs = [job, table, progress, stats, loss_plot, log, command, compare, overlay, sig, cancel, resume]
 
     def refresh(selected, compared, last):
-        rows, statuses = snapshot()
+        rows = snapshot()
+        by_id = {r["id"]: r for r in rows}
         last = dict(last or {})
         out: dict = {}
         # the list: the dropdown's choices only change when jobs or states do (an open dropdown must not flicker)
@@ -79,11 +76,11 @@ def build() -> SimpleNamespace:
             out[job] = gr.update(choices=choices)
             out[compare] = gr.update(choices=choices)
             last["list"] = list_sig
-        table_sig = [(r["id"], r["state"], statuses[r["id"]].get("step"), statuses[r["id"]].get("loss")) for r in rows]
+        table_sig = [(r["id"], r["state"], r["step"], r["loss"]) for r in rows]
         if table_sig != last.get("table"):
-            out[table] = render.jobs_frame(rows, statuses)
+            out[table] = render.jobs_frame(rows)
             last["table"] = table_sig
-        ids = {r["id"] for r in rows}
+        ids = set(by_id)
         if selected not in ids:
             selected = default_job(rows)
             out[job] = {**out.get(job, gr.update()), "value": selected}
@@ -109,7 +106,7 @@ def build() -> SimpleNamespace:
             out[log] = log_text
             last["log"] = log_text
         compared = [c for c in (compared or []) if c in ids]
-        ov_sig = [(c, statuses[c].get("step"), next(r["state"] for r in rows if r["id"] == c)) for c in compared]
+        ov_sig = [(c, by_id[c]["step"], by_id[c]["state"]) for c in compared]
         if ov_sig != last.get("overlay"):
             out[overlay] = render.overlay_chart([store().live(c) for c in compared])
             last["overlay"] = ov_sig
@@ -134,14 +131,15 @@ def build() -> SimpleNamespace:
         if not selected:
             raise gr.Error("select a job first")
         row = store().cancel(selected)
-        return f'<div class="msg ok">job {selected} is {row["state"]}</div>'
+        return f'<div class="msg ok">job {render.esc(selected)} is {render.esc(row["state"])}</div>'
 
     @friendly
     def on_resume(selected):
         if not selected:
             raise gr.Error("select a job first")
         store().resume(selected)
-        return f'<div class="msg ok">job {selected} is queued again; it continues from its latest checkpoint</div>'
+        return (f'<div class="msg ok">job {render.esc(selected)} is queued again; it continues from its latest '
+                'checkpoint</div>')
 
     cancel.click(on_cancel, job, action_msg, api_visibility="undocumented", concurrency_limit=None)
     resume.click(on_resume, job, action_msg, api_visibility="undocumented", concurrency_limit=None)

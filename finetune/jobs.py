@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -27,8 +26,10 @@ import threading
 import time
 from pathlib import Path
 
-from finetune import runner
+from finetune import policy, rundir, runner
 from finetune.config import ConfigError, JobConfig
+from finetune.errors import StudioError
+from finetune.fsutil import file_lock, write_text_atomic
 from finetune.paths import adapters_dir, studio_home
 
 STATES = ("queued", "running", "completed", "failed", "cancelled")
@@ -61,7 +62,7 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 """
 
 
-class JobError(ValueError):
+class JobError(StudioError):
     """An operation that does not apply to the job (cancel a completed job, resume a running one, unknown id)."""
 
 
@@ -149,12 +150,8 @@ class JobStore:
     def _scheduling(self):
         """Serialises claim/launch/reconcile across threads (lock) and processes (flock on a file beside the DB),
         so a job is never launched twice and never seen `running` without its pid."""
-        with self._tick_lock, open(self.home / "studio.db.lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with self._tick_lock, file_lock(self.home / "studio.db.lock"):
+            yield
 
     # --- queries -------------------------------------------------------------------------------
     def get(self, job_id: str) -> dict:
@@ -196,6 +193,8 @@ class JobStore:
         else:
             raise ConfigError(f"submit expects a JobConfig, a dict or YAML text, got {type(config).__name__}")
         cfg = _absolute_data_paths(cfg)
+        if policy.confined():  # a client of the studio sent it
+            policy.check_job(cfg)
         name = (name or cfg.adapter_name).strip()[:100] or cfg.adapter_name
         text = cfg.to_yaml()
         for _ in range(20):
@@ -208,9 +207,7 @@ class JobStore:
                 continue
         else:
             raise JobError("could not allocate a job id")
-        tmp = run_dir / "job.yaml.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, run_dir / "job.yaml")
+        write_text_atomic(run_dir / rundir.JOB_YAML, text)
         try:
             with self._tx() as con:
                 con.execute("INSERT INTO jobs (id, name, config, state, created_at, run_dir, adapter_name) "
@@ -284,20 +281,11 @@ class JobStore:
 
     def _launch(self, row: dict) -> None:
         job_id, run_dir = row["id"], Path(row["run_dir"])
-        job_yaml = run_dir / "job.yaml"
-        checkpoint = runner.latest_checkpoint(run_dir) if row["resume"] else None
-        if row["attempts"] and not checkpoint and (run_dir / "metrics.jsonl").exists():
-            # Starting over: keep the earlier attempt's curve aside instead of mixing it into this one.
-            os.replace(run_dir / "metrics.jsonl", run_dir / f"metrics.attempt{row['attempts']}.jsonl")
-        cmd = runner.train_command(job_yaml, run_dir, resume=bool(checkpoint))
-        attempt = row["attempts"] + 1
-        header = f"\n=== studio: attempt {attempt}" + (f", resuming from {checkpoint}" if checkpoint else "") + \
-                 f" at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n$ {runner.command_string(cmd)}\n"
+        checkpoint = rundir.latest_checkpoint(run_dir) if row["resume"] else None
+        cmd = runner.train_command(run_dir / rundir.JOB_YAML, run_dir, resume=bool(checkpoint))
         try:
-            if not job_yaml.is_file():  # the run folder was deleted by hand: write it back from the DB
-                run_dir.mkdir(parents=True, exist_ok=True)
-                job_yaml.write_text(row["config"], encoding="utf-8")
-            proc = runner.launch(cmd, run_dir, job_id, self.home, header)
+            rundir.begin_attempt(run_dir, row["attempts"] + 1, checkpoint, runner.command_string(cmd), row["config"])
+            proc = runner.launch(cmd, run_dir, job_id, self.home)
         except OSError as e:
             with self._tx() as con:
                 con.execute("UPDATE jobs SET state='failed', finished_at=?, error=?, command=? WHERE id=?",
@@ -368,7 +356,7 @@ class JobStore:
         if row["state"] != "running":
             return
         run_dir = Path(row["run_dir"])
-        status = runner.read_status(run_dir)
+        status = rundir.read_status(run_dir)
         adapter = status.get("adapter_name") or self._planned_adapter(row)
         published = bool(adapter) and (adapters_dir() / adapter / "adapter_model.safetensors").is_file()
         error = None
@@ -378,7 +366,7 @@ class JobStore:
             state = "completed"
         else:
             state = "failed"
-            error = runner.diagnose(status, runner.log_tail(run_dir, 80), returncode)
+            error = runner.diagnose(status, rundir.log_tail(run_dir, 80), returncode)
             if status.get("phase") == "completed" and not published:
                 error = f"training reported completed but adapter {adapter!r} is not in {adapters_dir()}"
         with self._tx() as con:
@@ -420,46 +408,32 @@ class JobStore:
             self._wake.clear()
 
     # --- live view -----------------------------------------------------------------------------
-    def live(self, job_id: str) -> dict:
-        """Everything the UI shows for one job, from the DB and the run folder."""
-        row = self.get(job_id)
-        run_dir = Path(row["run_dir"])
-        status = runner.read_status(run_dir) if row["state"] != "queued" or row["attempts"] else {}
-        rows = runner.read_metrics(run_dir)
-        loss_hist, eval_hist = runner.histories(rows)
+    def live(self, job_id: str, detail: bool = True) -> dict:
+        """Everything a client shows for one job (rundir.view), from the DB and the run folder."""
+        return self._view(self.get(job_id), detail)
+
+    def views(self, limit: int = 500) -> list[dict]:
+        """rundir.view without curves and log of every job, newest first (the job tables)."""
+        con = self._connect()
+        try:
+            rows = [dict(r) for r in con.execute("SELECT * FROM jobs ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))]
+        finally:
+            con.close()
+        return [self._view(r, detail=False) for r in rows]
+
+    def _view(self, row: dict, detail: bool) -> dict:
         try:
             cfg = JobConfig.from_yaml(row["config"])
         except ConfigError:
             cfg = None
         planned = cfg.training.max_steps if cfg and cfg.training.max_steps > 0 else None
-        step = int(status.get("step") or (max((int(r["step"]) for r in rows), default=0)))
-        total = int(status.get("total_steps") or planned or 0)
-        state = row["state"]
-        progress = 1.0 if state == "completed" else (min(1.0, step / total) if total else 0.0)
-        last = lambda key: next((r[key] for r in reversed(rows) if isinstance(r.get(key), (int, float))), None)  # noqa: E731
-        now = time.time()
-        elapsed = ((row["finished_at"] or now) - row["started_at"]) if row["started_at"] else None
-        command = row["command"] or runner.command_string(
-            runner.train_command(run_dir / "job.yaml", run_dir, resume=bool(row["resume"] and runner.latest_checkpoint(run_dir))))
-        return {
-            "id": row["id"], "name": row["name"], "state": state,
-            "step": step, "total_steps": total, "progress": round(progress, 4),
-            "loss": status.get("loss") if status.get("loss") is not None else last("loss"),
-            "eval_loss": status.get("eval_loss") if status.get("eval_loss") is not None else last("eval_loss"),
-            "tokens_per_second": status.get("tokens_per_second") if status.get("tokens_per_second") is not None else last("tokens_per_second"),
-            "peak_memory_mb": status.get("peak_memory_mb"),
-            "eta_seconds": status.get("eta_seconds") if state == "running" else (0.0 if state == "completed" else None),
-            "elapsed_seconds": round(elapsed, 1) if elapsed is not None else None,
-            "phase": status.get("phase") or ("queued" if state == "queued" else state),
-            "adapter_name": row["adapter_name"] or (cfg.adapter_name if cfg else None),
-            "error": row["error"],
-            "loss_history": loss_hist, "eval_history": eval_hist,
-            "log_tail": runner.log_tail(run_dir),
-            "command": command,
-            "created_at": row["created_at"], "started_at": row["started_at"], "finished_at": row["finished_at"],
-            "attempts": row["attempts"], "resumed_from": row["resumed_from"], "run_dir": row["run_dir"],
-            "pid": row["pid"], "exit_code": row["exit_code"],
-        }
+        command = None
+        if detail and not row["command"]:
+            run_dir = Path(row["run_dir"])
+            resume = bool(row["resume"] and rundir.latest_checkpoint(run_dir))
+            command = runner.command_string(runner.train_command(run_dir / rundir.JOB_YAML, run_dir, resume=resume))
+        return rundir.view(row, planned_steps=planned, command=command,
+                           label=cfg.adapter_name if cfg else None, detail=detail)
 
     def wait(self, job_id: str, timeout: float | None = None, on_change=None, schedule: bool = True) -> dict:
         """Block until the job has finished, scheduling in this thread when schedule is true (CLI --wait, scripts)."""
@@ -470,7 +444,7 @@ class JobStore:
                 self.tick()
             row = self.get(job_id)
             if on_change:
-                key = (row["state"], runner.read_status(Path(row["run_dir"])).get("step"))
+                key = (row["state"], rundir.read_status(Path(row["run_dir"])).get("step"))
                 if key != seen:
                     seen = key
                     on_change(self.live(job_id))
@@ -511,17 +485,17 @@ def _fmt_time(t: float | None) -> str:
 
 
 def _print_table(store: JobStore) -> None:
-    rows = store.list_jobs()
-    if not rows:
+    views = store.views()
+    if not views:
         print("no jobs yet: python -m finetune jobs submit JOB.yaml")
         return
     head = ("ID", "NAME", "STATE", "STEP", "LOSS", "ADAPTER", "CREATED")
     table = []
-    for r in rows:
-        st = runner.read_status(Path(r["run_dir"]))
-        step = f"{st.get('step', 0)}/{st.get('total_steps', '?')}" if st else "-"
-        loss = f"{st['loss']:.4f}" if isinstance(st.get("loss"), (int, float)) else "-"
-        table.append((r["id"], r["name"][:28], r["state"], step, loss, r["adapter_name"] or "-", _fmt_time(r["created_at"])))
+    for v in views:
+        step = "-" if v["state"] == "queued" and not v["attempts"] else f"{v['step']}/{v['total_steps'] or '?'}"
+        loss = f"{v['loss']:.4f}" if isinstance(v["loss"], (int, float)) else "-"
+        adapter = v["adapter_name"] if v["state"] == "completed" else "-"
+        table.append((v["id"], v["name"][:28], v["state"], step, loss, adapter, _fmt_time(v["created_at"])))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     for line in [head, *table]:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())

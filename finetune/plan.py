@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.config import DEFAULT_MODEL, ConfigError, JobConfig
+from finetune.recipe.speed import LIGER_MODEL_TYPES, OFFLOAD_MIN_BYTES  # torch-free at import
 
 GIB = 2**30
 MIB = 2**20
@@ -58,9 +59,6 @@ CPU_PROCESS_BYTES = 530 * MIB
 # glibc's heap keeps memory a step frees for reuse: the CPU's peak resident set holds this many times the step's
 # live activations (fitted to peak RSS of real SmolLM2 runs on CPU)
 CPU_HEAP_FACTOR = 2.0
-# Layer inputs at least this large go to pinned host memory on a GPU (finetune/speed.py OFFLOAD_MIN_BYTES).
-OFFLOAD_MIN_BYTES = int(os.environ.get("STUDIO_OFFLOAD_MIN_MB", "128")) * MIB
-LIGER_MODEL_TYPES = ("llama", "qwen2", "mistral")
 NF4_BLOCK, NF4_DQ_BLOCK, OPT8_BLOCK = 64, 256, 256
 # The SmolLM2-135M-Instruct shape, for planning before the embedded model was ever converted.
 EMBEDDED_CONFIG = {

@@ -1,5 +1,5 @@
 """The process side of a job: the command line, starting it detached, watching and stopping its process group,
-and reading back what it wrote (status.json, metrics.jsonl, train.log).
+and why it failed (from what it wrote into its run folder, finetune/rundir.py).
 
 No torch import here: the studio UI imports this module, and a job must survive the UI (and the UI the job).
 Liveness is judged from /proc, never from being the parent: after a studio restart the training process is
@@ -7,7 +7,6 @@ somebody else's child, and a pid may have been reused by an unrelated program in
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -19,9 +18,10 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+from finetune import rundir
+from finetune.errors import disk_full_message, missing_module_message, oom_message
 from finetune.paths import PROJECT_ROOT
-
-LOG_TAIL_LINES = 40
+from finetune.rundir import ATTEMPT_HEADER
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -58,17 +58,13 @@ def command_string(cmd: list[str]) -> str:
     return shlex.join(cmd)
 
 
-def launch(cmd: list[str], run_dir: Path, job_id: str, home: Path, header: str = "") -> subprocess.Popen:
+def launch(cmd: list[str], run_dir: Path, job_id: str, home: Path) -> subprocess.Popen:
     """Start the job in its own session (so it outlives the studio and can be stopped as one process group),
     appending its stdout and stderr to run_dir/train.log."""
     env = dict(os.environ)
     env.update(STUDIO_JOB_ID=job_id, STUDIO_HOME=str(home), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-    log_path = run_dir / "train.log"
-    with open(log_path, "ab") as log:
-        if header:
-            log.write(header.encode("utf-8"))
-            log.flush()
+    with open(run_dir / rundir.LOG, "ab") as log:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=str(PROJECT_ROOT), start_new_session=True, close_fds=True)
 
@@ -179,91 +175,8 @@ def stop_group(pgid: int, run_dir: str | Path, grace_s: float = 10.0, reap=None)
     return "kill"
 
 
-# --- what the training process wrote ---------------------------------------------------------------
-def read_status(run_dir: Path) -> dict:
-    """status.json (replaced atomically by the trainer); {} if absent or unreadable."""
-    try:
-        data = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl rows; a half-written last line (the trainer is mid-write) or a torn line is skipped."""
-    try:
-        text = (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append(row)
-    return rows
-
-
-def histories(rows: list[dict], max_points: int = 2000) -> tuple[list[list], list[list]]:
-    """[[step, loss], ...] and [[step, eval_loss], ...]. A resumed run logs the steps after its checkpoint again:
-    the later value of a step wins, so the curve continues instead of zig-zagging."""
-    loss: dict[int, float] = {}
-    evl: dict[int, float] = {}
-    for r in rows:
-        step = int(r["step"])
-        if isinstance(r.get("loss"), (int, float)):
-            loss[step] = float(r["loss"])
-        if isinstance(r.get("eval_loss"), (int, float)):
-            evl[step] = float(r["eval_loss"])
-
-    def pts(d: dict[int, float]) -> list[list]:
-        out = [[s, d[s]] for s in sorted(d)]
-        if len(out) > max_points:  # thin a long curve for the plot, keeping the last point
-            stride = -(-len(out) // max_points)
-            out = out[::stride] + ([out[-1]] if (len(out) - 1) % stride else [])
-        return out
-
-    return pts(loss), pts(evl)
-
-
-def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 65536) -> str:
-    """The last lines of train.log, reading only its end. Progress-bar carriage returns keep their last frame."""
-    path = run_dir / "train.log"
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError:
-        return ""
-    text = data.decode("utf-8", "replace")
-    out = [ln.rsplit("\r", 1)[-1] if "\r" in ln.rstrip("\r") else ln.rstrip("\r") for ln in text.split("\n")]
-    if size > max_bytes:
-        out = out[1:]  # the first line was cut by the seek
-    while out and not out[-1].strip():
-        out.pop()
-    return "\n".join(out[-lines:])
-
-
-def latest_checkpoint(run_dir: Path) -> str | None:
-    """Name of the highest checkpoints/checkpoint-<step> folder (what --resume continues from), if any."""
-    best = None
-    for p in (run_dir / "checkpoints").glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p.name)
-    return best[1] if best else None
-
-
 # --- why a job failed, in plain words --------------------------------------------------------------
 _EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt))(?::\s*(.*))?$")
-_ATTEMPT_HEADER = "=== studio: attempt"
 
 
 def diagnose(status: dict, tail: str, returncode: int | None) -> str:
@@ -273,8 +186,8 @@ def diagnose(status: dict, tail: str, returncode: int | None) -> str:
     harmless warnings such as "No module named 'kernels'" on every run."""
     if status.get("phase") == "failed" and status.get("error"):
         return str(status["error"]).strip()
-    if _ATTEMPT_HEADER in tail:  # only the latest attempt's output is about this failure
-        tail = tail[tail.rindex(_ATTEMPT_HEADER):]
+    if ATTEMPT_HEADER in tail:  # only the latest attempt's output is about this failure
+        tail = tail[tail.rindex(ATTEMPT_HEADER):]
     lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
     low = "\n".join(lines).lower()
     if returncode in (-9, 137) or "died with <signals.sigkill" in low or any(ln == "Killed" for ln in lines):
@@ -285,9 +198,7 @@ def diagnose(status: dict, tail: str, returncode: int | None) -> str:
         ("subprocess.CalledProcessError", "CalledProcessError")))]
     text = "\n".join(evidence)
     if "out of memory" in text.lower() or "OutOfMemoryError" in text:
-        where = "GPU" if "cuda" in text.lower() else "device"
-        return (f"the {where} ran out of memory: lower training.per_device_train_batch_size or data.max_seq_length, "
-                "keep training.gradient_checkpointing on, or load the model in 4-bit")
+        return oom_message(text)
     for ln in reversed(evidence):
         if "DataError" in ln:
             return "bad training data: " + re.sub(r"^.*?DataError:\s*", "", ln)
@@ -295,12 +206,9 @@ def diagnose(status: dict, tail: str, returncode: int | None) -> str:
             return "invalid job config: " + re.sub(r"^.*?ConfigError:\s*", "", ln)
         m = re.search(r"No module named '?([\w.]+)", ln)
         if m:
-            mod = m.group(1)
-            if mod.split(".")[0] == "finetune":
-                return f"the studio's own module {mod} is missing: the checkout is incomplete (git status, make setup)"
-            return f"a Python package is missing: {mod} (install it into the studio's environment: pip install {mod.split('.')[0]})"
+            return missing_module_message(m.group(1))
         if "no space left on device" in ln.lower():
-            return "the disk is full (No space left on device) while writing the run or the adapter"
+            return disk_full_message()
     errs = [ln for ln in evidence if ln.startswith("error: ")]
     if errs:
         return errs[-1].removeprefix("error: ")

@@ -19,38 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from finetune import runner
+from finetune import rundir, runner
 from finetune.config import ConfigError, JobConfig
+from conftest import tiny_config, wait_for
 from finetune.jobs import JOB_ID_RE, JobError, JobStore, cli
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def tiny_config(data: Path, name: str, steps: int = 2, **training) -> JobConfig:
-    cfg = JobConfig(adapter_name=name)
-    cfg.model.quantization = "none"  # bitsandbytes 4-bit is a GPU path; the CPU run stays in float32
-    cfg.data.path = str(data)
-    cfg.data.max_seq_length = 64
-    cfg.data.validation_split = 0.0
-    cfg.training.max_steps = steps
-    cfg.training.per_device_train_batch_size = 2
-    cfg.training.gradient_checkpointing = False
-    cfg.training.warmup_ratio = 0.0
-    cfg.training.save_steps = 0
-    cfg.evaluation.enabled = False
-    for k, v in training.items():
-        setattr(cfg.training, k, v)
-    return cfg
 
 
 def set_row(store: JobStore, job_id: str, **cols):
@@ -399,7 +373,7 @@ def test_cancel_running_job_then_resume_from_checkpoint(stores, chat_jsonl):
     assert row["state"] == "cancelled" and row["error"] is None
     assert not runner.group_members(row["pgid"], row["run_dir"])
     assert cancel_s < 10, "SIGTERM should stop it well within the grace period"
-    checkpoint = runner.latest_checkpoint(Path(row["run_dir"]))
+    checkpoint = rundir.latest_checkpoint(Path(row["run_dir"]))
     assert checkpoint in ("checkpoint-2", "checkpoint-4")
     assert store.live(job_id)["step"] < 6
 
@@ -412,7 +386,7 @@ def test_cancel_running_job_then_resume_from_checkpoint(stores, chat_jsonl):
     assert [s for s, _ in info["loss_history"]] == [1, 2, 3, 4, 5, 6]
     assert "--resume" in info["command"] and f"resuming from {checkpoint}" in Path(row["run_dir"], "train.log").read_text()
     # the resumed attempt logged only the steps after the checkpoint
-    resumed_steps = [r["step"] for r in runner.read_metrics(Path(row["run_dir"])) if "loss" in r]
+    resumed_steps = [r["step"] for r in rundir.read_metrics(Path(row["run_dir"])) if "loss" in r]
     first_after = int(checkpoint.split("-")[1]) + 1
     assert resumed_steps[-(6 - first_after + 1):] == list(range(first_after, 7))
 
@@ -437,7 +411,7 @@ def test_bad_data_job_fails_naming_file_and_line(stores, chat_jsonl, tmp_path, h
 
 
 def test_sigkill_at_random_points_then_resume(stores, chat_jsonl):
-    """Issue 6's fault injection, small: SIGKILL a job's training process at seeded random moments (loading, data,
+    """Fault injection, small: SIGKILL a job's training process at seeded random moments (loading, data,
     training, checkpointing, publishing). Every job ends failed (or completed if it was faster), never `running`;
     no adapter is half-written; resuming each failed job finishes it at the planned step count."""
     import random

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.bench_models import SHAPES
+from finetune.bench.models import SHAPES
 from finetune.config import JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,9 +110,9 @@ def test_cli_refuses_bad_input(tmp_path):
 
 
 def test_plan_matches_the_h200_measurements(tmp_path):
-    """The planner against max_memory_allocated of real training steps (python -m finetune.bench_memory on an
+    """The planner against max_memory_allocated of real training steps (python -m finetune.bench.memory on an
     H200): every case within 10%."""
-    from finetune.bench_memory import compare
+    from finetune.bench.memory import compare
 
     rows = [json.loads(line) for line in H200.read_text(encoding="utf-8").splitlines() if line.strip()]
     cases = compare(rows, 139.8, tmp_path)

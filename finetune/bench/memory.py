@@ -1,10 +1,10 @@
 """Measured peak memory of real training steps against the memory plan (finetune/plan.py).
 
-    python -m finetune.bench_memory --out DIR [--models DIR] [--groups 1b-lora,8b-qlora,...] [--steps 2]
+    python -m finetune.bench.memory --out DIR [--models DIR] [--groups 1b-lora,8b-qlora,...] [--steps 2]
 
 Each group (a shape, a quantization, LoRA dropout, checkpointing, optimizer) runs in its own process, all at once
 on one GPU (each process has its own caching allocator, so the peaks do not mix): the model is loaded once through
-the studio's own path (finetune.model.load_model / apply_lora, finetune.speed.patch_model_for_speed, the optimizer
+the studio's own path (finetune.model.load_model / apply_lora, finetune.recipe.speed.patch_model_for_speed, the optimizer
 train.py builds, the padding-free collate and the same forward/backward call), then every (max_seq_length, batch)
 case trains `steps` full steps with every example at full length. Per case: torch.cuda.max_memory_allocated and
 max_memory_reserved over those steps. Results: DIR/results.jsonl (one line per case, with the job config's --set
@@ -119,8 +119,8 @@ def run_group(name: str, model_dir: str, out: Path, steps: int) -> int:
     import torch
 
     from finetune import model as M
-    from finetune.bench_models import make_batches
-    from finetune.speed import patch_model_for_speed
+    from finetune.bench.models import make_batches
+    from finetune.recipe.speed import patch_model_for_speed
 
     shape, overrides, cases = GROUPS[name]
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -170,7 +170,7 @@ def cuda_context(out: Path) -> None:
     (x @ x).sum().item()
     free, total = torch.cuda.mem_get_info()
     used_other = total - free - torch.cuda.memory_reserved()
-    from finetune.bench_arms import _versions
+    from finetune.bench.arms import _versions
 
     (out / "context.json").write_text(json.dumps({"device": torch.cuda.get_device_name(0), "total_gib": total / 2**30,
                                                   "context_gib": used_other / 2**30, "versions": _versions(),
@@ -178,7 +178,7 @@ def cuda_context(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m finetune.bench_memory")
+    p = argparse.ArgumentParser(prog="python -m finetune.bench.memory")
     p.add_argument("--out", required=True)
     p.add_argument("--models", default=os.environ.get("STUDIO_BENCH_MODELS", "/tmp/studio-bench-models"))
     p.add_argument("--groups", default=",".join(g for g in GROUPS if not g.startswith("tiny")))
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from finetune.bench_models import build_model, model_dir
+    from finetune.bench.models import build_model, model_dir
 
     if a.worker:
         shape = GROUPS[a.worker][0]
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
         sys.modules["torch"].cuda.empty_cache()  # the workers need the memory the builds reserved here
-    procs = {g: subprocess.Popen([sys.executable, "-m", "finetune.bench_memory", "--out", str(out), "--models",
+    procs = {g: subprocess.Popen([sys.executable, "-m", "finetune.bench.memory", "--out", str(out), "--models",
                                   a.models, "--steps", str(a.steps), "--worker", g],
                                  stdout=open(logs / f"{g}.log", "w"), stderr=subprocess.STDOUT) for g in groups}
     deadline = time.monotonic() + a.timeout
@@ -229,7 +229,7 @@ if __name__ == "__main__":
 # --- the plan beside the measurements ------------------------------------------------------------------------------
 def shape_folder(shape: str, root: Path) -> Path:
     """A folder holding only the shape's config.json: what the planner reads (no weights needed)."""
-    from finetune.bench_models import SHAPES
+    from finetune.bench.models import SHAPES
 
     folder = Path(root) / shape
     folder.mkdir(parents=True, exist_ok=True)
