@@ -17,13 +17,13 @@ EVAL_PATH = "Path on the studio's machine"
 
 
 def adapters() -> list[dict]:
-    from finetune.adapters import list_adapters
+    from finetune.store.adapters import list_adapters
 
     return list_adapters()
 
 
 def results(name: str) -> list[dict]:
-    from finetune.evaluate import cached_results
+    from finetune.evaluation.evaluate import cached_results
 
     try:
         return cached_results(name)
@@ -42,7 +42,7 @@ def result_choices(rs: list[dict]) -> list[tuple[str, str]]:
 
 def latest_summary(name: str) -> dict | None:
     """The newest evaluation of an adapter (file beside it, else the summary in studio.json), for comparisons."""
-    from finetune.adapters import get_adapter
+    from finetune.store.adapters import get_adapter
 
     rs = results(name)
     if rs:
@@ -86,7 +86,7 @@ def build() -> SimpleNamespace:
         delete = gr.Button("Delete…", variant="stop", scale=1, elem_id="delete-btn")
         refresh = gr.Button("Refresh", scale=1, elem_id="adapters-refresh")
     with gr.Row(visible=False, elem_id="delete-confirm") as confirm_row:
-        confirm_text = gr.Markdown()
+        confirm_text = gr.Markdown(sanitize_html=True)
         confirm_yes = gr.Button("Yes, delete it", variant="stop", elem_id="delete-yes")
         confirm_no = gr.Button("Keep it", elem_id="delete-no")
     message = gr.HTML()
@@ -143,7 +143,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_select(name, sort_by):
-        from finetune.adapters import export_zip, get_adapter
+        from finetune.store.adapters import export_zip, get_adapter
 
         if not name:
             return ("", None, gr.update(value=None, interactive=False), gr.update(choices=[], value=None),
@@ -163,7 +163,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_evaluate(name, src, file, text, n, new_tokens, sort_by, progress=gr.Progress()):
-        from finetune import evaluate as E
+        from finetune.evaluation import evaluate as E
 
         if not name:
             raise gr.Error("pick an adapter first")
@@ -189,7 +189,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_delete_confirmed(name):
-        from finetune.adapters import delete_adapter
+        from finetune.store.adapters import delete_adapter
 
         delete_adapter(name)
         return gr.update(visible=False), f'<div class="msg ok">deleted {render.esc(name)}</div>', None

@@ -8,11 +8,12 @@
 Every function here is plain Python with type hints (gr.api derives the endpoint's schema from them) and turns
 every failure into a gr.Error with a sentence that names the field, file or job: a client sees the message, never
 a traceback. Model work (generate, evaluate) is registered under the shared "model" concurrency group.
-Heavy modules (finetune.generate, finetune.evaluate, and through them torch) are imported inside the functions.
+Heavy modules (finetune.evaluation.generate, finetune.evaluation.evaluate, and through them torch) are imported inside the functions.
 """
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import json
 import logging
@@ -28,26 +29,35 @@ log = logging.getLogger("studio.api")
 MODEL_GROUP = "model"
 
 
-def user_error(e: BaseException) -> gr.Error:
+def user_error(e: BaseException, for_page: bool = False) -> gr.Error:
     """A gr.Error with finetune.errors.plain_message's sentence; an unexpected error's traceback is logged on the
-    server, never sent to the client."""
+    server, never sent to the client. for_page: the message is shown in the page, where Gradio renders it as HTML,
+    and may quote what a client or a file said: it is escaped."""
+    err = _as_gr_error(e)
+    err.print_exception = False  # a message for the user, not a fault: no traceback in the server log
+    if for_page and not getattr(err, "escaped", False):
+        err.message, err.escaped = html.escape(str(err.message), quote=False), True
+    return err
+
+
+def _as_gr_error(e: BaseException) -> gr.Error:
     if isinstance(e, gr.Error):
-        e.print_exception = False  # a message for the user, not a fault: no traceback in the server log
         return e
     if not expected(e):
         log.error("unexpected error: %s", "".join(traceback.format_exception(e)))
-    return gr.Error(plain_message(e), print_exception=False)
+    return gr.Error(plain_message(e))
 
 
-def friendly(fn):
-    """Wrap an event handler (function or generator) so that any exception reaches the user as a gr.Error."""
+def friendly(fn, for_page: bool = True):
+    """Wrap an event handler (function or generator) so that any exception reaches the user as a gr.Error.
+    for_page=False for the named API: its clients read the message as text, not HTML."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as e:
-                raise user_error(e) from None
+                raise user_error(e, for_page) from None
         return gen
 
     @functools.wraps(fn)
@@ -55,7 +65,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            raise user_error(e) from None
+            raise user_error(e, for_page) from None
     return wrapper
 
 
@@ -132,7 +142,7 @@ def validate_config(config_yaml: str) -> str:
 def list_adapters() -> str:
     """JSON list of the stored adapters, newest first: name, base_model, quantization, dataset, metrics, eval summary,
     created_at."""
-    from finetune.adapters import list_adapters as _list
+    from finetune.store.adapters import list_adapters as _list
 
     rows = _list()
     for r in rows:
@@ -141,7 +151,7 @@ def list_adapters() -> str:
 
 
 def _adapter_name(name: str) -> str:
-    from finetune.adapters import adapter_path
+    from finetune.store.adapters import adapter_path
 
     name = (name or "").strip()
     if not name:
@@ -154,14 +164,14 @@ def _adapter_name(name: str) -> str:
 
 def download_adapter(name: str) -> str:
     """A zip of the adapter's folder (adapter_model.safetensors, adapter_config.json, studio.json, README.md)."""
-    from finetune.adapters import export_zip
+    from finetune.store.adapters import export_zip
 
     return str(export_zip(_adapter_name(name)))
 
 
 def delete_adapter(name: str) -> str:
     """Delete an adapter from the store."""
-    from finetune.adapters import delete_adapter as _delete
+    from finetune.store.adapters import delete_adapter as _delete
 
     _delete(_adapter_name(name))
     return f"deleted {name}"
@@ -170,7 +180,7 @@ def delete_adapter(name: str) -> str:
 def import_zip_file(zip_file, name: str = "") -> str:
     """Import an uploaded zip (a path, or gradio's file dict) into the store; the stored name. Shared by the
     Adapters tab and /import_adapter."""
-    from finetune.adapter_import import import_zip
+    from finetune.store.zip_import import import_zip
 
     path = zip_file.get("path") if isinstance(zip_file, dict) else zip_file
     if not path:
@@ -190,7 +200,7 @@ def import_adapter(zip_file: str, name: str = "") -> str:
 # --- model work --------------------------------------------------------------------------------------------------
 def generate(adapter: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> str:
     """One answer from the base model (adapter "") or base + adapter. Greedy when temperature is 0."""
-    from finetune import generate as G
+    from finetune.evaluation import generate as G
 
     if not (prompt or "").strip():
         raise gr.Error("prompt is empty")
@@ -212,7 +222,7 @@ def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_t
     """JSON: the adapter against its base on held-out data (a file or folder path on the studio's machine; "" = the
     adapter's own validation split): metrics per side, paired differences with 95% intervals, win/tie/loss and
     per-example answers. max_examples / max_new_tokens 0 = the adapter's job settings. Cached beside the adapter."""
-    from finetune import evaluate as E
+    from finetune.evaluation import evaluate as E
 
     name = _adapter_name(adapter)
     path = (data_path or "").strip() or None
@@ -235,12 +245,12 @@ def register() -> None:
     """Inside a gr.Blocks: every endpoint with api_name = its function name. /download_adapter returns a file, so it
     goes through hidden components (a File output makes gradio_client download it)."""
     for fn, kw in ENDPOINTS:
-        gr.api(friendly(fn), api_name=fn.__name__, **kw)
+        gr.api(friendly(fn, for_page=False), api_name=fn.__name__, **kw)
     with gr.Row(visible=False):
         name = gr.Textbox(label="name")
         out = gr.File(label="adapter zip")
         btn = gr.Button("download")
-    btn.click(friendly(download_adapter), name, out, api_name="download_adapter",
+    btn.click(friendly(download_adapter, for_page=False), name, out, api_name="download_adapter",
               api_description=download_adapter.__doc__)
     # /import_adapter takes a file, so it too goes through components (gradio_client: handle_file(path)).
     with gr.Row(visible=False):
@@ -248,5 +258,5 @@ def register() -> None:
         zip_name = gr.Textbox(label="name")
         imported = gr.Textbox(label="result")
         import_btn = gr.Button("import")
-    import_btn.click(friendly(import_adapter), [zip_in, zip_name], imported, api_name="import_adapter",
+    import_btn.click(friendly(import_adapter, for_page=False), [zip_in, zip_name], imported, api_name="import_adapter",
                      api_description=import_adapter.__doc__)

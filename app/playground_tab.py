@@ -1,5 +1,5 @@
 """Playground tab: chat with the base model or any adapter on it (tokens stream in), and a side-by-side mode that
-sends one prompt to two targets (base vs adapter, or two adapters). finetune.generate keeps one base model loaded
+sends one prompt to two targets (base vs adapter, or two adapters). finetune.evaluation.generate keeps one base model loaded
 and swaps adapters on it; every event here is in the shared "model" concurrency group, so concurrent users queue."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ BASE_LABEL = "Base model (no adapter)"
 
 
 def target_choices() -> list[tuple[str, str]]:
-    from finetune.adapters import list_adapters
+    from finetune.store.adapters import list_adapters
 
     return [(BASE_LABEL, "")] + [(f"{r['name']}  ({r.get('base_model')}, {r.get('quantization')})", r["name"])
                                  for r in list_adapters()]
@@ -37,7 +37,7 @@ def to_messages(history: list[dict]) -> list[dict]:
 
 def base_of(adapter: str) -> dict:
     """generate()'s base/quantization arguments for the base model an adapter was trained on."""
-    from finetune.adapters import get_adapter
+    from finetune.store.adapters import get_adapter
 
     meta = get_adapter(adapter)
     model = render.obj(render.obj(meta.get("config")).get("model"))
@@ -73,7 +73,9 @@ def build() -> SimpleNamespace:
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p", elem_id="gen-top-p")
     with gr.Tabs():
         with gr.Tab("Chat", id="chat"):
+            # Answers are Markdown written by a model someone else may have trained: Gradio's sanitiser stays on.
             chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
+                                 sanitize_html=True,
                                  placeholder="Ask something. Try a question about a Python standard-library function.")
             with gr.Row(equal_height=False, elem_classes=["toolbar"]):
                 msg = gr.Textbox(label="Message", placeholder="What does os.path.join do?", scale=6, max_lines=6,
@@ -93,15 +95,15 @@ def build() -> SimpleNamespace:
                 side_stop = gr.Button("Stop", scale=1, elem_id="side-stop")
             with gr.Row():
                 with gr.Column():
-                    out_a = gr.Chatbot(label="Left", height=360, elem_id="side-out-a")
+                    out_a = gr.Chatbot(label="Left", height=360, elem_id="side-out-a", sanitize_html=True)
                     stats_a = gr.HTML(elem_id="side-stats-a")
                 with gr.Column():
-                    out_b = gr.Chatbot(label="Right", height=360, elem_id="side-out-b")
+                    out_b = gr.Chatbot(label="Right", height=360, elem_id="side-out-b", sanitize_html=True)
                     stats_b = gr.HTML(elem_id="side-stats-b")
 
     @friendly
     def on_chat(message, history, tgt, n, temp, p):
-        from finetune import generate as G
+        from finetune.evaluation import generate as G
 
         message = (message or "").strip()
         if not message:
@@ -119,7 +121,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_side(prompt, a, b, n, temp, p):
-        from finetune import generate as G
+        from finetune.evaluation import generate as G
 
         prompt = (prompt or "").strip()
         if not prompt:

@@ -219,10 +219,10 @@ def run(config: JobConfig, run_dir: str | Path, resume: bool = False) -> dict:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from finetune import adapters
+    from finetune.store import adapters
     from finetune import data as D
     from finetune import model as M
-    from finetune.speed import patch_model_for_speed
+    from finetune.recipe.speed import patch_model_for_speed
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -459,14 +459,14 @@ def run(config: JobConfig, run_dir: str | Path, resume: bool = False) -> dict:
         accelerator.wait_for_everyone()
 
         # ---- evaluate -------------------------------------------------------------------------------------------
-        if main and config.evaluation.enabled and importlib.util.find_spec("finetune.evaluate") is not None:
+        if main and config.evaluation.enabled and importlib.util.find_spec("finetune.evaluation.evaluate") is not None:
             status.update(phase="evaluating")
             del model, optimizer, unwrapped  # the evaluator loads its own copy of the base
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             try:
-                from finetune.evaluate import evaluate
+                from finetune.evaluation.evaluate import evaluate
 
                 result = evaluate(config.adapter_name, split="validation", max_examples=config.evaluation.max_examples,
                                   max_new_tokens=config.evaluation.max_new_tokens)

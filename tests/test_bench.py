@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import bench
-from finetune import bench_models as BM
+from finetune.bench import harness as bench
+from finetune.bench import models as BM
 
 ROOT = Path(__file__).resolve().parent.parent
 

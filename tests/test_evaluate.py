@@ -8,8 +8,8 @@ import time
 import pytest
 
 from conftest import ROOT, write_jsonl
-from finetune import evaluate as E
-from finetune.adapters import get_adapter
+from finetune.evaluation import evaluate as E
+from finetune.store.adapters import get_adapter
 from test_generate import ensure_tiny_adapter
 
 SIDE_METRICS = {"val_loss", "perplexity", "exact_match", "token_f1", "rouge_l", "tokens_per_second", "latency_s",

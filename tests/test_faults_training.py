@@ -20,9 +20,9 @@ from safetensors import safe_open
 
 from conftest import tiny_config, wait_for
 from finetune import rundir
-from finetune.adapters import adapters_dir
 from finetune.config import JobConfig
 from finetune.jobs import JobStore, process
+from finetune.store.adapters import adapters_dir
 
 N_KILLS = int(os.environ.get("STUDIO_FAULT_KILLS", "10"))
 MAX_STEPS = 12

@@ -12,6 +12,7 @@ from html.parser import HTMLParser
 import pytest
 
 from app import adapters_tab, playground_tab, render, train_tab
+from app.http_guard import HostPolicy
 from tests.studio_server import running_studio
 
 PWN = "window.__pwned=(window.__pwned||0)+1;document.title='pwned'"
@@ -112,6 +113,22 @@ def test_dataframes_hold_hostile_values_as_plain_cells():
     assert examples.iloc[0]["prompt"] == p and examples.iloc[0]["gain"] is None
 
 
+def test_host_policy_for_each_kind_of_bind():
+    loop = HostPolicy("127.0.0.1")
+    assert loop.refusal("localhost:7860", "http://localhost:7860") is None
+    assert loop.refusal("10.0.0.5:7860", None) and loop.refusal("studio.example:7860", None)
+    assert loop.refusal("127.0.0.1:7860", "http://127.0.0.1:7861")  # another local server's page
+    lan = HostPolicy("192.168.1.20")
+    assert lan.refusal("192.168.1.20:7860", None) is None and lan.refusal("localhost:7860", None)
+    anywhere = HostPolicy("0.0.0.0", ["studio.example.org"])
+    assert anywhere.refusal("10.0.0.5:7860", "http://10.0.0.5:7860") is None  # an IP address cannot be rebound
+    assert anywhere.refusal("evil.example:7860", None)
+    # behind a proxy that rewrites Host, the page's Origin is the public name the operator listed
+    assert anywhere.refusal("127.0.0.1:7860", "https://studio.example.org") is None
+    assert anywhere.refusal("studio.example.org.", None) is None
+    assert anywhere.refusal(None, None) == "the request has no Host header"
+
+
 # --- a real studio -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
@@ -197,13 +214,13 @@ def test_requests_from_other_sites_pages_are_refused(studio):
 
 # --- Chromium: a hostile imported adapter ----------------------------------------------------------------------
 def hostile_zip(path, name: str):
-    p = HOSTILE[1]
+    p = HOSTILE[1]  # markup in every text field; numbers stay numbers (hostile types: the renderer tests above)
     meta = {"base_model": p, "quantization": HOSTILE[0], "created_at": 1.7e9, "job_id": HOSTILE[3],
             "dataset": {"path": HOSTILE[2], "format": p, "num_train": p},
             "config": {"model": {"name_or_path": p}, "lora": {"r": p, "target_modules": [HOSTILE[5]]},
                        "training": {"learning_rate": HOSTILE[6]}},
-            "metrics": {"steps": p, "first_loss": p, "final_loss": p, "eval_loss": p},
-            "eval": {"paired": {"rouge_l": {"mean_diff": p, "ci_low": 0, "ci_high": 1}}}}
+            "metrics": {"steps": 3, "first_loss": 2.0, "final_loss": 1.0},
+            "eval": {"paired": {"rouge_l": {"mean_diff": 0.1, "ci_low": 0, "ci_high": 0.2, "wins": p}}}}
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{name}/adapter_config.json", json.dumps({"peft_type": "LORA", "base_model_name_or_path": p,
                                                               "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
@@ -222,6 +239,12 @@ def hostile_eval(name: str) -> dict:
             "settings": {"max_new_tokens": HOSTILE[6]},
             "examples": [{"prompt": p, "reference": HOSTILE[0], "base": HOSTILE[3], "adapter": HOSTILE[2],
                           "scores": {"base": {"rouge_l": 0.2}, "adapter": {"rouge_l": 0.3}, "diff": {"rouge_l": 0.1}}}]}
+
+
+def assert_nothing_ran(page, title: str, where: str) -> None:
+    assert page.evaluate("window.__pwned") is None, f"a script from the data ran in {where}"
+    assert page.title() == title, where
+    assert page.locator("img[src='x'], svg[onload], iframe, a[href^='javascript']").count() == 0, where
 
 
 def test_imported_adapter_markup_does_not_run_in_the_page(studio, tmp_path):
@@ -251,17 +274,25 @@ def test_imported_adapter_markup_does_not_run_in_the_page(studio, tmp_path):
             title = page.title()
             page.get_by_role("tab", name="Adapters", exact=True).click()
             page.locator("#adapter-provenance").get_by_text("onerror", exact=False).first.wait_for()
+            assert_nothing_ran(page, title, "the adapter table and details")
             page.get_by_role("tab", name="Evaluate", exact=True).click()
             page.locator("#eval-chart").get_by_text("<script>", exact=False).first.wait_for()
             page.locator("#eval-examples").get_by_text("onerror", exact=False).first.wait_for(state="attached")
+            assert_nothing_ran(page, title, "the evaluation chart and examples")
             page.get_by_role("tab", name="Compare two adapters", exact=True).click()
             for box in ("compare-a", "compare-b"):
                 page.locator(f"#{box}").locator("input").first.click()
                 page.get_by_role("option", name=name).first.click()
             page.locator("#compare-out").get_by_text("<script>", exact=False).first.wait_for()
+            assert_nothing_ran(page, title, "the comparison")
+            # an error message that carries the markup (a refused adapter name) pops up as a toast
+            page.get_by_text("Import an adapter (zip)").click()
+            page.locator("#import-file input[type=file]").set_input_files(str(tmp_path / "h.zip"))
+            page.locator("#import-name input, #import-name textarea").first.fill(HOSTILE[1])
+            page.locator("#import-btn").click()
+            page.locator("[data-testid=toast-body]").get_by_text("onerror", exact=False).first.wait_for()
             page.screenshot(path=str(tmp_path.parent / "hostile-adapter.png"), full_page=True)
-            assert page.evaluate("window.__pwned") is None
-            assert page.title() == title and not dialogs
-            assert page.locator("img[src='x'], svg[onload], iframe, a[href^='javascript']").count() == 0
+            assert_nothing_ran(page, title, "an error message")
+            assert not dialogs
         finally:
             browser.close()

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from finetune import data as D  # noqa: E402
-from finetune import speed  # noqa: E402
+from finetune.recipe import speed  # noqa: E402
 
 
 def tiny_peft(seed: int = 0, dropout: float = 0.0, checkpointing: bool = False):

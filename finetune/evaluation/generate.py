@@ -55,7 +55,7 @@ def _adapter_info(adapter: str) -> tuple[Path, Any]:
         if (path / "studio.json").exists():
             meta = json.loads((path / "studio.json").read_text(encoding="utf-8"))
     else:
-        from finetune import adapters
+        from finetune.store import adapters
 
         path = adapters.adapter_path(adapter)
         meta = adapters.get_adapter(adapter)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from finetune import metrics as M
+from finetune.evaluation import metrics as M
 from finetune.errors import StudioError
 from finetune.fsutil import sha256_file, write_json_atomic
 
@@ -134,7 +134,7 @@ def _sequence_nll(adapter_name: str, use_adapter: bool, pairs: list[tuple[list[i
     Rows are left padded so every target sits at the end of its row; the model then only has to produce logits for
     the last max(target)+1 positions (logits_to_keep), which keeps a 49k-vocabulary model's memory small on a CPU."""
     import torch
-    from finetune import generate as G
+    from finetune.evaluation import generate as G
 
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
@@ -168,7 +168,7 @@ def _sequence_nll(adapter_name: str, use_adapter: bool, pairs: list[tuple[list[i
 
 def _encode_pairs(tok, examples: list[dict], max_len: int) -> tuple[list[tuple[list[int], list[int]]], list, int]:
     """(prompt ids, reference ids + end-of-turn) for the loss, and (example, choice, pair index) for each MC choice."""
-    from finetune import generate as G
+    from finetune.evaluation import generate as G
 
     end = G.stop_token_ids(tok)
     end_id = end[-1] if end else None  # <|im_end|> for chat templates that have it: the token training learns
@@ -194,7 +194,7 @@ def _encode_pairs(tok, examples: list[dict], max_len: int) -> tuple[list[tuple[l
 
 def _score_side(adapter_name: str, use_adapter: bool, examples: list[dict], pairs, mc, max_new_tokens: int, max_prompt: int,
                 progress: Progress | None, p0: float, p1: float) -> dict:
-    from finetune import generate as G
+    from finetune.evaluation import generate as G
 
     adapter = adapter_name if use_adapter else None
     n = len(examples)
@@ -260,7 +260,7 @@ def _cuda() -> bool:
 
 # --- the evaluation ------------------------------------------------------------------------------------------
 def _adapter_config(adapter_name: str):
-    from finetune import adapters
+    from finetune.store import adapters
     from finetune.config import ConfigError, JobConfig
 
     try:
@@ -289,8 +289,8 @@ def cache_key(parts: dict) -> str:
 def evaluate(adapter_name: str, data_path: str | None = None, split: str = "validation", max_examples: int | None = None,
              max_new_tokens: int | None = None, *, use_cache: bool = True, progress: Progress | None = None) -> dict:
     """Base vs base + adapter on held-out examples. See the module docstring for the JSON's shape."""
-    from finetune import adapters
-    from finetune import generate as G
+    from finetune.store import adapters
+    from finetune.evaluation import generate as G
 
     t_start = time.time()
     meta, cfg = _adapter_config(adapter_name)
@@ -397,7 +397,7 @@ def _store(adapter_name: str, cache_file: Path, result: dict) -> None:
     summary = {k: result[k] for k in ("key", "data", "settings", "metrics", "paired", "created_at", "duration_s")}
     summary["file"] = str(cache_file.relative_to(cache_file.parent.parent))
     try:
-        from finetune import adapters
+        from finetune.store import adapters
 
         adapters.update_metadata(adapter_name, "eval", summary)
     except Exception as e:  # the eval file is the record; the studio.json summary is a convenience
@@ -406,7 +406,7 @@ def _store(adapter_name: str, cache_file: Path, result: dict) -> None:
 
 def cached_results(adapter_name: str) -> list[dict]:
     """Every stored evaluation of an adapter, newest first (for the Adapters tab)."""
-    from finetune import adapters
+    from finetune.store import adapters
 
     folder = adapters.adapter_path(adapter_name) / "eval"
     results = []

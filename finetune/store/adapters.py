@@ -231,7 +231,7 @@ def cli(argv: list[str]) -> int:
         elif a.cmd == "export":
             print(export_zip(a.name))
         elif a.cmd == "import":
-            from finetune.adapter_import import import_zip
+            from finetune.store.zip_import import import_zip
 
             print(f"imported {import_zip(a.zip, a.name)}")
     except (AdapterError, FileNotFoundError) as e:

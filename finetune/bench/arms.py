@@ -1,6 +1,6 @@
 """One benchmark arm in its own process (Unsloth patches transformers on import, so arms never share one):
 
-    python -m finetune.bench_arms JOB.json RESULT.json
+    python -m finetune.bench.arms JOB.json RESULT.json
 
 JOB: {"arm": "naive"|"unsloth"|"studio"|"studio:<STUDIO_SPEED switches>", "model_dir", "shape", "mode": "qlora"|"lora",
       "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest", "mem_limit_gib", "ladder"}
@@ -12,7 +12,7 @@ AdamW (lr 2e-4, grad-norm clip 1.0) on the same batches:
   naive    transformers + peft as a typical user writes it: SDPA, padded batches, non-reentrant gradient
            checkpointing, prepare_model_for_kbit_training for QLoRA, bf16 autocast (what Trainer(bf16=True) does)
   unsloth  FastLanguageModel with its defaults, use_gradient_checkpointing="unsloth", padded batches, bf16 autocast
-  studio   our training path: finetune.model.load_model / apply_lora, finetune.speed.patch_model_for_speed, the
+  studio   our training path: finetune.model.load_model / apply_lora, finetune.recipe.speed.patch_model_for_speed, the
            padding-free finetune.data.collate and the same forward/backward call as finetune/train.py
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ def setup_studio(job, device):
     from finetune import data as D
     from finetune import model as M
     from finetune.config import LoraSettings, ModelConfig, TrainingConfig
-    from finetune.speed import patch_model_for_speed
+    from finetune.recipe.speed import patch_model_for_speed
     from finetune.train import count_label_tokens
 
     arm = job["arm"]
@@ -196,7 +196,7 @@ def _mem(device) -> dict:
 def run_job(job: dict) -> dict:
     import torch
 
-    from finetune.bench_models import device_peak_flops, make_batches, step_flops
+    from finetune.bench.models import device_peak_flops, make_batches, step_flops
 
     torch.manual_seed(job.get("seed", 0))
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -243,7 +243,7 @@ def _longest(job, step, device, vocab, result) -> dict:
     """The longest single sequence (batch 1) for which one full training step fits under the memory cap."""
     import torch
 
-    from finetune.bench_models import make_batches
+    from finetune.bench.models import make_batches
 
     tried = []
     best = None
@@ -279,7 +279,7 @@ def _longest(job, step, device, vocab, result) -> dict:
 def main(argv: list[str]) -> int:
     job_path, out_path = argv[0], argv[1]
     job = json.loads(open(job_path, encoding="utf-8").read())
-    from finetune.bench_models import write_json
+    from finetune.bench.models import write_json
 
     try:
         result = run_job(job)

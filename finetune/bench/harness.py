@@ -6,10 +6,10 @@
     python -m finetune bench --plan plan.json          # a list of cases, run in order, spread over the GPUs
     python -m finetune bench --model tiny --mode lora --seq 64 --batch 2 --steps 3 --arms naive,studio   # CPU
 
-Models are random-weight copies of real architectures (finetune/bench_models.py), built once per --models-dir.
-Every (case, arm) runs `python -m finetune.bench_arms` in a fresh process, one per GPU at a time (several GPUs run
+Models are random-weight copies of real architectures (finetune/bench/models.py), built once per --models-dir.
+Every (case, arm) runs `python -m finetune.bench.arms` in a fresh process, one per GPU at a time (several GPUs run
 several arms at once, each on its own device). Arms: naive, unsloth, studio, plus experiments "studio:<switches>"
-(finetune/speed.py's STUDIO_SPEED, e.g. studio:-offload+compile) and "<arm>@<seed>" (another LoRA-init seed).
+(finetune/recipe/speed.py's STUDIO_SPEED, e.g. studio:-offload+compile) and "<arm>@<seed>" (another LoRA-init seed).
 The table reports the median tokens/s (non-padding tokens) of the steps after --warmup, CUDA-synchronised; peak
 allocated and reserved memory over the training steps (after loading); MFU = model FLOPs (4 x matmul weights +
 causal attention, padding excluded) per second over the device's dense bf16 peak; and the per-step losses.
@@ -111,14 +111,14 @@ class Scheduler:
                    HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    UNSLOTH_COMPILE_LOCATION=str(jdir / "unsloth_compiled_cache"))
         env.pop("STUDIO_SPEED", None)
-        root = str(Path(__file__).resolve().parent.parent)  # the arm runs in its own folder; finetune stays importable
+        root = str(Path(__file__).resolve().parents[2])  # the arm runs in its own folder; finetune stays importable
         env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
         if dev != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = dev
         if job["type"] == "build":
-            cmd = [sys.executable, "-m", "finetune.bench", "--build", job["shape"], "--models-dir", job["models_dir"]]
+            cmd = [sys.executable, "-m", "finetune.bench.harness", "--build", job["shape"], "--models-dir", job["models_dir"]]
         else:
-            cmd = [sys.executable, "-m", "finetune.bench_arms", str(jdir / "job.json"), str(jdir / "result.json")]
+            cmd = [sys.executable, "-m", "finetune.bench.arms", str(jdir / "job.json"), str(jdir / "result.json")]
         logf = open(jdir / "log.txt", "w", encoding="utf-8")
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(jdir),
                                 start_new_session=True)
@@ -308,7 +308,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--report", help="re-render the tables from a results.json")
     a = p.parse_args(argv)
 
-    from finetune.bench_models import SHAPES, build_model
+    from finetune.bench.models import SHAPES, build_model
     from finetune.paths import studio_home
 
     models_dir = Path(a.models_dir or studio_home() / "bench" / "models").resolve()

@@ -12,7 +12,7 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from finetune.adapters import AdapterError, WEIGHTS, adapter_path, publish, staging_dir
+from finetune.store.adapters import AdapterError, WEIGHTS, adapter_path, publish, staging_dir
 from finetune.config import check_name
 
 MAX_MEMBERS = 64
