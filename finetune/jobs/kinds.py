@@ -23,6 +23,7 @@ from typing import Callable
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from finetune import policy
 from finetune.config import ConfigError, JobConfig, format_errors
 from finetune.errors import JobError
 from finetune.jobs.process import cuda_available
@@ -117,5 +118,12 @@ def absolute_data_paths(cfg: JobConfig) -> JobConfig:
     return JobConfig.parse(data, "job")
 
 
+def prepare_training(cfg: JobConfig) -> JobConfig:
+    cfg = absolute_data_paths(cfg)
+    if policy.confined():  # a client of the studio sent it: its paths and models must be ones the operator allows
+        policy.check_job(cfg)
+    return cfg
+
+
 TRAIN = register_kind(JobKind(name="train", spec=JobConfig, command=train_command, gpus=lambda spec: 1,
-                              label=lambda spec: spec.adapter_name, prepare=absolute_data_paths))
+                              label=lambda spec: spec.adapter_name, prepare=prepare_training))
