@@ -25,6 +25,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import policy
 from finetune.config import ConfigError, JobConfig
 from finetune.errors import StudioError, expected, plain_message
 from finetune.fsutil import sha256_file, write_json_atomic
@@ -501,7 +502,9 @@ def cli(argv: list[str]) -> int:
         config = JobConfig.load(a.config)
         if a.set:
             config = config.with_overrides(a.set)
-    except ConfigError as e:
+        if policy.confined():  # launched by the studio: the job YAML came from a client
+            policy.check_job(config)
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if a.run_dir:  # the job store reads the reason from here
             write_failure(Path(a.run_dir), str(e))
