@@ -10,6 +10,8 @@ COMMANDS = {
     "eval": ("finetune.evaluate", "evaluate an adapter against its base on held-out data, print JSON"),
     "jobs": ("finetune.jobs", "list, show, submit, cancel, resume or duplicate studio jobs"),
     "adapters": ("finetune.adapters", "list, show, export or delete stored adapters"),
+    "export": ("finetune.export.cli", "export an adapter merged (hf) or as GGUF for llama.cpp/Ollama, print JSON"),
+    "export-job": ("finetune.export.job", "run an export job's spec (what the job runner launches)"),
     "bench": ("finetune.bench", "GPU/CPU training speed and memory benchmark"),
 }
 
