@@ -7,7 +7,7 @@ PORT ?= 7860
 # The CPU build on this machine's disk; a machine with a GPU keeps (or gets) a CUDA build instead.
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: setup run test contract clean
+.PHONY: setup run test clean
 
 setup: $(VENV)/.setup-done
 
@@ -31,9 +31,6 @@ run: setup
 
 test: setup
 	GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs tests
-
-contract: setup
-	../shared/contract/check
 
 clean:
 	rm -rf $(VENV) studio_data

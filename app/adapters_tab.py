@@ -17,13 +17,13 @@ EVAL_PATH = "Path on the studio's machine"
 
 
 def adapters() -> list[dict]:
-    from finetune.adapters import list_adapters
+    from finetune.store.adapters import list_adapters
 
     return list_adapters()
 
 
 def results(name: str) -> list[dict]:
-    from finetune.evaluate import cached_results
+    from finetune.evaluation.evaluate import cached_results
 
     try:
         return cached_results(name)
@@ -34,7 +34,7 @@ def results(name: str) -> list[dict]:
 def result_choices(rs: list[dict]) -> list[tuple[str, str]]:
     out = []
     for r in rs:
-        d = r.get("data") or {}
+        d = render.obj(r.get("data"))
         out.append((f"{render.fmt_time(r.get('created_at'))} · {d.get('n')} examples · {d.get('path')} ({d.get('split')})",
                     r.get("key")))
     return out
@@ -42,7 +42,7 @@ def result_choices(rs: list[dict]) -> list[tuple[str, str]]:
 
 def latest_summary(name: str) -> dict | None:
     """The newest evaluation of an adapter (file beside it, else the summary in studio.json), for comparisons."""
-    from finetune.adapters import get_adapter
+    from finetune.store.adapters import get_adapter
 
     rs = results(name)
     if rs:
@@ -51,16 +51,13 @@ def latest_summary(name: str) -> dict | None:
         meta = get_adapter(name)
     except (ValueError, FileNotFoundError):
         return None
-    ev = meta.get("eval")
+    ev = render.obj(meta.get("eval"))
     return {**ev, "adapter": name, "quantization": meta.get("quantization")} if ev else None
 
 
 def provenance_html(meta: dict) -> str:
-    cfg = meta.get("config") or {}
-    m = meta.get("metrics") or {}
-    ds = meta.get("dataset") or {}
-    lora = cfg.get("lora") or {}
-    tr = cfg.get("training") or {}
+    cfg, m, ds = render.obj(meta.get("config")), render.obj(meta.get("metrics")), render.obj(meta.get("dataset"))
+    lora, tr = render.obj(cfg.get("lora")), render.obj(cfg.get("training"))
     cells = [
         ("base model", meta.get("base_model")), ("quantization", meta.get("quantization")),
         ("dataset", ds.get("path")), ("format", ds.get("format")),
@@ -89,7 +86,7 @@ def build() -> SimpleNamespace:
         delete = gr.Button("Delete…", variant="stop", scale=1, elem_id="delete-btn")
         refresh = gr.Button("Refresh", scale=1, elem_id="adapters-refresh")
     with gr.Row(visible=False, elem_id="delete-confirm") as confirm_row:
-        confirm_text = gr.Markdown()
+        confirm_text = gr.Markdown(sanitize_html=True)
         confirm_yes = gr.Button("Yes, delete it", variant="stop", elem_id="delete-yes")
         confirm_no = gr.Button("Keep it", elem_id="delete-no")
     message = gr.HTML()
@@ -146,7 +143,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_select(name, sort_by):
-        from finetune.adapters import export_zip, get_adapter
+        from finetune.store.adapters import export_zip, get_adapter
 
         if not name:
             return ("", None, gr.update(value=None, interactive=False), gr.update(choices=[], value=None),
@@ -166,7 +163,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_evaluate(name, src, file, text, n, new_tokens, sort_by, progress=gr.Progress()):
-        from finetune import evaluate as E
+        from finetune.evaluation import evaluate as E
 
         if not name:
             raise gr.Error("pick an adapter first")
@@ -192,7 +189,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_delete_confirmed(name):
-        from finetune.adapters import delete_adapter
+        from finetune.store.adapters import delete_adapter
 
         delete_adapter(name)
         return gr.update(visible=False), f'<div class="msg ok">deleted {render.esc(name)}</div>', None
@@ -213,7 +210,7 @@ def build() -> SimpleNamespace:
               concurrency_limit=1, concurrency_id=MODEL_GROUP, **undocumented)
     cmp_a.change(on_compare, [cmp_a, cmp_b], cmp_out, **undocumented)
     cmp_b.change(on_compare, [cmp_a, cmp_b], cmp_out, **undocumented)
-    delete.click(lambda n: (gr.update(visible=bool(n)), f"Delete adapter **{n}** for good?") if n else
+    delete.click(lambda n: (gr.update(visible=bool(n)), f"Delete adapter **{render.esc(n)}** for good?") if n else
                  (gr.update(visible=False), "") , select, [confirm_row, confirm_text], **undocumented)
     confirm_no.click(lambda: gr.update(visible=False), None, confirm_row, **undocumented)
     confirm_yes.click(on_delete_confirmed, select, [confirm_row, message, select], **undocumented).then(

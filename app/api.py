@@ -8,11 +8,12 @@
 Every function here is plain Python with type hints (gr.api derives the endpoint's schema from them) and turns
 every failure into a gr.Error with a sentence that names the field, file or job: a client sees the message, never
 a traceback. Model work (generate, evaluate) is registered under the shared "model" concurrency group.
-Heavy modules (finetune.generate, finetune.evaluate, and through them torch) are imported inside the functions.
+Heavy modules (finetune.evaluation.generate, finetune.evaluation.evaluate, and through them torch) are imported inside the functions.
 """
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import json
 import logging
@@ -21,40 +22,43 @@ from pathlib import Path
 
 import gradio as gr
 
+from finetune import limits
 from finetune.config import ConfigError, JobConfig
+from finetune.errors import expected, plain_message
 
 log = logging.getLogger("studio.api")
 MODEL_GROUP = "model"
 
 
-def user_error(e: BaseException) -> gr.Error:
-    """A gr.Error for an exception: our own errors carry sentences already; anything else gets its type named
-    (and its traceback logged on the server, not sent to the client)."""
+def user_error(e: BaseException, for_page: bool = False) -> gr.Error:
+    """A gr.Error with finetune.errors.plain_message's sentence; an unexpected error's traceback is logged on the
+    server, never sent to the client. for_page: the message is shown in the page, where Gradio renders it as HTML,
+    and may quote what a client or a file said: it is escaped."""
+    err = _as_gr_error(e)
+    err.print_exception = False  # a message for the user, not a fault: no traceback in the server log
+    if for_page and not getattr(err, "escaped", False):
+        err.message, err.escaped = html.escape(str(err.message), quote=False), True
+    return err
+
+
+def _as_gr_error(e: BaseException) -> gr.Error:
     if isinstance(e, gr.Error):
         return e
-    from finetune.adapters import AdapterError
-    from finetune.jobs import JobError
-
-    known = (ConfigError, JobError, AdapterError, FileNotFoundError, ValueError, KeyError, TimeoutError)
-    if isinstance(e, known):
-        msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
-    elif isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-        msg = "ran out of memory; try fewer max_new_tokens, a smaller model, or wait for other requests to finish"
-    else:
+    if not expected(e):
         log.error("unexpected error: %s", "".join(traceback.format_exception(e)))
-        msg = f"{type(e).__name__}: {e}"
-    return gr.Error(msg or type(e).__name__, print_exception=False)
+    return gr.Error(plain_message(e))
 
 
-def friendly(fn):
-    """Wrap an event handler (function or generator) so that any exception reaches the user as a gr.Error."""
+def friendly(fn, for_page: bool = True):
+    """Wrap an event handler (function or generator) so that any exception reaches the user as a gr.Error.
+    for_page=False for the named API: its clients read the message as text, not HTML."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as e:
-                raise user_error(e) from None
+                raise user_error(e, for_page) from None
         return gen
 
     @functools.wraps(fn)
@@ -62,7 +66,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            raise user_error(e) from None
+            raise user_error(e, for_page) from None
     return wrapper
 
 
@@ -128,18 +132,41 @@ def list_jobs() -> str:
 def validate_config(config_yaml: str) -> str:
     """Check a job YAML without queueing it: {"valid": true, "config": normalised YAML} or
     {"valid": false, "error": "... names each bad field ..."}."""
+    from finetune import policy
+
     try:
         cfg = JobConfig.from_yaml(config_yaml or "", "config")
-    except ConfigError as e:
+        if policy.confined():
+            policy.check_job(cfg)
+    except ValueError as e:  # ConfigError, and what the operator did not allow
         return to_json({"valid": False, "error": str(e)})
     return to_json({"valid": True, "config": cfg.to_yaml()})
+
+
+def plan_job(config_yaml: str, device_memory_gib: float = 0.0) -> str:
+    """JSON: the job's memory plan before it runs, from the model's config.json alone (no weights are loaded or
+    downloaded): peak_gib, reserved_gib, needed_gib, fits, the breakdown by part, the longest max_seq_length and
+    the largest batch that fit, and, when it does not fit, ranked suggestions each with its own estimate.
+    device_memory_gib 0 = the studio machine's device (its first GPU, else its RAM)."""
+    from finetune.plan import detect_device, estimate, with_memory
+
+    if not (config_yaml or "").strip():
+        raise gr.Error("config_yaml is empty: send a job config (python -m finetune config --example prints one)")
+    gib = float(device_memory_gib or 0)
+    if not 0 <= gib <= 1_000_000:
+        raise gr.Error(f"device_memory_gib must be between 0 and 1000000, got {device_memory_gib}")
+    cfg = JobConfig.from_yaml(config_yaml, "submitted config")
+    device = detect_device()
+    if gib > 0:
+        device = with_memory(device, gib)
+    return to_json(estimate(cfg, device).to_dict())
 
 
 # --- adapters --------------------------------------------------------------------------------------------------
 def list_adapters() -> str:
     """JSON list of the stored adapters, newest first: name, base_model, quantization, dataset, metrics, eval summary,
     created_at."""
-    from finetune.adapters import list_adapters as _list
+    from finetune.store.adapters import list_adapters as _list
 
     rows = _list()
     for r in rows:
@@ -148,9 +175,9 @@ def list_adapters() -> str:
 
 
 def _adapter_name(name: str) -> str:
-    from finetune.adapters import adapter_path
+    from finetune.store.adapters import adapter_path
 
-    name = (name or "").strip()
+    name = (name or "").strip(" ")  # spaces only: a name with a newline is refused, not repaired
     if not name:
         raise gr.Error("adapter name is empty")
     p = adapter_path(name)
@@ -161,14 +188,14 @@ def _adapter_name(name: str) -> str:
 
 def download_adapter(name: str) -> str:
     """A zip of the adapter's folder (adapter_model.safetensors, adapter_config.json, studio.json, README.md)."""
-    from finetune.adapters import export_zip
+    from finetune.store.adapters import export_zip
 
     return str(export_zip(_adapter_name(name)))
 
 
 def delete_adapter(name: str) -> str:
     """Delete an adapter from the store."""
-    from finetune.adapters import delete_adapter as _delete
+    from finetune.store.adapters import delete_adapter as _delete
 
     _delete(_adapter_name(name))
     return f"deleted {name}"
@@ -177,14 +204,14 @@ def delete_adapter(name: str) -> str:
 def import_zip_file(zip_file, name: str = "") -> str:
     """Import an uploaded zip (a path, or gradio's file dict) into the store; the stored name. Shared by the
     Adapters tab and /import_adapter."""
-    from finetune.adapter_import import import_zip
+    from finetune.store.zip_import import import_zip
 
     path = zip_file.get("path") if isinstance(zip_file, dict) else zip_file
     if not path:
         raise gr.Error("zip_file is empty: upload an adapter zip (what /download_adapter returns)")
     if not str(path).lower().endswith(".zip"):
         raise gr.Error(f"zip_file {Path(str(path)).name!r} is not a .zip file")
-    return import_zip(path, (name or "").strip() or None)
+    return import_zip(path, (name or "").strip(" ") or None)
 
 
 def import_adapter(zip_file: str, name: str = "") -> str:
@@ -197,18 +224,18 @@ def import_adapter(zip_file: str, name: str = "") -> str:
 # --- model work --------------------------------------------------------------------------------------------------
 def generate(adapter: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> str:
     """One answer from the base model (adapter "") or base + adapter. Greedy when temperature is 0."""
-    from finetune import generate as G
+    from finetune.evaluation import generate as G
 
     if not (prompt or "").strip():
         raise gr.Error("prompt is empty")
+    limits.check_text("prompt", prompt)
     check_generation(max_new_tokens, temperature, top_p)
-    name = _adapter_name(adapter) if (adapter or "").strip() else None
+    name = _adapter_name(adapter) if (adapter or "").strip(" ") else None
     return G.generate(name, prompt, max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
 
 
 def check_generation(max_new_tokens, temperature, top_p) -> None:
-    if max_new_tokens is None or not 1 <= int(max_new_tokens) <= 4096:
-        raise gr.Error(f"max_new_tokens must be between 1 and 4096, got {max_new_tokens}")
+    limits.check_range("max_new_tokens", max_new_tokens, 1, limits.MAX_NEW_TOKENS)
     if temperature is None or not 0 <= float(temperature) <= 5:
         raise gr.Error(f"temperature must be between 0 and 5, got {temperature}")
     if top_p is None or not 0 < float(top_p) <= 1:
@@ -219,20 +246,23 @@ def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_t
     """JSON: the adapter against its base on held-out data (a file or folder path on the studio's machine; "" = the
     adapter's own validation split): metrics per side, paired differences with 95% intervals, win/tie/loss and
     per-example answers. max_examples / max_new_tokens 0 = the adapter's job settings. Cached beside the adapter."""
-    from finetune import evaluate as E
+    from finetune.evaluation import evaluate as E
+
+    from finetune.paths import confine
 
     name = _adapter_name(adapter)
     path = (data_path or "").strip() or None
-    if path and (path.startswith(("/", ".", "~")) or Path(path).suffix) and not Path(path).expanduser().exists():
-        raise gr.Error(f"data_path {path!r}: no such file on the studio's machine")
-    return to_json(E.evaluate(name, path, max_examples=int(max_examples) or None,
-                              max_new_tokens=int(max_new_tokens) or None))
+    if path and not path.startswith("builtin:"):
+        confine(path, "data_path")  # one answer for "outside" and "missing": a client learns nothing of other files
+    examples = limits.check_range("max_examples", max_examples or 0, 0, limits.MAX_EVAL_EXAMPLES)
+    new_tokens = limits.check_range("max_new_tokens", max_new_tokens or 0, 0, limits.MAX_EVAL_NEW_TOKENS)
+    return to_json(E.evaluate(name, path, max_examples=examples or None, max_new_tokens=new_tokens or None))
 
 
 # The public endpoints, in the order docs/api.md lists them. Registered by app.main with gr.api.
 ENDPOINTS = [
     (submit_job, {}), (job_status, {}), (cancel_job, {}), (resume_job, {}), (list_jobs, {}),
-    (validate_config, {}), (list_adapters, {}), (delete_adapter, {}),
+    (validate_config, {}), (plan_job, {}), (list_adapters, {}), (delete_adapter, {}),
     (generate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
     (evaluate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
 ]
@@ -242,12 +272,12 @@ def register() -> None:
     """Inside a gr.Blocks: every endpoint with api_name = its function name. /download_adapter returns a file, so it
     goes through hidden components (a File output makes gradio_client download it)."""
     for fn, kw in ENDPOINTS:
-        gr.api(friendly(fn), api_name=fn.__name__, **kw)
+        gr.api(friendly(fn, for_page=False), api_name=fn.__name__, **kw)
     with gr.Row(visible=False):
         name = gr.Textbox(label="name")
         out = gr.File(label="adapter zip")
         btn = gr.Button("download")
-    btn.click(friendly(download_adapter), name, out, api_name="download_adapter",
+    btn.click(friendly(download_adapter, for_page=False), name, out, api_name="download_adapter",
               api_description=download_adapter.__doc__)
     # /import_adapter takes a file, so it too goes through components (gradio_client: handle_file(path)).
     with gr.Row(visible=False):
@@ -255,5 +285,5 @@ def register() -> None:
         zip_name = gr.Textbox(label="name")
         imported = gr.Textbox(label="result")
         import_btn = gr.Button("import")
-    import_btn.click(friendly(import_adapter), [zip_in, zip_name], imported, api_name="import_adapter",
+    import_btn.click(friendly(import_adapter, for_page=False), [zip_in, zip_name], imported, api_name="import_adapter",
                      api_description=import_adapter.__doc__)

@@ -7,7 +7,6 @@ The dataset picker (demo / upload / path) is the one hand-made mapping: it becom
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import shlex
 import shutil
@@ -21,7 +20,8 @@ import annotated_types as at
 import gradio as gr
 
 from finetune.config import DEMO_DATASET, ConfigError, JobConfig, choices, example_config
-from finetune.paths import studio_home
+from finetune.fsutil import sha256_file
+from finetune.paths import uploads_dir
 
 # Sections of the form (title, JobConfig section, fields shown up front). Every other field of the section goes into
 # the section's "Advanced" accordion, folded.
@@ -241,12 +241,6 @@ def picker_value(path: str) -> tuple[str, str]:
     return SOURCE_PATH, path
 
 
-def uploads_dir() -> Path:
-    p = studio_home() / "uploads"
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
 def keep_upload(tmp_path: str) -> str:
     """Copy an uploaded file out of gradio's temporary cache into STUDIO_HOME/uploads/ (content-addressed), so a job
     queued now still finds it after the studio restarts or gradio cleans its cache."""
@@ -254,12 +248,9 @@ def keep_upload(tmp_path: str) -> str:
     suffix = src.suffix.lower()
     if suffix not in UPLOAD_TYPES:
         raise ConfigError(f"data.path: {src.name} is not a {', '.join(UPLOAD_TYPES)} file")
-    h = hashlib.sha256()
-    with open(src, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    digest = sha256_file(src)
     stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in src.stem)[:60] or "data"
-    dest = uploads_dir() / f"{stem}-{h.hexdigest()[:12]}{suffix}"
+    dest = uploads_dir() / f"{stem}-{digest[:12]}{suffix}"
     if not dest.exists():
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.copyfile(src, tmp)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app import adapters_tab, api, jobs_tab, playground_tab, train_tab
+from app import adapters_tab, api, jobs_tab, playground_tab, render, train_tab
 from app.api import friendly
 
 TITLE = "PEFT Studio"
@@ -87,8 +87,7 @@ def build_app() -> gr.Blocks:
             job_id, message = train_tab.start_job(train.form, values)
             if job_id is None:
                 return message, gr.skip(), gr.skip()
-            from app import render  # the new job must be among the dropdown's choices before it is selected
-
+            # the new job must be among the dropdown's choices before it is selected
             return message, gr.Tabs(selected="jobs"), gr.update(choices=render.job_choices(api.store().list_jobs()),
                                                                 value=job_id)
 
@@ -101,7 +100,7 @@ def build_app() -> gr.Blocks:
                 raise gr.Error("select a job first")
             cfg = api.store().duplicate(job_id)
             out = train.form.from_config(cfg)
-            out[train.message] = train_tab.ok_html(f"Loaded the config of job <code>{job_id}</code>: change what you "
+            out[train.message] = train_tab.ok_html(f"Loaded the config of job <code>{render.esc(job_id)}</code>: change what you "
                                                    "like (the adapter_name, at least) and press Start.")
             out[tabs] = gr.Tabs(selected="train")
             return out

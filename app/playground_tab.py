@@ -1,5 +1,5 @@
 """Playground tab: chat with the base model or any adapter on it (tokens stream in), and a side-by-side mode that
-sends one prompt to two targets (base vs adapter, or two adapters). finetune.generate keeps one base model loaded
+sends one prompt to two targets (base vs adapter, or two adapters). finetune.evaluation.generate keeps one base model loaded
 and swaps adapters on it; every event here is in the shared "model" concurrency group, so concurrent users queue."""
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import gradio as gr
 
 from app import render
 from app.api import MODEL_GROUP, check_generation, friendly
+from finetune import limits
 
 BASE_LABEL = "Base model (no adapter)"
 
 
 def target_choices() -> list[tuple[str, str]]:
-    from finetune.adapters import list_adapters
+    from finetune.store.adapters import list_adapters
 
     return [(BASE_LABEL, "")] + [(f"{r['name']}  ({r.get('base_model')}, {r.get('quantization')})", r["name"])
                                  for r in list_adapters()]
@@ -37,10 +38,10 @@ def to_messages(history: list[dict]) -> list[dict]:
 
 def base_of(adapter: str) -> dict:
     """generate()'s base/quantization arguments for the base model an adapter was trained on."""
-    from finetune.adapters import get_adapter
+    from finetune.store.adapters import get_adapter
 
     meta = get_adapter(adapter)
-    model = (meta.get("config") or {}).get("model") or {}
+    model = render.obj(render.obj(meta.get("config")).get("model"))
     return {"base": model.get("name_or_path") or meta.get("base_model"),
             "quantization": model.get("quantization") or meta.get("quantization")}
 
@@ -48,13 +49,13 @@ def base_of(adapter: str) -> dict:
 def stats_html(st: dict, label: str = "") -> str:
     if not st:
         return ""
-    tps = st.get("tokens_per_second")
-    bits = [f"{st.get('new_tokens', '–')} tokens", f"{tps:.1f} tokens/s" if tps else "– tokens/s",
-            f"{st.get('latency_s', 0):.1f}s"]
-    if st.get("peak_memory_mb"):
+    tps = render.num(st.get("tokens_per_second"))
+    bits = [f"{render.esc(st.get('new_tokens', '–'))} tokens", f"{tps:.1f} tokens/s" if tps else "– tokens/s",
+            f"{render.num(st.get('latency_s')) or 0:.1f}s"]
+    if render.num(st.get("peak_memory_mb")):
         bits.append(f"peak {st['peak_memory_mb']:,.0f} MB")
     if st.get("quantization"):
-        bits.append("base unquantized" if st["quantization"] == "none" else f"base {st['quantization']}")
+        bits.append("base unquantized" if st["quantization"] == "none" else f"base {render.esc(st['quantization'])}")
     return f'<div class="gen-stats" data-tps="{tps or 0:.2f}">{render.esc(label)}{" · ".join(bits)}</div>'
 
 
@@ -73,7 +74,9 @@ def build() -> SimpleNamespace:
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p", elem_id="gen-top-p")
     with gr.Tabs():
         with gr.Tab("Chat", id="chat"):
+            # Answers are Markdown written by a model someone else may have trained: Gradio's sanitiser stays on.
             chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
+                                 sanitize_html=True,
                                  placeholder="Ask something. Try a question about a Python standard-library function.")
             with gr.Row(equal_height=False, elem_classes=["toolbar"]):
                 msg = gr.Textbox(label="Message", placeholder="What does os.path.join do?", scale=6, max_lines=6,
@@ -93,15 +96,15 @@ def build() -> SimpleNamespace:
                 side_stop = gr.Button("Stop", scale=1, elem_id="side-stop")
             with gr.Row():
                 with gr.Column():
-                    out_a = gr.Chatbot(label="Left", height=360, elem_id="side-out-a")
+                    out_a = gr.Chatbot(label="Left", height=360, elem_id="side-out-a", sanitize_html=True)
                     stats_a = gr.HTML(elem_id="side-stats-a")
                 with gr.Column():
-                    out_b = gr.Chatbot(label="Right", height=360, elem_id="side-out-b")
+                    out_b = gr.Chatbot(label="Right", height=360, elem_id="side-out-b", sanitize_html=True)
                     stats_b = gr.HTML(elem_id="side-stats-b")
 
     @friendly
     def on_chat(message, history, tgt, n, temp, p):
-        from finetune import generate as G
+        from finetune.evaluation import generate as G
 
         message = (message or "").strip()
         if not message:
@@ -109,6 +112,7 @@ def build() -> SimpleNamespace:
             return
         check_generation(n, temp, p)
         history = list(history or []) + [{"role": "user", "content": message}]
+        limits.check_text("the conversation", "".join(str(m.get("content") or "") for m in history))
         prompt = to_messages(history)
         history.append({"role": "assistant", "content": ""})
         yield history, "", '<div class="gen-stats muted">loading the model and generating…</div>'
@@ -119,11 +123,12 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_side(prompt, a, b, n, temp, p):
-        from finetune import generate as G
+        from finetune.evaluation import generate as G
 
         prompt = (prompt or "").strip()
         if not prompt:
             raise gr.Error("the prompt is empty")
+        limits.check_text("the prompt", prompt)
         check_generation(n, temp, p)
         # One loaded model and one lock: the two answers are generated one after the other, each streamed.
         # "Base" next to an adapter means that adapter's own base, loaded as it was trained (same quantization).

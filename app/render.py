@@ -1,5 +1,9 @@
 """Pure functions that turn store rows, live job views and evaluation results into what the tabs display
-(HTML snippets, pandas frames for plots and tables). No gradio, no I/O: easy to test and to reuse."""
+(HTML snippets, pandas frames for plots and tables). No gradio, no I/O: easy to test and to reuse.
+
+What these functions are given may come from files the studio did not write (an imported adapter's studio.json,
+evaluation results, a job's status), so every text goes through esc() and every number through num(): a value of
+the wrong type shows as "–" instead of breaking the page, and markup shows as text."""
 from __future__ import annotations
 
 import html
@@ -16,8 +20,33 @@ def esc(x) -> str:
     return html.escape("" if x is None else str(x))
 
 
+def num(x) -> int | float | None:
+    """x if it is a finite number (not a bool, not a numeric-looking string), else None."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def obj(x) -> dict:
+    """x if it is a dict, else {}: nested fields of a file may have any shape."""
+    return x if isinstance(x, dict) else {}
+
+
+def signed(x) -> str:
+    return "–" if num(x) is None else f"{x:+.3f}"
+
+
+def diff_ci(p: dict, sep: str = " ") -> str:
+    """A paired difference and its 95% interval: '+0.123 [+0.050, +0.190]'."""
+    p = obj(p)
+    if num(p.get("mean_diff")) is None:
+        return "–"
+    return f'{signed(p["mean_diff"])}{sep}[{signed(p.get("ci_low"))}, {signed(p.get("ci_high"))}]'
+
+
 def fmt_num(x, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    x = num(x)
+    if x is None:
         return "–"
     if isinstance(x, int):
         return str(x)
@@ -27,7 +56,7 @@ def fmt_num(x, digits: int = 4) -> str:
 
 
 def fmt_duration(seconds) -> str:
-    if seconds is None:
+    if num(seconds) is None or abs(seconds) > 1e12:
         return "–"
     s = int(round(seconds))
     if s < 60:
@@ -38,7 +67,10 @@ def fmt_duration(seconds) -> str:
 
 
 def fmt_time(t) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "–"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if num(t) else "–"
+    except (OverflowError, OSError, ValueError):
+        return "–"
 
 
 def state_badge(state: str) -> str:
@@ -50,16 +82,18 @@ def state_badge(state: str) -> str:
 JOB_COLUMNS = ["job id", "name", "state", "step", "loss", "adapter", "created", "duration"]
 
 
-def jobs_frame(rows: list[dict], statuses: dict[str, dict]) -> pd.DataFrame:
+def jobs_frame(views: list[dict]) -> pd.DataFrame:
+    """The job table, from each job's view (finetune.rundir.view)."""
     out = []
-    for r in rows:
-        st = statuses.get(r["id"]) or {}
-        total = st.get("total_steps")
-        step = f"{st.get('step', 0)}/{total}" if total else ("–" if r["state"] == "queued" else str(st.get("step", "–")))
-        end = r.get("finished_at") or (time.time() if r["state"] == "running" else None)
-        dur = fmt_duration(end - r["started_at"]) if r.get("started_at") and end else "–"
-        out.append([r["id"], r["name"], r["state"], step, fmt_num(st.get("loss")), r.get("adapter_name") or "–",
-                    fmt_time(r["created_at"]), dur])
+    for v in views:
+        total = v.get("total_steps")
+        started = v["state"] != "queued" or v.get("attempts")
+        step = f"{v.get('step') or 0}/{total}" if total and started else ("–" if not started else str(v.get("step", "–")))
+        end = v.get("finished_at") or (time.time() if v["state"] == "running" else None)
+        dur = fmt_duration(end - v["started_at"]) if v.get("started_at") and end else "–"
+        adapter = v.get("adapter_name") if v["state"] == "completed" else None
+        out.append([v["id"], v["name"], v["state"], step, fmt_num(v.get("loss")), adapter or "–",
+                    fmt_time(v["created_at"]), dur])
     return pd.DataFrame(out, columns=JOB_COLUMNS)
 
 
@@ -71,10 +105,10 @@ def progress_html(live: dict | None) -> str:
     if not live:
         return '<div class="muted">Select a job to see its progress.</div>'
     state = live["state"]
-    pct = max(0.0, min(1.0, live.get("progress") or 0.0)) * 100
+    pct = max(0.0, min(1.0, num(live.get("progress")) or 0.0)) * 100
     color = STATE_COLORS.get(state, "#2563eb")
-    step, total = live.get("step") or 0, live.get("total_steps") or 0
-    bits = [f"step {step}/{total}" if total else f"step {step}", f"phase: {esc(live.get('phase'))}"]
+    step, total = esc(live.get("step") or 0), esc(live.get("total_steps") or 0)
+    bits = [f"step {step}/{total}" if live.get("total_steps") else f"step {step}", f"phase: {esc(live.get('phase'))}"]
     if state == "running":
         bits.append(f"ETA {fmt_duration(live.get('eta_seconds'))}" if live.get("eta_seconds") is not None else "ETA –")
     if live.get("elapsed_seconds") is not None:
@@ -91,18 +125,17 @@ def progress_html(live: dict | None) -> str:
 def stats_html(live: dict | None) -> str:
     if not live:
         return ""
-    tps = live.get("tokens_per_second")
-    mem = live.get("peak_memory_mb")
+    mem = num(live.get("peak_memory_mb"))
     cells = [("train loss", fmt_num(live.get("loss"))), ("eval loss", fmt_num(live.get("eval_loss"))),
-             ("tokens/s", fmt_num(tps, 3) if tps is not None else "–"),
+             ("tokens/s", fmt_num(live.get("tokens_per_second"), 3)),
              ("peak memory", f"{mem:,.0f} MB" if mem else "–"),
-             ("adapter", esc(live.get("adapter_name") or "–")), ("attempts", str(live.get("attempts") or 0))]
+             ("adapter", esc(live.get("adapter_name") or "–")), ("attempts", esc(live.get("attempts") or 0))]
     return '<div class="stat-grid">' + "".join(
         f'<div class="stat"><div class="k">{k}</div><div class="v">{v}</div></div>' for k, v in cells) + "</div>"
 
 
 def _points(hist, key: str):
-    """Accepts [[step, value], ...] or [{"step":..., key:...}, ...] (runner.histories' shape may evolve)."""
+    """Accepts [[step, value], ...] or [{"step":..., key:...}, ...] (rundir.histories' shape may evolve)."""
     for p in hist or []:
         if isinstance(p, dict):
             s, v = p.get("step"), p.get(key, p.get("value"))
@@ -117,21 +150,18 @@ ADAPTER_COLUMNS = ["name", "base model", "quant", "dataset", "steps", "final los
 
 
 def eval_delta(summary: dict | None, metric: str = "rouge_l") -> str:
-    p = ((summary or {}).get("paired") or {}).get(metric)
-    if not p or p.get("mean_diff") is None:
-        return "–"
-    return f"{p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+    return diff_ci(obj(obj(summary).get("paired")).get(metric))
 
 
 def adapters_frame(rows: list[dict]) -> pd.DataFrame:
     out = []
     for r in rows:
-        m = r.get("metrics") or {}
+        m = obj(r.get("metrics"))
         steps = m.get("steps", m.get("global_step", m.get("total_steps")))
         loss = m.get("final_loss", m.get("train_loss"))
         ds = r.get("dataset") or "–"
         out.append([r["name"], r.get("base_model") or "–", r.get("quantization") or "–", ds,
-                    steps if steps is not None else "–", fmt_num(loss), eval_delta(r.get("eval")),
+                    fmt_num(steps), fmt_num(loss), eval_delta(r.get("eval")),
                     fmt_time(r.get("created_at")), r.get("size_mb") if r.get("size_mb") is not None else "–"])
     return pd.DataFrame(out, columns=ADAPTER_COLUMNS)
 
@@ -147,6 +177,7 @@ SPEED_METRICS = [("tokens_per_second", "tokens/s", "{:.1f}"), ("latency_s", "sec
 
 
 def _bar(value, scale: float, color: str) -> str:
+    value = num(value)
     if value is None or not scale:
         return '<span class="muted">–</span>'
     w = max(0.0, min(1.0, value / scale)) * 100
@@ -156,7 +187,7 @@ def _bar(value, scale: float, color: str) -> str:
 
 def _forest(p: dict, higher: bool) -> str:
     """A tiny SVG: the mean difference adapter - base with its 95% interval, against zero."""
-    lo, hi, m = p.get("ci_low"), p.get("ci_high"), p.get("mean_diff")
+    lo, hi, m = num(p.get("ci_low")), num(p.get("ci_high")), num(p.get("mean_diff"))
     if None in (lo, hi, m):
         return ""
     span = max(abs(lo), abs(hi), abs(m), 1e-9) * 1.15
@@ -176,29 +207,27 @@ def eval_chart_html(result: dict | None) -> str:
     """Base vs adapter per metric (bars), the paired difference with its 95% bootstrap interval, win/tie/loss."""
     if not result:
         return '<div class="muted">No evaluation yet. Pick a dataset and press Evaluate.</div>'
-    base, adapter = (result.get("metrics") or {}).get("base", {}), (result.get("metrics") or {}).get("adapter", {})
-    paired = result.get("paired") or {}
-    data = result.get("data") or {}
+    metrics = obj(result.get("metrics"))
+    base, adapter, paired, data = obj(metrics.get("base")), obj(metrics.get("adapter")), obj(result.get("paired")), obj(result.get("data"))
     head = (f'<div class="eval-head"><b>{esc(result.get("adapter"))}</b> vs its base '
             f'<span class="muted">{esc(result.get("base_model"))} ({esc(result.get("quantization"))})</span> on '
             f'{esc(data.get("n"))} examples of <code>{esc(data.get("path"))}</code> ({esc(data.get("split"))})</div>')
     rows = []
     for key, label, higher, unit in EVAL_METRICS:
-        b, a = base.get(key), adapter.get(key)
+        b, a = num(base.get(key)), num(adapter.get(key))
         if b is None and a is None:
             continue
         scale = 1.0 if unit else max(b or 0, a or 0) or 1.0
-        p = paired.get(key) or {}
-        diff = (f'{p["mean_diff"]:+.3f}<br><span class="muted">[{p["ci_low"]:+.3f}, {p["ci_high"]:+.3f}]</span>'
-                if p.get("mean_diff") is not None else "–")
-        wtl = f'{p["wins"]} / {p["ties"]} / {p["losses"]}' if "wins" in p else "–"
+        p = obj(paired.get(key))
+        diff = diff_ci(p, '<br><span class="muted">') + ("</span>" if num(p.get("mean_diff")) is not None else "")
+        wtl = " / ".join(fmt_num(p.get(k)) for k in ("wins", "ties", "losses")) if "wins" in p else "–"
         arrow = "↑" if higher else "↓"
         rows.append(f'<tr><td>{label} <span class="muted" title="{"higher" if higher else "lower"} is better">{arrow}</span></td>'
                     f'<td>{_bar(b, scale, "#9ca3af")}</td><td>{_bar(a, scale, "#2563eb")}</td>'
                     f'<td class="num">{diff}</td><td>{_forest(p, higher)}</td><td class="num">{wtl}</td></tr>')
     speed = []
     for key, label, fmt in SPEED_METRICS:
-        b, a = base.get(key), adapter.get(key)
+        b, a = num(base.get(key)), num(adapter.get(key))
         if b is None and a is None:
             continue
         f = lambda v: fmt.format(v) if v is not None else "–"  # noqa: E731
@@ -210,7 +239,7 @@ def eval_chart_html(result: dict | None) -> str:
                    '</tr></thead><tbody>' + "".join(speed) + "</tbody></table>") if speed else ""
     note = ('<div class="muted small">Bars: mean per example. Interval: paired bootstrap of the per-example difference; '
             'green = the whole interval favours the adapter, red = it favours the base, grey = not distinguishable. '
-            f'Settings: greedy decoding, max_new_tokens {esc((result.get("settings") or {}).get("max_new_tokens"))}, '
+            f'Settings: greedy decoding, max_new_tokens {esc(obj(result.get("settings")).get("max_new_tokens"))}, '
             f'computed in {fmt_duration(result.get("duration_s"))}.</div>')
     return f'<div class="eval">{head}{table}{speed_table}{note}</div>'
 
@@ -223,13 +252,15 @@ def examples_frame(result: dict | None, sort_by: str = "rouge_l") -> pd.DataFram
     for the loss, where lower is better), largest gain first."""
     cols = ["#", "prompt", "reference", "base answer", "adapter answer", "base score", "adapter score", "gain"]
     rows = []
-    for i, ex in enumerate((result or {}).get("examples") or []):
-        sc = ex.get("scores") or {}
-        b, a, d = (sc.get("base") or {}).get(sort_by), (sc.get("adapter") or {}).get(sort_by), (sc.get("diff") or {}).get(sort_by)
+    examples = obj(result).get("examples")
+    for i, ex in enumerate(map(obj, examples if isinstance(examples, list) else [])):
+        sc = obj(ex.get("scores"))
+        b, a, d = (num(obj(sc.get(side)).get(sort_by)) for side in ("base", "adapter", "diff"))
         if sort_by == "loss" and d is not None:
             d = -d  # a lower loss is the gain
-        r = lambda v: round(v, 4) if isinstance(v, (int, float)) else None  # noqa: E731
-        rows.append([i + 1, ex.get("prompt"), ex.get("reference"), ex.get("base"), ex.get("adapter"), r(b), r(a), r(d)])
+        r = lambda v: round(v, 4) if v is not None else None  # noqa: E731
+        text = lambda v: v if isinstance(v, str) else ("" if v is None else str(v))  # noqa: E731
+        rows.append([i + 1, *(text(ex.get(k)) for k in ("prompt", "reference", "base", "adapter")), r(b), r(a), r(d)])
     df = pd.DataFrame(rows, columns=cols)
     if len(df):
         df = df.sort_values("gain", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
@@ -240,27 +271,26 @@ def compare_html(a: dict | None, b: dict | None) -> str:
     """Two adapters' evaluation results side by side."""
     if not a or not b:
         return '<div class="muted">Pick two adapters that have been evaluated.</div>'
+    a, b = obj(a), obj(b)
     warn = ""
-    fa, fb = (a.get("data") or {}).get("fingerprint"), (b.get("data") or {}).get("fingerprint")
-    if fa and fb and fa != fb:
+    da, db = obj(a.get("data")), obj(b.get("data"))
+    if da.get("fingerprint") and db.get("fingerprint") and da.get("fingerprint") != db.get("fingerprint"):
         warn = ('<div class="warn">These results come from different examples '
-                f'({esc((a.get("data") or {}).get("path"))} vs {esc((b.get("data") or {}).get("path"))}): '
+                f'({esc(da.get("path"))} vs {esc(db.get("path"))}): '
                 'compare the differences to each base, not the raw numbers.</div>')
     head = ("<tr><th>metric</th>" + "".join(
         f'<th colspan="3">{esc(r.get("adapter"))}<br><span class="muted">{esc(r.get("quantization"))} · '
-        f'{esc((r.get("data") or {}).get("n"))} ex.</span></th>' for r in (a, b)) + "</tr>"
+        f'{esc(obj(r.get("data")).get("n"))} ex.</span></th>' for r in (a, b)) + "</tr>"
         "<tr><th></th>" + "<th>base</th><th>adapter</th><th>Δ [95% CI]</th>" * 2 + "</tr>")
     rows = []
     for key, label, higher, _ in EVAL_METRICS + [(k, l, True, False) for k, l, _ in SPEED_METRICS]:
         cells = []
         present = False
         for r in (a, b):
-            base = ((r.get("metrics") or {}).get("base") or {}).get(key)
-            ad = ((r.get("metrics") or {}).get("adapter") or {}).get(key)
+            metrics = obj(r.get("metrics"))
+            base, ad = num(obj(metrics.get("base")).get(key)), num(obj(metrics.get("adapter")).get(key))
             present |= base is not None or ad is not None
-            p = (r.get("paired") or {}).get(key) or {}
-            d = (f'{p["mean_diff"]:+.3f} [{p["ci_low"]:+.3f}, {p["ci_high"]:+.3f}]' if p.get("mean_diff") is not None else "–")
-            cells += [fmt_num(base, 4), fmt_num(ad, 4), d]
+            cells += [fmt_num(base, 4), fmt_num(ad, 4), diff_ci(obj(r.get("paired")).get(key))]
         if present:
             rows.append(f"<tr><td>{label}</td>" + "".join(f'<td class="num">{c}</td>' for c in cells) + "</tr>")
     return f'{warn}<table class="eval-table compare"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'

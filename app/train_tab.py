@@ -153,7 +153,7 @@ def preview_summary_html(pv: dict) -> str:
              ("max_seq_length", pv.get("max_seq_length")), (f"rows truncated{of}", truncated)]
     warn = ""
     if truncated:
-        warn = (f'<div class="msg warn">{truncated} row(s){of} are longer than max_seq_length and will be cut: '
+        warn = (f'<div class="msg warn">{render.esc(truncated)} row(s){render.esc(of)} are longer than max_seq_length and will be cut: '
                 'raise data.max_seq_length or shorten them.</div>')
     source = f'<div class="muted small">source: <code>{render.esc(pv.get("source"))}</code></div>' if pv.get("source") else ""
     return ('<div class="stat-grid">' + "".join(
@@ -162,7 +162,7 @@ def preview_summary_html(pv: dict) -> str:
 
 
 def existing_adapter(name: str) -> bool:
-    from finetune.adapters import adapter_path
+    from finetune.store.adapters import adapter_path
 
     return (adapter_path(name) / "adapter_config.json").is_file()
 
@@ -178,4 +178,4 @@ def start_job(form: Form, values) -> tuple[str | None, str]:
         return None, errors_html(f"adapter_name: an adapter named {cfg.adapter_name!r} is already in the store: "
                                  "choose another name, or delete that adapter in the Adapters tab first")
     job_id = store().submit(cfg)
-    return job_id, ok_html(f"Queued job <code>{job_id}</code> for adapter <code>{render.esc(cfg.adapter_name)}</code>.")
+    return job_id, ok_html(f"Queued job <code>{render.esc(job_id)}</code> for adapter <code>{render.esc(cfg.adapter_name)}</code>.")

@@ -19,13 +19,12 @@ import hashlib
 import importlib
 import inspect
 import json
-import os
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 
+from finetune.fsutil import write_text_atomic
 from finetune.paths import studio_home
 
 VERSION = 3  # bump when the generated text changes: the files are rewritten
@@ -223,18 +222,6 @@ def demo_dir() -> Path:
     return studio_home() / "datasets" / "python-docs"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the demo is ordinary data anyone may read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _stamp() -> dict:
     return {"version": VERSION, "python": sys.version.split()[0], "seed": SEED}
 
@@ -254,10 +241,10 @@ def ensure_demo() -> tuple[Path, Path]:
     texts = {p: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
              for p, rows in ((train_path, train), (held_path, held))}
     for p, text in texts.items():
-        _write_atomic(p, text)
+        write_text_atomic(p, text)
     meta = {**_stamp(), "train_rows": len(train), "heldout_rows": len(held),
             "sha256": hashlib.sha256("".join(texts.values()).encode()).hexdigest()}
-    _write_atomic(meta_path, json.dumps(meta, indent=1) + "\n")  # last: its presence says both files are complete
+    write_text_atomic(meta_path, json.dumps(meta, indent=1) + "\n")  # last: its presence says both files are complete
     return train_path, held_path
 
 

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import gc
-import hashlib
 import importlib.util
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -28,72 +25,18 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import policy
 from finetune.config import ConfigError, JobConfig
-from finetune.paths import adapters_dir, runs_dir
+from finetune.errors import StudioError, expected, plain_message
+from finetune.fsutil import sha256_file, write_json_atomic
+from finetune.paths import adapters_dir, model_cache_dir, runs_dir
+from finetune.rundir import TRAINER_STATE, Metrics, Status, list_checkpoints, write_failure
 
 log = logging.getLogger("finetune.train")
 
-OOM_MESSAGE = ("out of memory: lower per_device_train_batch_size or max_seq_length, or use 4-bit "
-               "(model.quantization=4bit) and keep training.gradient_checkpointing on")
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
-TRAINER_STATE = "trainer_state.json"
 
-
-class TrainError(RuntimeError):
+class TrainError(StudioError):
     """A run that cannot go on, with a message meant for the person who started it."""
-
-
-# --- the run folder's files -----------------------------------------------------------------------------------
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a reader (the UI, the job store) never sees half a file
-
-
-class Status:
-    """status.json: what the run is doing now. Only the main process writes it."""
-
-    def __init__(self, run_dir: Path, adapter_name: str, enabled: bool = True):
-        self.path = run_dir / "status.json"
-        self.enabled = enabled
-        now = time.time()
-        self.data = {"phase": "loading", "step": 0, "total_steps": 0, "epoch": 0.0, "loss": None, "eval_loss": None,
-                     "tokens_per_second": None, "peak_memory_mb": None, "eta_seconds": None, "started_at": now,
-                     "updated_at": now, "adapter_name": adapter_name, "error": None, "pid": os.getpid()}
-
-    def update(self, **values) -> None:
-        self.data.update(values, updated_at=time.time())
-        if self.enabled:
-            write_json_atomic(self.path, self.data)
-
-
-class Metrics:
-    """metrics.jsonl: appended one line at a time, flushed so the UI can tail it."""
-
-    def __init__(self, run_dir: Path, enabled: bool = True):
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop the rows logged after the checkpoint: they are about to be logged again."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by the kill that ended the previous attempt
-            if row.get("step", 0) <= step:
-                kept.append(line)
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
 
 
 def memory_mb() -> tuple[float | None, float | None]:
@@ -141,15 +84,6 @@ def count_input_tokens(batch) -> int:
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in (run_dir / "checkpoints").glob("checkpoint-*"):
-        m = CHECKPOINT_RE.fullmatch(p.name)
-        if m and p.is_dir() and (p / TRAINER_STATE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
 def install_lora_only_checkpoints(accelerator) -> None:
     """accelerate's save_state would write the whole base model (frozen, maybe quantized) into every checkpoint.
     Keep only the trainable (LoRA) tensors, and load them back strictly by name."""
@@ -200,28 +134,6 @@ def save_checkpoint(accelerator, run_dir: Path, state: dict, limit: int) -> Path
 
 
 # --- provenance --------------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    """The file's sha256, cached beside the model cache by (path, size, mtime): a base is hashed once."""
-    from finetune.paths import model_cache_dir
-
-    st = path.stat()
-    cache_path = model_cache_dir() / ".sha256.json"
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    try:
-        cache = json.loads(cache_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    if key not in cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        cache[key] = h.hexdigest()
-        with contextlib.suppress(OSError):
-            write_json_atomic(cache_path, cache)
-    return cache[key]
-
-
 def library_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -247,7 +159,7 @@ def base_model_record(config: JobConfig, resolved: str) -> dict:
     else:
         weights = M.weights_file(resolved)
         if weights is not None:
-            record.update(weights_file=weights.name, sha256=sha256_file(weights))
+            record.update(weights_file=weights.name, sha256=sha256_file(weights, cache=model_cache_dir() / ".sha256.json"))
     return record
 
 
@@ -308,10 +220,10 @@ def run(config: JobConfig, run_dir: str | Path, resume: bool = False) -> dict:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from finetune import adapters
+    from finetune.store import adapters
     from finetune import data as D
     from finetune import model as M
-    from finetune.speed import patch_model_for_speed
+    from finetune.recipe.speed import patch_model_for_speed
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -548,14 +460,14 @@ def run(config: JobConfig, run_dir: str | Path, resume: bool = False) -> dict:
         accelerator.wait_for_everyone()
 
         # ---- evaluate -------------------------------------------------------------------------------------------
-        if main and config.evaluation.enabled and importlib.util.find_spec("finetune.evaluate") is not None:
+        if main and config.evaluation.enabled and importlib.util.find_spec("finetune.evaluation.evaluate") is not None:
             status.update(phase="evaluating")
             del model, optimizer, unwrapped  # the evaluator loads its own copy of the base
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             try:
-                from finetune.evaluate import evaluate
+                from finetune.evaluation.evaluate import evaluate
 
                 result = evaluate(config.adapter_name, split="validation", max_examples=config.evaluation.max_examples,
                                   max_new_tokens=config.evaluation.max_new_tokens)
@@ -568,32 +480,8 @@ def run(config: JobConfig, run_dir: str | Path, resume: bool = False) -> dict:
         status.update(phase="completed", eta_seconds=0)
         return meta
     except BaseException as e:
-        status.update(phase="failed", error=plain_error(e))
+        status.update(phase="failed", error=plain_message(e))
         raise
-
-
-def plain_error(e: BaseException) -> str:
-    """One sentence a person can act on."""
-    import torch
-
-    from finetune.data import DataError
-
-    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() and isinstance(e, RuntimeError):
-        return OOM_MESSAGE
-    if isinstance(e, (DataError, ConfigError, TrainError)):
-        return str(e)
-    if isinstance(e, ImportError):
-        missing = getattr(e, "name", None)
-        return f"missing package {missing!r}: pip install {missing}" if missing else f"missing package: {e}"
-    if isinstance(e, KeyboardInterrupt):
-        return "interrupted (Ctrl-C or SIGINT)"
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
-        where = getattr(e, "filename", None)
-        return (f"disk full: no space left on device{f' writing {where}' if where else ''}; free some space, then "
-                "resume the job (it continues from its last checkpoint)")
-    if isinstance(e, FileNotFoundError):
-        return str(e)
-    return f"{type(e).__name__}: {e}"
 
 
 def default_run_dir(adapter_name: str) -> Path:
@@ -614,21 +502,20 @@ def cli(argv: list[str]) -> int:
         config = JobConfig.load(a.config)
         if a.set:
             config = config.with_overrides(a.set)
-    except ConfigError as e:
+        if policy.confined():  # launched by the studio: the job YAML came from a client
+            policy.check_job(config)
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if a.run_dir:  # the job store reads the reason from here
-            run_dir = Path(a.run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            st = Status(run_dir, "")
-            st.update(phase="failed", error=str(e))
+            write_failure(Path(a.run_dir), str(e))
         return 1
     run_dir = Path(a.run_dir) if a.run_dir else default_run_dir(config.adapter_name)
     print(f"run folder: {run_dir}", file=sys.stderr)
     try:
         meta = run(config, run_dir, resume=a.resume)
     except Exception as e:
-        message = plain_error(e)
-        if message.startswith(type(e).__name__ + ":"):  # unexpected: the traceback helps whoever reads train.log
+        message = plain_message(e)
+        if not expected(e):  # the traceback helps whoever reads train.log
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr)
         return 1

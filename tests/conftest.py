@@ -6,6 +6,7 @@ import json
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,45 @@ os.environ.setdefault("STUDIO_MODEL_CACHE", str(ROOT / "studio_data" / "models")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll `predicate` until it returns something truthy, and return that; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def tiny_config(data: Path, name: str, steps: int = 2, **training):
+    """A job that trains the embedded model for `steps` steps in seconds on a CPU: float32 LoRA, 64 tokens, batch 2,
+    no validation split, no checkpoints, no evaluation. `training` overrides TrainingConfig fields."""
+    from finetune.config import JobConfig
+
+    cfg = JobConfig(adapter_name=name)
+    cfg.model.quantization = "none"  # bitsandbytes 4-bit is a GPU path; the CPU run stays in float32
+    cfg.data.path = str(data)
+    cfg.data.max_seq_length = 64
+    cfg.data.validation_split = 0.0
+    cfg.training.max_steps = steps
+    cfg.training.per_device_train_batch_size = 2
+    cfg.training.gradient_checkpointing = False
+    cfg.training.warmup_ratio = 0.0
+    cfg.training.save_steps = 0
+    cfg.evaluation.enabled = False
+    for k, v in training.items():
+        setattr(cfg.training, k, v)
+    return cfg
+
+
+@pytest.fixture
+def tiny_job_config(chat_jsonl):
+    """tiny_config on the shared arithmetic data: tiny_job_config("name", steps=3, save_steps=1)."""
+    return lambda name, steps=2, **training: tiny_config(chat_jsonl, name, steps, **training)
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +89,24 @@ def chat_jsonl(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data")
     write_jsonl(d / "heldout.jsonl", arithmetic_rows(8, seed=1))
     return write_jsonl(d / "train.jsonl", arithmetic_rows(48, seed=0))
+
+
+QLORA_ADAPTER = "export-qlora"
+
+
+def train_qlora_adapter(data: Path) -> str:
+    """A real 4-bit (QLoRA) adapter from the real trainer, with a learning rate high enough to change answers."""
+    from finetune.config import JobConfig
+    from finetune.paths import adapters_dir, runs_dir
+
+    if (adapters_dir() / QLORA_ADAPTER / "adapter_model.safetensors").exists():
+        return QLORA_ADAPTER
+    from finetune import train
+
+    cfg = JobConfig(adapter_name=QLORA_ADAPTER).with_overrides([
+        "model.quantization=4bit", f"data.path={data}", "data.max_seq_length=64", "training.max_steps=3",
+        "training.learning_rate=0.01", "training.per_device_train_batch_size=2", "training.gradient_checkpointing=false",
+        "training.save_steps=0", "training.warmup_ratio=0", "training.lr_scheduler_type=constant", "lora.r=8",
+        "lora.lora_alpha=16", "evaluation.enabled=false"])
+    train.run(cfg, runs_dir() / f"test-{QLORA_ADAPTER}")
+    return QLORA_ADAPTER

@@ -1,5 +1,5 @@
 """Zip import of adapters: a round trip of a real export works; zip-slip, symlinks, bombs and junk are refused
-and leave nothing in the store (issue 6)."""
+and leave nothing in the store."""
 from __future__ import annotations
 
 import io
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import adapters
-from finetune.adapter_import import ZipImportError, import_zip
+from finetune.store import adapters
+from finetune.store.zip_import import ZipImportError, import_zip
 
 
 def _fake_adapter_zip(path: Path, extra: dict[str, bytes] | None = None, folder: str = "imp") -> Path:
@@ -94,7 +94,7 @@ def test_bad_names_refused(tmp_path, bad):
 
 
 def test_cli_import(tmp_path, capsys):
-    from finetune.adapters import cli
+    from finetune.store.adapters import cli
 
     assert cli(["import", str(_fake_adapter_zip(tmp_path / "c.zip", folder="from-cli"))]) == 0
     assert "imported from-cli" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import adapters
+from finetune.store import adapters
 from finetune.paths import adapters_dir, studio_home
 
 ROOT = Path(__file__).resolve().parent.parent

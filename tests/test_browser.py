@@ -13,6 +13,7 @@ import zipfile
 
 import pytest
 
+from conftest import wait_for
 from tests.studio_server import ROOT, running_studio
 
 pytestmark = pytest.mark.browser
@@ -103,17 +104,6 @@ def progress(pg) -> dict:
 def curve_points(pg, series: str = "train loss") -> int:
     line = pg.locator(f'#loss-plot polyline[data-series="{series}"]')
     return int(line.get_attribute("data-points") or 0) if line.count() else 0
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 def test_train_watch_reload_chat_download(page, studio, tmp_path):
@@ -210,7 +200,7 @@ def test_train_watch_reload_chat_download(page, studio, tmp_path):
         except sync_api.TimeoutError:  # seen about one run in five under load: the pick is dropped; a person re-picks
             return False
 
-    wait_for(uploaded, 60, "the zip uploaded", poll=0)
+    wait_for(uploaded, 60, "the zip uploaded", interval=0)
     wait_for(lambda: "Uploading" not in pg.locator("#import-file").inner_text(), 30, "the upload to finish")
     pg.click("#import-btn")
     wait_for(lambda: "browser-copy" in pg.locator("#adapters-table").inner_text(), 30, "the imported adapter listed")

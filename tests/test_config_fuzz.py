@@ -1,4 +1,4 @@
-"""Property-based tests of the config parser (issue 6): malformed YAML and malformed values never escape as
+"""Property-based tests of the config parser: malformed YAML and malformed values never escape as
 anything but ConfigError, whose message names the source. At least 1,000 generated inputs per property."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Property-based tests of the data loader (issue 6): at least 1,000 generated malformed inputs per property.
+"""Property-based tests of the data loader: at least 1,000 generated malformed inputs per property.
 Loading, detecting the format and validating every row either succeed or raise DataError naming the file;
 nothing else escapes (no KeyError, TypeError, UnicodeDecodeError, ...)."""
 from __future__ import annotations

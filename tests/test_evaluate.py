@@ -8,8 +8,8 @@ import time
 import pytest
 
 from conftest import ROOT, write_jsonl
-from finetune import evaluate as E
-from finetune.adapters import get_adapter
+from finetune.evaluation import evaluate as E
+from finetune.store.adapters import get_adapter
 from test_generate import ensure_tiny_adapter
 
 SIDE_METRICS = {"val_loss", "perplexity", "exact_match", "token_f1", "rouge_l", "tokens_per_second", "latency_s",
@@ -96,7 +96,7 @@ def test_errors_name_the_problem(adapter, tmp_path):
 
 @pytest.mark.slow
 def test_adapter_beats_base_on_the_demo_domain():
-    """Issue 5's direction, on a shorter version of the default recipe (QLoRA on SmolLM2, built-in python-docs
+    """The adapter improves on its base, on a shorter version of the default recipe (QLoRA on SmolLM2, built-in python-docs
     domain): on held-out questions the adapter's answers overlap the references more than the base's do."""
     from finetune import train
     from finetune.config import example_config

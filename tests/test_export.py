@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.config import JobConfig
+from conftest import train_qlora_adapter
 from finetune.export import ExportError, exports_dir, list_exports, run_export
 from finetune.export.gguf_model import GGUFExportError, write_gguf
 from finetune.export.modelfile import PROBES
-from finetune.paths import adapters_dir, runs_dir
+from finetune.paths import adapters_dir
 
-ADAPTER = "export-qlora"
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["What is 12 plus 30?", "What is 7 plus 5?", "Name three colours."]
 NEW_TOKENS = 16
@@ -26,21 +25,6 @@ MERGED_LOGIT_TOL = 1.0     # bf16-rounded merged weights vs peft base(float32) +
 F16_LOGIT_TOL = 1e-3       # bf16 -> f16 is exact for these weights; allow float noise
 Q8_MEAN_ABS_TOL = 0.3      # q8_0: mean abs logit difference vs the merged model (worst prompt)
 Q8_ARGMAX_AGREE = 0.95     # q8_0: share of positions whose top token is unchanged
-
-
-def train_qlora_adapter(data: Path) -> str:
-    """A real 4-bit (QLoRA) adapter from the real trainer, with a learning rate high enough to change answers."""
-    if (adapters_dir() / ADAPTER / "adapter_model.safetensors").exists():
-        return ADAPTER
-    from finetune import train
-
-    cfg = JobConfig(adapter_name=ADAPTER).with_overrides([
-        "model.quantization=4bit", f"data.path={data}", "data.max_seq_length=64", "training.max_steps=3",
-        "training.learning_rate=0.01", "training.per_device_train_batch_size=2", "training.gradient_checkpointing=false",
-        "training.save_steps=0", "training.warmup_ratio=0", "training.lr_scheduler_type=constant", "lora.r=8",
-        "lora.lora_alpha=16", "evaluation.enabled=false"])
-    train.run(cfg, runs_dir() / f"test-{ADAPTER}")
-    return ADAPTER
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +124,14 @@ def test_merged_folder_matches_peft_base_plus_adapter(adapter, hf_export, merged
 
 
 def test_manifest_lists_every_file_with_size_and_sha256(hf_export):
-    from finetune.export.store import sha256_of
+    from finetune.fsutil import sha256_file
 
     folder = Path(hf_export["path"])
     listed = {f["path"]: f for f in hf_export["files"]}
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(listed) == on_disk
     for rel, f in listed.items():
-        assert f["bytes"] == (folder / rel).stat().st_size and f["sha256"] == sha256_of(folder / rel)
+        assert f["bytes"] == (folder / rel).stat().st_size and f["sha256"] == sha256_file(folder / rel)
     assert any(r["path"] == str(folder) for r in list_exports(hf_export["adapter"]))
     assert not list(exports_dir().glob(".tmp-*")), "no staging folder stays behind"
 

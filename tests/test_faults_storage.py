@@ -1,4 +1,4 @@
-"""Storage faults (issue 6): a full disk during the adapter save fails the job with that reason and leaves the store
+"""Storage faults: a full disk during the adapter save fails the job with that reason and leaves the store
 whole; the SQLite job store survives its writer being SIGKILLed mid-write."""
 from __future__ import annotations
 

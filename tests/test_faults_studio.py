@@ -1,4 +1,4 @@
-"""Fault injection on the running studio (issue 6), through its named API as a user's script would:
+"""Fault injection on the running studio, through its named API as a user's script would:
 - the studio is SIGKILLed mid-run and started again: the job is re-attached and completes;
 - 20 concurrent playground requests: all answered, none lost, the studio's memory stays bounded (one model);
 - path traversal in names and downloads: every attempt refused, nothing outside the store read or written."""
@@ -14,23 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import arithmetic_rows, write_jsonl
+from conftest import arithmetic_rows, wait_for, write_jsonl
 from tests.studio_server import as_json, free_port, running_studio
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 
 from finetune.config import example_config  # noqa: E402
-
-
-def wait_for(cond, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def rss_mb(pid: int) -> float:
@@ -72,7 +62,7 @@ def job_yaml(name: str, data: Path, steps: int) -> str:
 
 def test_studio_killed_mid_run_reattaches_job(home, train_file):
     port = free_port()
-    with running_studio(home, port=port) as (url, proc, _):
+    with running_studio(home, "--allow-path", str(train_file.parent), port=port) as (url, proc, _):
         client = Client(url, verbose=False)
         job = str(client.predict(job_yaml("survivor", train_file, 10), api_name="/submit_job")).strip()
         wait_for(lambda: status(client, job).get("step", 0) >= 1, 300, "training to make progress")
@@ -80,7 +70,7 @@ def test_studio_killed_mid_run_reattaches_job(home, train_file):
         proc.wait(timeout=10)
     st_dir = home / "runs" / job
     assert (st_dir / "status.json").exists()
-    with running_studio(home, port=port) as (url, proc, _):
+    with running_studio(home, "--allow-path", str(train_file.parent), port=port) as (url, proc, _):
         client = Client(url, verbose=False)
         first = status(client, job)
         assert first["state"] in ("running", "completed"), first  # re-attached, not failed

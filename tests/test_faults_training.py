@@ -1,4 +1,4 @@
-"""Fault injection on training (issue 6): SIGKILL the real training process at random points of N runs.
+"""Fault injection on training: SIGKILL the real training process at random points of N runs.
 
 Every kill must leave the job `failed` (never `running`), the adapter store holding only whole adapters, and every
 visible checkpoint complete; resuming after each kill must finally complete the job at its planned step count.
@@ -7,6 +7,7 @@ while the finished adapter is being saved/published.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -17,39 +18,24 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from finetune import runner
-from finetune.adapters import adapters_dir
+from conftest import tiny_config, wait_for
+from finetune import rundir
 from finetune.config import JobConfig
-from finetune.jobs import JobStore
+from finetune.jobs import JobStore, process
+from finetune.store.adapters import adapters_dir
 
 N_KILLS = int(os.environ.get("STUDIO_FAULT_KILLS", "10"))
 MAX_STEPS = 12
 DEADLINE = 240
 
 
-def wait_for(cond, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+# Fast polling: the moments these tests aim at (a checkpoint mid-write) last a fraction of a second.
+wait_fast = functools.partial(wait_for, interval=0.02)
 
 
 def config(data: Path) -> JobConfig:
-    cfg = JobConfig(adapter_name="fault-victim")
-    cfg.model.quantization = "none"
-    cfg.data.path = str(data)
-    cfg.data.max_seq_length = 64
-    cfg.data.validation_split = 0.0
-    cfg.training.max_steps = MAX_STEPS
-    cfg.training.per_device_train_batch_size = 2
-    cfg.training.gradient_checkpointing = False
-    cfg.training.save_steps = 1  # a checkpoint every step: many chances to be killed mid-write
-    cfg.training.save_total_limit = 2
-    cfg.evaluation.enabled = False
-    return cfg
+    # a checkpoint every step: many chances to be killed mid-write
+    return tiny_config(data, "fault-victim", MAX_STEPS, save_steps=1, save_total_limit=2)
 
 
 def assert_store_whole() -> None:
@@ -83,30 +69,30 @@ def written_since(folder: Path, pattern: str, t0: float) -> bool:
 
 def kill_point(store: JobStore, job_id: str, kind: str, rng: random.Random) -> str:
     """Wait for the chosen moment of the current attempt, then SIGKILL the trainer. Returns what was hit."""
-    row = wait_for(lambda: (r := store.get(job_id))["state"] == "running" and r["pgid"] and r, DEADLINE, "launch")
+    row = wait_fast(lambda: (r := store.get(job_id))["state"] == "running" and r["pgid"] and r, DEADLINE, "launch")
     run_dir = Path(row["run_dir"])
     ckpts = run_dir / "checkpoints"
     if kind == "loading":
         time.sleep(rng.uniform(0.5, 6.0))
     elif kind == "training":
-        start = runner.read_status(run_dir).get("step") or 0
-        wait_for(lambda: store.live(job_id)["phase"] == "training" and store.live(job_id)["step"] > start
+        start = rundir.read_status(run_dir).get("step") or 0
+        wait_fast(lambda: store.live(job_id)["phase"] == "training" and store.live(job_id)["step"] > start
                  or store.get(job_id)["state"] != "running", DEADLINE, "a training step")
         time.sleep(rng.uniform(0.0, 0.4))
     elif kind == "checkpoint":
         # A kill mid-write leaves a stale .tmp-checkpoint-N behind (never read); wait for one written by this attempt.
-        wait_for(lambda: store.live(job_id)["phase"] == "training" or store.get(job_id)["state"] != "running",
+        wait_fast(lambda: store.live(job_id)["phase"] == "training" or store.get(job_id)["state"] != "running",
                  DEADLINE, "training to start")
         t0 = time.time()
-        wait_for(lambda: written_since(ckpts, ".tmp-checkpoint-*", t0)
+        wait_fast(lambda: written_since(ckpts, ".tmp-checkpoint-*", t0)
                  or store.get(job_id)["state"] != "running", DEADLINE, "a checkpoint being written", interval=0.002)
     elif kind == "saving":
-        wait_for(lambda: runner.read_status(run_dir).get("phase") in ("saving", "completed")
+        wait_fast(lambda: rundir.read_status(run_dir).get("phase") in ("saving", "completed")
                  or any(adapters_dir().glob(".tmp-fault-victim-*")) or store.get(job_id)["state"] != "running",
                  DEADLINE, "the adapter being saved", interval=0.002)
     row = store.get(job_id)
-    members = runner.group_members(row["pgid"], row["run_dir"])
-    status = runner.read_status(run_dir)
+    members = process.group_members(row["pgid"], row["run_dir"])
+    status = rundir.read_status(run_dir)
     hit = status.get("phase") if status.get("pid") in members else "starting"  # else: the last attempt's file
     if row["state"] != "running" or not members:
         return f"{kind}: too late ({row['state']})"
@@ -130,18 +116,18 @@ def test_sigkill_at_random_points_then_resume(tmp_path, chat_jsonl):
         hits = []
         for kind in kinds[-N_KILLS:]:
             hits.append(kill_point(store, job_id, kind, rng))
-            row = wait_for(lambda: (r := store.get(job_id))["state"] != "running" and r, 60, "the job to stop")
+            row = wait_fast(lambda: (r := store.get(job_id))["state"] != "running" and r, 60, "the job to stop")
             assert row["state"] in ("failed", "completed"), row
             if row["state"] == "failed":
                 assert row["error"], row
-                assert not runner.group_members(row["pgid"], row["run_dir"])
+                assert not process.group_members(row["pgid"], row["run_dir"])
             assert_store_whole()
             assert_checkpoints_whole(Path(row["run_dir"]))
             if row["state"] == "completed":
                 break
             store.resume(job_id)
         if store.get(job_id)["state"] != "completed":
-            wait_for(lambda: store.get(job_id)["state"] in ("completed", "failed"), DEADLINE, "the final resume")
+            wait_fast(lambda: store.get(job_id)["state"] in ("completed", "failed"), DEADLINE, "the final resume")
         row = store.get(job_id)
         print("\n".join(hits))
         assert row["state"] == "completed", (row["error"], store.live(job_id)["log_tail"])

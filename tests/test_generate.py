@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from finetune import generate as G
+from finetune.evaluation import generate as G
 from finetune.config import JobConfig
 from finetune.paths import adapters_dir, runs_dir
 

@@ -19,38 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from finetune import runner
+from conftest import tiny_config, wait_for
+from finetune import rundir
 from finetune.config import ConfigError, JobConfig
-from finetune.jobs import JOB_ID_RE, JobError, JobStore, cli
+from finetune.jobs import JOB_ID_RE, JobError, JobStore, cli, process
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def tiny_config(data: Path, name: str, steps: int = 2, **training) -> JobConfig:
-    cfg = JobConfig(adapter_name=name)
-    cfg.model.quantization = "none"  # bitsandbytes 4-bit is a GPU path; the CPU run stays in float32
-    cfg.data.path = str(data)
-    cfg.data.max_seq_length = 64
-    cfg.data.validation_split = 0.0
-    cfg.training.max_steps = steps
-    cfg.training.per_device_train_batch_size = 2
-    cfg.training.gradient_checkpointing = False
-    cfg.training.warmup_ratio = 0.0
-    cfg.training.save_steps = 0
-    cfg.evaluation.enabled = False
-    for k, v in training.items():
-        setattr(cfg.training, k, v)
-    return cfg
 
 
 def set_row(store: JobStore, job_id: str, **cols):
@@ -239,7 +213,7 @@ def test_store_survives_sigkill_mid_write(home, chat_jsonl):
 
 
 def test_diagnose_plain_words():
-    d = runner.diagnose
+    d = process.diagnose
     assert d({"phase": "failed", "error": "bad data: x.jsonl, line 3"}, "", 1) == "bad data: x.jsonl, line 3"
     assert "ran out of memory" in d({}, "torch.OutOfMemoryError: CUDA out of memory. Tried", 1)
     assert "x.jsonl, line 7" in d({}, "Traceback\nfinetune.data.DataError: x.jsonl, line 7: field messages", 1)
@@ -294,13 +268,13 @@ def stores(home):
         s.stop_scheduler()
     if made:
         for row in made[-1].list_jobs(states=("running",)):
-            runner.stop_group(row["pgid"], row["run_dir"], grace_s=2)
+            process.stop_group(row["pgid"], row["run_dir"], grace_s=2)
 
 
 def trainer_pid(row: dict) -> int | None:
     """The training process itself (accelerate's child), not the launcher."""
-    for pid in runner.group_members(row["pgid"], row["run_dir"]):
-        cmd = runner._cmdline(pid)
+    for pid in process.group_members(row["pgid"], row["run_dir"]):
+        cmd = process._cmdline(pid)
         if "accelerate" not in cmd and " train " in cmd:
             return pid
     return None
@@ -348,12 +322,12 @@ def test_sigkill_of_training_process_marks_job_failed(stores, chat_jsonl):
     wait_for(lambda: in_training(store, job_id), RUN_DEADLINE, "training to start")
     row = store.get(job_id)
     pid = trainer_pid(row)
-    assert pid, runner.group_members(row["pgid"], row["run_dir"])
+    assert pid, process.group_members(row["pgid"], row["run_dir"])
     os.kill(pid, signal.SIGKILL)
     row = wait_for(lambda: finished(store, job_id), 60, "the job to be marked finished")
     assert row["state"] == "failed"
     assert row["error"] == "the training process was killed (SIGKILL or out of host memory)"
-    assert not runner.group_members(row["pgid"], row["run_dir"])
+    assert not process.group_members(row["pgid"], row["run_dir"])
     assert store.live(job_id)["log_tail"]
 
 
@@ -377,7 +351,7 @@ def test_restarted_studio_reattaches_running_job(stores, chat_jsonl, home):
 
     second = stores()  # a new studio: reconciles at start
     row = second.get(job_id)
-    assert row["state"] == "running" and row["pid"] == pid and runner.is_ours(pid, row["run_dir"])
+    assert row["state"] == "running" and row["pid"] == pid and process.is_ours(pid, row["run_dir"])
     second.start_scheduler()
     row = wait_for(lambda: finished(second, job_id), RUN_DEADLINE, "the re-attached job to finish")
     assert row["state"] == "completed", row["error"]
@@ -397,9 +371,9 @@ def test_cancel_running_job_then_resume_from_checkpoint(stores, chat_jsonl):
     row = store.cancel(job_id)
     cancel_s = time.monotonic() - t0
     assert row["state"] == "cancelled" and row["error"] is None
-    assert not runner.group_members(row["pgid"], row["run_dir"])
+    assert not process.group_members(row["pgid"], row["run_dir"])
     assert cancel_s < 10, "SIGTERM should stop it well within the grace period"
-    checkpoint = runner.latest_checkpoint(Path(row["run_dir"]))
+    checkpoint = rundir.latest_checkpoint(Path(row["run_dir"]))
     assert checkpoint in ("checkpoint-2", "checkpoint-4")
     assert store.live(job_id)["step"] < 6
 
@@ -412,7 +386,7 @@ def test_cancel_running_job_then_resume_from_checkpoint(stores, chat_jsonl):
     assert [s for s, _ in info["loss_history"]] == [1, 2, 3, 4, 5, 6]
     assert "--resume" in info["command"] and f"resuming from {checkpoint}" in Path(row["run_dir"], "train.log").read_text()
     # the resumed attempt logged only the steps after the checkpoint
-    resumed_steps = [r["step"] for r in runner.read_metrics(Path(row["run_dir"])) if "loss" in r]
+    resumed_steps = [r["step"] for r in rundir.read_metrics(Path(row["run_dir"])) if "loss" in r]
     first_after = int(checkpoint.split("-")[1]) + 1
     assert resumed_steps[-(6 - first_after + 1):] == list(range(first_after, 7))
 
@@ -437,7 +411,7 @@ def test_bad_data_job_fails_naming_file_and_line(stores, chat_jsonl, tmp_path, h
 
 
 def test_sigkill_at_random_points_then_resume(stores, chat_jsonl):
-    """Issue 6's fault injection, small: SIGKILL a job's training process at seeded random moments (loading, data,
+    """Fault injection, small: SIGKILL a job's training process at seeded random moments (loading, data,
     training, checkpointing, publishing). Every job ends failed (or completed if it was faster), never `running`;
     no adapter is half-written; resuming each failed job finishes it at the planned step count."""
     import random
@@ -462,7 +436,7 @@ def test_sigkill_at_random_points_then_resume(stores, chat_jsonl):
         assert row["state"] in ("failed", "completed"), outcomes
         if row["state"] == "failed":
             assert "killed" in row["error"] or "before finishing" in row["error"], row["error"]
-        assert not runner.group_members(row["pgid"], row["run_dir"])
+        assert not process.group_members(row["pgid"], row["run_dir"])
         folder = adapters / f"fault-{i}"  # either absent or complete: publishing is a rename
         assert not folder.exists() or all((folder / f).is_file() for f in
                                           ("adapter_model.safetensors", "adapter_config.json", "studio.json"))

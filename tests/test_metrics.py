@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from finetune import metrics as M
+from finetune.evaluation import metrics as M
 
 
 def test_normalize_answer_squad_style():

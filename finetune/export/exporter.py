@@ -94,7 +94,7 @@ def run_export(adapter: str, fmt: str = "hf", quant: str | None = None, progress
     """Export `adapter` and publish it under exports_dir()/<adapter>/<fmt>-<quant>/. Returns the manifest with
     "path" (the published folder)."""
     quant = check_request(adapter, fmt, quant)
-    from finetune import adapters
+    from finetune.store import adapters
 
     adapters.get_adapter(adapter)  # a clear FileNotFoundError before any work
     target = export_path(adapter, fmt, quant)

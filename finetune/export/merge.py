@@ -32,8 +32,8 @@ def _quiet(*_a) -> None:
 
 def adapter_source(name: str) -> tuple[Path, dict, object]:
     """(adapter folder, studio.json, the ModelConfig it was trained with) for a stored adapter."""
-    from finetune import adapters
-    from finetune.generate import _adapter_info
+    from finetune.evaluation.generate import _adapter_info
+    from finetune.store import adapters
 
     meta = adapters.get_adapter(name)  # validates the name and that the adapter exists
     path, model_cfg = _adapter_info(str(adapters.adapter_path(name)))
@@ -43,7 +43,7 @@ def adapter_source(name: str) -> tuple[Path, dict, object]:
 def _logits(model, tokenizer, prompts=CHECK_PROMPTS):
     import torch
 
-    from finetune.generate import prompt_text
+    from finetune.evaluation.generate import prompt_text
 
     out = []
     with torch.no_grad():
@@ -112,7 +112,7 @@ def merged_model(name: str, dtype: str = "bf16", progress: Progress = _quiet):
 
 def generation_settings(tokenizer) -> dict:
     """generation_config.json fields: stop at the end of a turn as well as at EOS."""
-    from finetune.generate import stop_token_ids
+    from finetune.evaluation.generate import stop_token_ids
 
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)

@@ -68,7 +68,7 @@ def go_template(render) -> str | None:
 
 
 def stop_strings(tokenizer) -> list[str]:
-    from finetune.generate import stop_token_ids
+    from finetune.evaluation.generate import stop_token_ids
 
     return [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
 

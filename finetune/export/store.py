@@ -5,7 +5,6 @@ staging folder, which the next export or listing removes once its process is gon
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,8 @@ import uuid
 from pathlib import Path
 
 from finetune.config import check_name
+from finetune.errors import StudioError
+from finetune.fsutil import sha256_file, write_json_atomic
 from finetune.paths import studio_home
 
 MANIFEST = "manifest.json"
@@ -22,7 +23,7 @@ FORMATS = {"hf": ("bf16", "f16", "f32"), "gguf": ("f16", "q8_0", "q4_0")}
 DEFAULT_QUANT = {"hf": "bf16", "gguf": "q8_0"}
 
 
-class ExportError(ValueError):
+class ExportError(StudioError):
     """A request the exporter refuses, in words that name the field."""
 
 
@@ -91,20 +92,12 @@ def staging_dir() -> Path:
     return p
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path, info: dict) -> dict:
     """manifest.json: `info` plus size and sha256 of every file in the folder (written last)."""
-    files = [{"path": f.relative_to(folder).as_posix(), "bytes": f.stat().st_size, "sha256": sha256_of(f)}
+    files = [{"path": f.relative_to(folder).as_posix(), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
              for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST]
     manifest = {**info, "files": files, "total_bytes": sum(f["bytes"] for f in files), "created_at": time.time()}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(folder / MANIFEST, manifest, indent=2)
     return manifest
 
 

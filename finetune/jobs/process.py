@@ -1,5 +1,5 @@
-"""The process side of a job: the command line, starting it detached, watching and stopping its process group,
-and reading back what it wrote (status.json, metrics.jsonl, train.log).
+"""The process side of a job: the devices, starting it detached, watching and stopping its process group,
+and why it failed (from what it wrote into its run folder, finetune/rundir.py).
 
 No torch import here: the studio UI imports this module, and a job must survive the UI (and the UI the job).
 Liveness is judged from /proc, never from being the parent: after a studio restart the training process is
@@ -7,68 +7,63 @@ somebody else's child, and a pid may have been reused by an unrelated program in
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
 import shutil
 import signal
 import subprocess
-import sys
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
 
+from finetune import rundir
+from finetune.errors import disk_full_message, missing_module_message, oom_message
 from finetune.paths import PROJECT_ROOT
+from finetune.rundir import ATTEMPT_HEADER
 
-LOG_TAIL_LINES = 40
 
-
-# --- the command ---------------------------------------------------------------------------------
+# --- devices and launching -------------------------------------------------------------------------
 @lru_cache(maxsize=1)
-def cuda_available() -> bool:
-    """Whether a CUDA GPU is usable, decided without importing torch (seconds of import in the UI process)."""
+def host_gpus() -> tuple[str, ...]:
+    """The GPUs jobs may use, decided without importing torch (seconds of import in the UI process):
+    CUDA_VISIBLE_DEVICES when set, else every GPU `nvidia-smi -L` lists."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
-        return False
+    if visible is not None:
+        ids = tuple(v.strip() for v in visible.split(",") if v.strip())
+        return () if not ids or ids[0] in ("-1", "none", "NoDevFiles") else ids
     smi = shutil.which("nvidia-smi")
     if not smi:
-        return False
+        return ()
     try:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and "GPU" in out.stdout
+        return ()
+    if out.returncode != 0:
+        return ()
+    return tuple(str(i) for i, line in enumerate(ln for ln in out.stdout.splitlines() if ln.startswith("GPU ")))
 
 
-def train_command(job_yaml: Path, run_dir: Path, resume: bool = False) -> list[str]:
-    """The exact command a job runs; the UI shows it so a user can run the same thing by hand."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if not cuda_available():
-        cmd.append("--cpu")
-    # mixed precision is the trainer's choice (bf16 where supported), not the launcher's.
-    cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "finetune", "train", str(job_yaml), "--run-dir", str(run_dir)]
-    if resume:
-        cmd.append("--resume")
-    return cmd
+def cuda_available() -> bool:
+    return bool(host_gpus())
 
 
 def command_string(cmd: list[str]) -> str:
     return shlex.join(cmd)
 
 
-def launch(cmd: list[str], run_dir: Path, job_id: str, home: Path, header: str = "") -> subprocess.Popen:
+def launch(cmd: list[str], run_dir: Path, job_id: str, home: Path,
+           devices: tuple[str, ...] | None = None) -> subprocess.Popen:
     """Start the job in its own session (so it outlives the studio and can be stopped as one process group),
-    appending its stdout and stderr to run_dir/train.log."""
+    appending its stdout and stderr to run_dir/train.log. devices: the GPUs it may see (None: leave
+    CUDA_VISIBLE_DEVICES as it is; () hides every GPU)."""
     env = dict(os.environ)
     env.update(STUDIO_JOB_ID=job_id, STUDIO_HOME=str(home), PYTHONUNBUFFERED="1")
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-    log_path = run_dir / "train.log"
-    with open(log_path, "ab") as log:
-        if header:
-            log.write(header.encode("utf-8"))
-            log.flush()
+    with open(run_dir / rundir.LOG, "ab") as log:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=str(PROJECT_ROOT), start_new_session=True, close_fds=True)
 
@@ -95,6 +90,16 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _runs_job(pid: int, run_dir: str | Path) -> bool:
+    """Whether the process's arguments include the job's run folder: every job kind's command passes it, and an
+    unrelated process that reused the pid does not (a `tail -f` of its log names a file inside it, not the folder)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return os.fsencode(str(run_dir)) in args
+
+
 def pid_alive(pid: int | None) -> bool:
     """True for a running process; False for none, a zombie (exited, not yet reaped) or one we may not see."""
     if not pid or pid <= 0:
@@ -117,8 +122,7 @@ def is_ours(pid: int, run_dir: str | Path) -> bool:
         return False
     if not Path("/proc").is_dir():
         return True
-    cmd = _cmdline(pid)
-    return "finetune" in cmd and str(run_dir) in cmd
+    return _runs_job(pid, run_dir)
 
 
 def group_members(pgid: int | None, run_dir: str | Path) -> list[int]:
@@ -140,11 +144,56 @@ def group_members(pgid: int | None, run_dir: str | Path) -> list[int]:
             continue
         pid = int(entry.name)
         st = _proc_stat(pid)
-        if st and st[1] == pgid and st[0] not in ("Z", "X"):
-            cmd = _cmdline(pid)
-            if "finetune" in cmd and str(run_dir) in cmd:
-                members.append(pid)
+        if st and st[1] == pgid and st[0] not in ("Z", "X") and _runs_job(pid, run_dir):
+            members.append(pid)
     return members
+
+
+def alive(row: dict) -> bool:
+    """Whether a running job still has a process: ours, or re-attached after a restart."""
+    return bool(group_members(row["pgid"], row["run_dir"]) or is_ours(row["pid"], row["run_dir"]))
+
+
+def group_of(proc: subprocess.Popen) -> int:
+    try:
+        return os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return proc.pid  # start_new_session: the launcher leads its own group
+
+
+class Children:
+    """The processes this studio process launched: their exit codes (the truth for our own children), and reaping,
+    so that they do not linger as zombies."""
+
+    def __init__(self):
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    def add(self, job_id: str, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs[job_id] = proc
+
+    def pop(self, job_id: str) -> None:
+        with self._lock:
+            self._procs.pop(job_id, None)
+
+    def poll(self) -> dict[str, int]:
+        """Exit codes of the children that have exited (reaping them)."""
+        with self._lock:
+            procs = list(self._procs.items())
+        return {job_id: rc for job_id, proc in procs if (rc := proc.poll()) is not None}
+
+    def exit_code(self, job_id: str, timeout: float = 5) -> int | None:
+        """The exit code of our child (None if the job is not ours). The /proc scan can miss a process in the middle
+        of exiting (seen under load), so an exit is given `timeout` to be reaped; TimeoutError if it is still alive."""
+        with self._lock:
+            proc = self._procs.get(job_id)
+        if proc is None:
+            return None
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"job {job_id} is still running") from None
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -179,91 +228,8 @@ def stop_group(pgid: int, run_dir: str | Path, grace_s: float = 10.0, reap=None)
     return "kill"
 
 
-# --- what the training process wrote ---------------------------------------------------------------
-def read_status(run_dir: Path) -> dict:
-    """status.json (replaced atomically by the trainer); {} if absent or unreadable."""
-    try:
-        data = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl rows; a half-written last line (the trainer is mid-write) or a torn line is skipped."""
-    try:
-        text = (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append(row)
-    return rows
-
-
-def histories(rows: list[dict], max_points: int = 2000) -> tuple[list[list], list[list]]:
-    """[[step, loss], ...] and [[step, eval_loss], ...]. A resumed run logs the steps after its checkpoint again:
-    the later value of a step wins, so the curve continues instead of zig-zagging."""
-    loss: dict[int, float] = {}
-    evl: dict[int, float] = {}
-    for r in rows:
-        step = int(r["step"])
-        if isinstance(r.get("loss"), (int, float)):
-            loss[step] = float(r["loss"])
-        if isinstance(r.get("eval_loss"), (int, float)):
-            evl[step] = float(r["eval_loss"])
-
-    def pts(d: dict[int, float]) -> list[list]:
-        out = [[s, d[s]] for s in sorted(d)]
-        if len(out) > max_points:  # thin a long curve for the plot, keeping the last point
-            stride = -(-len(out) // max_points)
-            out = out[::stride] + ([out[-1]] if (len(out) - 1) % stride else [])
-        return out
-
-    return pts(loss), pts(evl)
-
-
-def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 65536) -> str:
-    """The last lines of train.log, reading only its end. Progress-bar carriage returns keep their last frame."""
-    path = run_dir / "train.log"
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError:
-        return ""
-    text = data.decode("utf-8", "replace")
-    out = [ln.rsplit("\r", 1)[-1] if "\r" in ln.rstrip("\r") else ln.rstrip("\r") for ln in text.split("\n")]
-    if size > max_bytes:
-        out = out[1:]  # the first line was cut by the seek
-    while out and not out[-1].strip():
-        out.pop()
-    return "\n".join(out[-lines:])
-
-
-def latest_checkpoint(run_dir: Path) -> str | None:
-    """Name of the highest checkpoints/checkpoint-<step> folder (what --resume continues from), if any."""
-    best = None
-    for p in (run_dir / "checkpoints").glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p.name)
-    return best[1] if best else None
-
-
 # --- why a job failed, in plain words --------------------------------------------------------------
 _EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt))(?::\s*(.*))?$")
-_ATTEMPT_HEADER = "=== studio: attempt"
 
 
 def diagnose(status: dict, tail: str, returncode: int | None) -> str:
@@ -273,8 +239,8 @@ def diagnose(status: dict, tail: str, returncode: int | None) -> str:
     harmless warnings such as "No module named 'kernels'" on every run."""
     if status.get("phase") == "failed" and status.get("error"):
         return str(status["error"]).strip()
-    if _ATTEMPT_HEADER in tail:  # only the latest attempt's output is about this failure
-        tail = tail[tail.rindex(_ATTEMPT_HEADER):]
+    if ATTEMPT_HEADER in tail:  # only the latest attempt's output is about this failure
+        tail = tail[tail.rindex(ATTEMPT_HEADER):]
     lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
     low = "\n".join(lines).lower()
     if returncode in (-9, 137) or "died with <signals.sigkill" in low or any(ln == "Killed" for ln in lines):
@@ -285,9 +251,7 @@ def diagnose(status: dict, tail: str, returncode: int | None) -> str:
         ("subprocess.CalledProcessError", "CalledProcessError")))]
     text = "\n".join(evidence)
     if "out of memory" in text.lower() or "OutOfMemoryError" in text:
-        where = "GPU" if "cuda" in text.lower() else "device"
-        return (f"the {where} ran out of memory: lower training.per_device_train_batch_size or data.max_seq_length, "
-                "keep training.gradient_checkpointing on, or load the model in 4-bit")
+        return oom_message(text)
     for ln in reversed(evidence):
         if "DataError" in ln:
             return "bad training data: " + re.sub(r"^.*?DataError:\s*", "", ln)
@@ -295,12 +259,9 @@ def diagnose(status: dict, tail: str, returncode: int | None) -> str:
             return "invalid job config: " + re.sub(r"^.*?ConfigError:\s*", "", ln)
         m = re.search(r"No module named '?([\w.]+)", ln)
         if m:
-            mod = m.group(1)
-            if mod.split(".")[0] == "finetune":
-                return f"the studio's own module {mod} is missing: the checkout is incomplete (git status, make setup)"
-            return f"a Python package is missing: {mod} (install it into the studio's environment: pip install {mod.split('.')[0]})"
+            return missing_module_message(m.group(1))
         if "no space left on device" in ln.lower():
-            return "the disk is full (No space left on device) while writing the run or the adapter"
+            return disk_full_message()
     errs = [ln for ln in evidence if ln.startswith("error: ")]
     if errs:
         return errs[-1].removeprefix("error: ")

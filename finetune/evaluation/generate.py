@@ -46,7 +46,8 @@ load_count = 0
 # --- resolving what to load ------------------------------------------------------------------------------------
 def _adapter_info(adapter: str) -> tuple[Path, Any]:
     """The adapter's folder and the ModelConfig it was trained with (from studio.json, falling back to peft's
-    adapter_config.json for folders that did not come from the studio)."""
+    adapter_config.json for folders that did not come from the studio). Metadata never turns remote code on."""
+    from finetune import policy
     from finetune.config import ModelConfig
 
     path = Path(adapter)
@@ -55,7 +56,7 @@ def _adapter_info(adapter: str) -> tuple[Path, Any]:
         if (path / "studio.json").exists():
             meta = json.loads((path / "studio.json").read_text(encoding="utf-8"))
     else:
-        from finetune import adapters
+        from finetune.store import adapters
 
         path = adapters.adapter_path(adapter)
         meta = adapters.get_adapter(adapter)
@@ -65,7 +66,9 @@ def _adapter_info(adapter: str) -> tuple[Path, Any]:
         # An adapter from elsewhere: its base as peft recorded it, unquantized unless the studio said otherwise.
         model_section = {"name_or_path": meta.get("base_model") or cfg.get("base_model_name_or_path"),
                          "quantization": meta.get("quantization") or "none"}
-    return path, ModelConfig(**model_section)
+    model_cfg = ModelConfig(**model_section)
+    policy.check_model_config(model_cfg, f"adapter {adapter!r}")
+    return path, model_cfg
 
 
 def _base_config(base: str | None, quantization: str | None):

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from finetune import metrics as M
+from finetune.evaluation import metrics as M
+from finetune.errors import StudioError
+from finetune.fsutil import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ TEXT_METRICS = ("exact_match", "token_f1", "rouge_l")
 Progress = Callable[[float, str], None]
 
 
-class EvalError(ValueError):
+class EvalError(StudioError):
     """Evaluation cannot run: the message says which adapter, file or field is the problem."""
 
 
@@ -85,7 +87,7 @@ def load_examples(data_path: str | None, split: str, data_cfg) -> tuple[list[dic
     from finetune import data as D
 
     if data_path:
-        records = D.load_records(data_path, split)
+        records = D.load_records(data_path, split, "data_path")
         source, used_split = data_path, split
     else:
         records = D.load_records(data_cfg.path, data_cfg.split)
@@ -132,7 +134,7 @@ def _sequence_nll(adapter_name: str, use_adapter: bool, pairs: list[tuple[list[i
     Rows are left padded so every target sits at the end of its row; the model then only has to produce logits for
     the last max(target)+1 positions (logits_to_keep), which keeps a 49k-vocabulary model's memory small on a CPU."""
     import torch
-    from finetune import generate as G
+    from finetune.evaluation import generate as G
 
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
@@ -166,7 +168,7 @@ def _sequence_nll(adapter_name: str, use_adapter: bool, pairs: list[tuple[list[i
 
 def _encode_pairs(tok, examples: list[dict], max_len: int) -> tuple[list[tuple[list[int], list[int]]], list, int]:
     """(prompt ids, reference ids + end-of-turn) for the loss, and (example, choice, pair index) for each MC choice."""
-    from finetune import generate as G
+    from finetune.evaluation import generate as G
 
     end = G.stop_token_ids(tok)
     end_id = end[-1] if end else None  # <|im_end|> for chat templates that have it: the token training learns
@@ -192,7 +194,7 @@ def _encode_pairs(tok, examples: list[dict], max_len: int) -> tuple[list[tuple[l
 
 def _score_side(adapter_name: str, use_adapter: bool, examples: list[dict], pairs, mc, max_new_tokens: int, max_prompt: int,
                 progress: Progress | None, p0: float, p1: float) -> dict:
-    from finetune import generate as G
+    from finetune.evaluation import generate as G
 
     adapter = adapter_name if use_adapter else None
     n = len(examples)
@@ -258,7 +260,8 @@ def _cuda() -> bool:
 
 # --- the evaluation ------------------------------------------------------------------------------------------
 def _adapter_config(adapter_name: str):
-    from finetune import adapters
+    from finetune import policy
+    from finetune.store import adapters
     from finetune.config import ConfigError, JobConfig
 
     try:
@@ -277,15 +280,8 @@ def _adapter_config(adapter_name: str):
         if meta.get("base_model"):
             cfg.model.name_or_path = meta["base_model"]
         cfg.model.quantization = meta.get("quantization") or "none"
+    policy.check_model_config(cfg.model, f"adapter {adapter_name!r}")
     return meta, cfg
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_key(parts: dict) -> str:
@@ -295,8 +291,8 @@ def cache_key(parts: dict) -> str:
 def evaluate(adapter_name: str, data_path: str | None = None, split: str = "validation", max_examples: int | None = None,
              max_new_tokens: int | None = None, *, use_cache: bool = True, progress: Progress | None = None) -> dict:
     """Base vs base + adapter on held-out examples. See the module docstring for the JSON's shape."""
-    from finetune import adapters
-    from finetune import generate as G
+    from finetune.store import adapters
+    from finetune.evaluation import generate as G
 
     t_start = time.time()
     meta, cfg = _adapter_config(adapter_name)
@@ -316,8 +312,8 @@ def evaluate(adapter_name: str, data_path: str | None = None, split: str = "vali
     # The fingerprint is of the examples actually used, so it stands for the data, the split and max_examples at
     # once: asking for 16 or 20 examples of a 12-row file is the same evaluation and is served from the cache.
     key_parts = {"version": EVAL_VERSION, "data": fingerprint,
-                 "max_new_tokens": max_new_tokens, "weights": _file_hash(weights),
-                 "adapter_config": _file_hash(adir / "adapter_config.json") if (adir / "adapter_config.json").exists() else None,
+                 "max_new_tokens": max_new_tokens, "weights": sha256_file(weights),
+                 "adapter_config": sha256_file(adir / "adapter_config.json") if (adir / "adapter_config.json").exists() else None,
                  "base": cfg.model.model_dump(mode="json"), "max_seq_length": cfg.data.max_seq_length}
     key = cache_key(key_parts)
     cache_file = adir / "eval" / f"{key}.json"
@@ -399,13 +395,11 @@ def _prompt_str(messages: list[dict]) -> str:
 
 def _store(adapter_name: str, cache_file: Path, result: dict) -> None:
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(cache_file)  # atomic: a reader never sees half a file
+    write_json_atomic(cache_file, result, ensure_ascii=False)
     summary = {k: result[k] for k in ("key", "data", "settings", "metrics", "paired", "created_at", "duration_s")}
     summary["file"] = str(cache_file.relative_to(cache_file.parent.parent))
     try:
-        from finetune import adapters
+        from finetune.store import adapters
 
         adapters.update_metadata(adapter_name, "eval", summary)
     except Exception as e:  # the eval file is the record; the studio.json summary is a convenience
@@ -414,7 +408,7 @@ def _store(adapter_name: str, cache_file: Path, result: dict) -> None:
 
 def cached_results(adapter_name: str) -> list[dict]:
     """Every stored evaluation of an adapter, newest first (for the Adapters tab)."""
-    from finetune import adapters
+    from finetune.store import adapters
 
     folder = adapters.adapter_path(adapter_name) / "eval"
     results = []

@@ -11,7 +11,8 @@ CLI: python -m finetune adapters list | show NAME | delete NAME | export NAME
 from __future__ import annotations
 
 import argparse
-import fcntl
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -20,17 +21,18 @@ import tempfile
 import time
 import uuid
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from finetune.config import check_name
+from finetune.errors import StudioError
+from finetune.fsutil import file_lock, write_json_atomic
 from finetune.paths import adapters_dir, studio_home
 
 META = "studio.json"
 WEIGHTS = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(StudioError):
     """A bad adapter name or a path that would leave the store."""
 
 
@@ -55,15 +57,9 @@ def _existing(name: str) -> Path:
     return p
 
 
-@contextmanager
 def _store_lock():
     """Serializes writers of the store (publish, delete, metadata updates) across processes."""
-    with open(adapters_dir() / ".lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(adapters_dir() / ".lock")
 
 
 def staging_dir(name: str) -> Path:
@@ -76,9 +72,24 @@ def staging_dir(name: str) -> Path:
     return p
 
 
+def _restore_orphans() -> None:
+    """Put back an adapter whose publish was killed between its two renames (only .old-<name>-<hex> is left).
+    Under the store lock, which publish holds across both renames, such a folder is always an orphan."""
+    with _store_lock():
+        for p in adapters_dir().glob(".old-*-*"):
+            name = p.name[len(".old-"):].rsplit("-", 1)[0]
+            try:
+                target = adapter_path(name)
+            except AdapterError:
+                continue
+            if p.is_dir() and not p.is_symlink() and not target.exists():
+                os.replace(p, target)
+
+
 def _sweep_leftovers(max_age_s: float = 3600) -> None:
     """Remove hidden staging/replaced/deleted folders that a killed process left behind (old ones only: a younger
-    one may belong to a run that is saving right now)."""
+    one may belong to a run that is saving right now), after restoring any adapter that only a .old- folder holds."""
+    _restore_orphans()
     now = time.time()
     for p in adapters_dir().glob(".*-*"):
         if p.name.startswith((".tmp-", ".old-", ".deleted-")) and p.is_dir() and not p.is_symlink():
@@ -87,12 +98,6 @@ def _sweep_leftovers(max_age_s: float = 3600) -> None:
                     shutil.rmtree(p, ignore_errors=True)
             except OSError:
                 pass
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -133,6 +138,7 @@ def _summary(name: str, p: Path) -> dict:
 
 def list_adapters() -> list[dict]:
     """Every adapter in the store, newest first."""
+    _restore_orphans()
     rows = []
     for p in adapters_dir().iterdir():
         if p.name.startswith(".") or p.is_symlink() or not p.is_dir() or not (p / "adapter_config.json").is_file():
@@ -147,26 +153,55 @@ def list_adapters() -> list[dict]:
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
-def publish(src_dir: str | Path, name: str) -> Path:
-    """Move a finished adapter folder into the store as <name>, replacing an older adapter of that name.
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish(src_dir: str | Path, name: str, replace: bool = True) -> Path:
+    """Move a finished adapter folder into the store as <name>, replacing an older adapter of that name (or, with
+    replace=False, refusing if one exists: checked under the store lock, so of two racing publishes one wins).
+    The old version stays in place until the new one is: swapped in one step where the system can, else by two
+    renames whose leftover (.old-<name>-*) _restore_orphans puts back if a crash falls between them.
     src_dir should come from staging_dir() (same filesystem) so that the move is a rename."""
     src = Path(src_dir)
     if not (src / "adapter_config.json").is_file():
         raise AdapterError(f"{src} has no adapter_config.json: not an adapter folder")
     target = adapter_path(name)
+    holder = None
+    if src.parent.resolve() != target.parent.resolve():  # elsewhere: copy it into the store first
+        holder = staging_dir(name)
+        src = Path(shutil.move(str(src), holder / "adapter"))
     with _store_lock():
         old = None
         if target.exists():
+            if not replace:
+                raise AdapterError(f"adapter {name!r} already exists in the store; delete it or choose another name")
             old = target.with_name(f".old-{name}-{uuid.uuid4().hex[:8]}")
-            os.replace(target, old)
-        try:
-            os.replace(src, target) if src.parent.resolve() == target.parent.resolve() else shutil.move(str(src), target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, target)
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            if _exchange(src, target):
+                os.replace(src, old)  # src now holds the previous version
+            else:
+                os.replace(target, old)
+                try:
+                    os.replace(src, target)
+                except BaseException:
+                    os.replace(old, target)
+                    raise
+        else:
+            os.replace(src, target)
+    for leftover in (old, holder):
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True)
     return target
 
 
@@ -177,7 +212,7 @@ def update_metadata(name: str, key: str, value) -> dict:
         meta_path = p / META
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
         meta[key] = value
-        write_json_atomic(meta_path, meta)
+        write_json_atomic(meta_path, meta, indent=2)
     return meta
 
 
@@ -243,7 +278,7 @@ def cli(argv: list[str]) -> int:
         elif a.cmd == "export":
             print(export_zip(a.name))
         elif a.cmd == "import":
-            from finetune.adapter_import import import_zip
+            from finetune.store.zip_import import import_zip
 
             print(f"imported {import_zip(a.zip, a.name)}")
     except (AdapterError, FileNotFoundError) as e:

@@ -1,9 +1,10 @@
 """One benchmark arm in its own process (Unsloth patches transformers on import, so arms never share one):
 
-    python -m finetune.bench_arms JOB.json RESULT.json
+    python -m finetune.bench.arms JOB.json RESULT.json
 
-JOB: {"arm": "naive"|"unsloth"|"studio"|"studio:<STUDIO_SPEED switches>", "model_dir", "shape", "mode": "qlora"|"lora",
-      "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest", "mem_limit_gib", "ladder"}
+JOB: {"arm": "naive"|"unsloth"|"unsloth:packed"|"studio"|"studio:<STUDIO_SPEED switches>", "model_dir", "shape",
+      "mode": "qlora"|"lora", "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest",
+      "mem_limit_gib", "ladder", "profile": steps to run under the torch profiler after the timed ones, "trace"}
 RESULT: per-step times, tokens and losses, the median tokens/s after warm-up, peak memory, MFU, the library
 versions and the speed-ups the arm applied; or {"error": ...} with the reason.
 
@@ -11,8 +12,10 @@ The three arms train the same LoRA (r=16, alpha=16, dropout 0, every linear laye
 AdamW (lr 2e-4, grad-norm clip 1.0) on the same batches:
   naive    transformers + peft as a typical user writes it: SDPA, padded batches, non-reentrant gradient
            checkpointing, prepare_model_for_kbit_training for QLoRA, bf16 autocast (what Trainer(bf16=True) does)
-  unsloth  FastLanguageModel with its defaults, use_gradient_checkpointing="unsloth", padded batches, bf16 autocast
-  studio   our training path: finetune.model.load_model / apply_lora, finetune.speed.patch_model_for_speed, the
+  unsloth  FastLanguageModel with its defaults, use_gradient_checkpointing="unsloth", padded batches, bf16 autocast;
+           "unsloth:packed": the same model fed one packed row with packed_seq_lengths and restarting position_ids,
+           as Unsloth's trainer feeds it with a padding-free collator (its default on a GPU that supports it)
+  studio   our training path: finetune.model.load_model / apply_lora, finetune.recipe.speed.patch_model_for_speed, the
            padding-free finetune.data.collate and the same forward/backward call as finetune/train.py
 """
 from __future__ import annotations
@@ -121,9 +124,25 @@ def setup_unsloth(job, device):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    packed = job["arm"].split(":", 1)[1:] == ["packed"]
+    if packed:  # what Unsloth's trainer does for a padding-free collator (unsloth/utils/packing.py)
+        from unsloth.utils.packing import _enable_hf_packed_attention, mark_allow_overlength
+
+        mark_allow_overlength(model)
+        _enable_hf_packed_attention()
+
+    def collate(examples):
+        if not packed:
+            return _padded(examples, pad, device)
+        from finetune import data as D
+
+        batch = {k: v.to(device) for k, v in D.collate(examples, pad, padding_free=True).items()}
+        batch["packed_seq_lengths"] = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.int32,
+                                                   device=device)
+        return batch
 
     def step(examples):
-        batch = _padded(examples, pad, device)
+        batch = collate(examples)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
@@ -132,7 +151,7 @@ def setup_unsloth(job, device):
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    return model, step, {"speedups": ["unsloth defaults"]}
+    return model, step, {"speedups": ["unsloth defaults"] + (["padding-free packed rows"] if packed else [])}
 
 
 def setup_studio(job, device):
@@ -141,7 +160,7 @@ def setup_studio(job, device):
     from finetune import data as D
     from finetune import model as M
     from finetune.config import LoraSettings, ModelConfig, TrainingConfig
-    from finetune.speed import patch_model_for_speed
+    from finetune.recipe.speed import patch_model_for_speed
     from finetune.train import count_label_tokens
 
     arm = job["arm"]
@@ -196,7 +215,7 @@ def _mem(device) -> dict:
 def run_job(job: dict) -> dict:
     import torch
 
-    from finetune.bench_models import device_peak_flops, make_batches, step_flops
+    from finetune.bench.models import device_peak_flops, make_batches, step_flops
 
     torch.manual_seed(job.get("seed", 0))
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -231,6 +250,10 @@ def run_job(job: dict) -> dict:
         tokens = sum(lengths)
         rows.append({"step": i + 1, "seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt, "loss": loss,
                      "tflops": step_flops(job["shape"], lengths) / dt / 1e12})
+    if job.get("profile"):
+        from finetune.bench.profile import profile_steps
+
+        result["profile"] = profile_steps(step, batches[-job["profile"]:], device, job.get("trace"))
     measured = rows[job["warmup"]:]
     med = statistics.median(r["tokens_per_s"] for r in measured)
     med_tflops = statistics.median(r["tflops"] for r in measured)
@@ -243,7 +266,7 @@ def _longest(job, step, device, vocab, result) -> dict:
     """The longest single sequence (batch 1) for which one full training step fits under the memory cap."""
     import torch
 
-    from finetune.bench_models import make_batches
+    from finetune.bench.models import make_batches
 
     tried = []
     best = None
@@ -279,7 +302,7 @@ def _longest(job, step, device, vocab, result) -> dict:
 def main(argv: list[str]) -> int:
     job_path, out_path = argv[0], argv[1]
     job = json.loads(open(job_path, encoding="utf-8").read())
-    from finetune.bench_models import write_json
+    from finetune.bench.models import write_json
 
     try:
         result = run_job(job)

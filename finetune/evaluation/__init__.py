@@ -1,0 +1,1 @@
+"""Evaluation: generation sessions, the metrics registry and adapter-versus-base evaluation."""

@@ -1,0 +1,1 @@
+"""The adapter store: publish atomically, list, show, export, delete and import adapters."""
