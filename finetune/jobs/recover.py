@@ -31,7 +31,8 @@ def plain_errors(db_path: Path):
 
 def open_database(store, migrate) -> None:
     """Create or migrate the database; a file that is not a readable SQLite database is renamed aside and rebuilt.
-    Then any run folder the database does not know is put back as a job."""
+    A new database file gets its jobs back from the run folders (store._connect calls rediscover when it creates
+    the file); an existing one is trusted as it is (a folder without a row is a submit that never finished)."""
     try:
         _init(store, migrate)
     except sqlite3.DatabaseError as e:
@@ -43,7 +44,6 @@ def open_database(store, migrate) -> None:
         log.warning("%s is not a readable database (%s): set aside as %s; rebuilding the job list from %s",
                     store.db_path, e, aside.name, store.runs)
         _init(store, migrate)
-    rediscover(store)
 
 
 def _init(store, migrate) -> None:
