@@ -143,11 +143,13 @@ def validate_config(config_yaml: str) -> str:
     return to_json({"valid": True, "config": cfg.to_yaml()})
 
 
-def plan_job(config_yaml: str, device_memory_gib: float = 0.0) -> str:
+def plan_job(config_yaml: str, device_memory_gib: float = 0.0, device: str = "") -> str:
     """JSON: the job's memory plan before it runs, from the model's config.json alone (no weights are loaded or
     downloaded): peak_gib, reserved_gib, needed_gib, fits, the breakdown by part, the longest max_seq_length and
     the largest batch that fit, and, when it does not fit, ranked suggestions each with its own estimate.
-    device_memory_gib 0 = the studio machine's device (its first GPU, else its RAM)."""
+    device_memory_gib 0 = the studio machine's device (its first GPU, else its RAM); device "cuda" or "cpu" plans
+    for that kind of device instead of the one detected."""
+    from finetune import policy
     from finetune.plan import detect_device, estimate, with_memory
 
     if not (config_yaml or "").strip():
@@ -155,11 +157,16 @@ def plan_job(config_yaml: str, device_memory_gib: float = 0.0) -> str:
     gib = float(device_memory_gib or 0)
     if not 0 <= gib <= 1_000_000:
         raise gr.Error(f"device_memory_gib must be between 0 and 1000000, got {device_memory_gib}")
+    kind = (device or "").strip().lower() or None
+    if kind not in (None, "cuda", "cpu"):
+        raise gr.Error(f"device must be 'cuda', 'cpu' or empty (the detected one), got {device!r}")
     cfg = JobConfig.from_yaml(config_yaml, "submitted config")
-    device = detect_device()
-    if gib > 0:
-        device = with_memory(device, gib)
-    return to_json(estimate(cfg, device).to_dict())
+    if policy.confined():  # the plan reads the model's config.json: only from folders the operator allows
+        policy.check_model_name(cfg.model.name_or_path)
+    target = detect_device()
+    if gib > 0 or kind:
+        target = with_memory(target, gib or None, kind)
+    return to_json(estimate(cfg, target).to_dict())
 
 
 # --- adapters --------------------------------------------------------------------------------------------------

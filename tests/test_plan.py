@@ -123,3 +123,33 @@ def test_plan_matches_the_h200_measurements(tmp_path):
     off = [(c["group"], c["seq"], c["batch"], round(c["measured_gib"], 3), round(c["plan_gib"], 3))
            for c in cases if abs(c["error"]) > 0.10]
     assert not off, off
+
+
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "1"]
+
+
+@pytest.mark.slow
+def test_plan_matches_peak_rss_of_a_real_cpu_run(tmp_path):
+    """A real `accelerate launch --cpu` run of SmolLM2 (2 steps, every row at full length): the training process's
+    peak resident set (the trainer's own metric, VmHWM) within 20% of the plan."""
+    from finetune.paths import adapters_dir
+    from finetune.plan import Device, _ram_bytes, estimate
+
+    words = "the of and to in is for that with as on by python function returns value list module class".split()
+    rows = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(300))} for i in range(8)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = JobConfig(adapter_name="plan-rss", model={"quantization": "none"},
+                       data={"path": str(data), "format": "text", "validation_split": 0.0, "max_seq_length": 64},
+                       training={"max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 0},
+                       evaluation={"enabled": False})
+    job = tmp_path / "job.yaml"
+    config.save(job)
+    r = subprocess.run([*ACCELERATE, "-m", "finetune", "train", str(job), "--run-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((adapters_dir() / "plan-rss" / "studio.json").read_text())["metrics"]
+    assert metrics["peak_memory_kind"] == "process_rss"
+    measured = metrics["peak_memory_mb"] / 1024
+    planned = estimate(config, Device("cpu", _ram_bytes()), suggest=False).peak / 2**30
+    assert abs(planned / measured - 1) <= 0.20, (planned, measured)
