@@ -11,6 +11,8 @@ COMMANDS = {
     "jobs": ("finetune.jobs.cli", "list, show, submit, cancel, resume or duplicate studio jobs"),
     "adapters": ("finetune.store.adapters", "list, show, export or delete stored adapters"),
     "plan": ("finetune.plan", "estimate a job's peak memory before launching it (JSON: fits, breakdown, suggestions)"),
+    "export": ("finetune.export.cli", "export an adapter merged (hf) or as GGUF for llama.cpp/Ollama, print JSON"),
+    "export-job": ("finetune.export.job", "run an export job's spec (what the job runner launches)"),
     "bench": ("finetune.bench.harness", "GPU/CPU training speed and memory benchmark"),
 }
 
