@@ -58,6 +58,18 @@ def memory_mb() -> tuple[float | None, float | None]:
     return now, peak
 
 
+def make_optimizer(params, tc):
+    """The optimizer training.optim names (paged states only on a GPU: the CPU has no unified memory)."""
+    import torch
+
+    if tc.optim == "adamw_torch":
+        return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if tc.optim == "paged_adamw_8bit" and torch.cuda.is_available() else bnb.optim.AdamW8bit
+    return cls(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+
+
 # --- batches -----------------------------------------------------------------------------------------------------
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """The example indices of each micro-batch of one epoch: a fixed shuffle per (seed, epoch), so a resumed run sees
@@ -258,13 +270,7 @@ def run(config: JobConfig, run_dir: str | Path, resume: bool = False) -> dict:
                  100 * trainable / total_params, ", ".join(speedups) or "none")
 
         params = [p for p in model.parameters() if p.requires_grad]
-        if tc.optim == "adamw_torch":
-            optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-        else:
-            import bitsandbytes as bnb
-
-            cls = bnb.optim.PagedAdamW8bit if tc.optim == "paged_adamw_8bit" and torch.cuda.is_available() else bnb.optim.AdamW8bit
-            optimizer = cls(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        optimizer = make_optimizer(params, tc)
 
         # Steps: each process gets its share of the micro-batches; `accumulation` micro-batches make one step.
         rank, world = accelerator.process_index, accelerator.num_processes

@@ -174,3 +174,15 @@ def test_out_of_memory_names_the_plan_and_a_fix(tmp_path):
     assert estimate(fixed, gpu).fits
     assert "ran out of memory" in plain_message(error) + hint
     assert oom_hint(config, ValueError("not memory"), gpu) == ""
+
+
+def test_memory_benchmark_runs_on_cpu(tmp_path):
+    """python -m finetune.bench.memory with the tiny shape: the same code path the H200 table came from."""
+    r = subprocess.run([sys.executable, "-m", "finetune.bench.memory", "--out", str(tmp_path / "out"), "--models",
+                        str(tmp_path / "models"), "--groups", "tiny-lora", "--steps", "1", "--logs",
+                        str(tmp_path / "logs")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(row["seq"], row["batch"]) for row in rows] == [(64, 1), (128, 2)]
+    assert all(not row.get("error") and row["rss_gib"] > 0 for row in rows)
+    assert "training.gradient_checkpointing=false" in rows[0]["set"]
