@@ -136,15 +136,7 @@ def build(default: JobConfig | None = None) -> SimpleNamespace:
         return (preview_summary_html(pv), gr.update(value=hist, sort=list(hist["tokens"]), visible=True),
                 render.preview_html(pv))
 
-    @friendly
-    def on_plan(values):
-        try:
-            return plan_html(form.to_config(values))
-        except ConfigError as e:
-            return f'<div class="mem-plan muted small">The memory plan needs a valid form: {render.esc(e)}</div>'
-
-    gr.on([c.change for c in form.components()], on_plan, inputs, plan_panel, show_progress="hidden",
-          trigger_mode="always_last", **undocumented)
+    follow_plan(form, inputs, plan_panel)
     validate.click(on_validate, inputs, message, **undocumented)
     show_yaml.click(on_show_yaml, inputs, [message, yaml_code, cli_code], **undocumented)
     import_file.upload(on_import, import_file, [message, yaml_code, *form.components()], **undocumented)
@@ -152,6 +144,19 @@ def build(default: JobConfig | None = None) -> SimpleNamespace:
     form.upload.upload(on_preview, inputs, [preview_summary, preview_plot, preview_rows], **undocumented)
 
     return SimpleNamespace(form=form, start=start, message=message, inputs=inputs, plan=plan_panel)
+
+
+def follow_plan(form: Form, inputs: set, panel: gr.HTML) -> None:
+    """The memory plan panel follows every field of the form."""
+    @friendly
+    def on_plan(values):
+        try:
+            return plan_html(form.to_config(values))
+        except ConfigError as e:
+            return f'<div class="mem-plan muted small">The memory plan needs a valid form: {render.esc(e)}</div>'
+
+    gr.on([c.change for c in form.components()], on_plan, inputs, panel, show_progress="hidden",
+          trigger_mode="always_last", api_visibility="undocumented")
 
 
 @functools.lru_cache(maxsize=1)
