@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from app import render
+from app import export_panel, render
 from app.api import MODEL_GROUP, friendly, import_zip_file
 from app.forms import UPLOAD_TYPES, keep_upload
 
@@ -125,6 +125,8 @@ def build() -> SimpleNamespace:
                                elem_id="eval-sort")
             examples = gr.Dataframe(render.examples_frame(None), interactive=False, wrap=True, max_height=520,
                                     elem_id="eval-examples", column_widths=["4%", "20%", "18%", "18%", "18%", "7%", "8%", "7%"])
+        with gr.Tab("Export", id="export"):
+            export_panel.build(select)
         with gr.Tab("Compare two adapters", id="compare"):
             with gr.Row():
                 cmp_a = gr.Dropdown(label="Adapter A", choices=[], elem_id="compare-a")

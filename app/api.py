@@ -228,6 +228,24 @@ def import_adapter(zip_file: str, name: str = "") -> str:
     return to_json({"name": import_zip_file(zip_file, name)})
 
 
+# --- exports ---------------------------------------------------------------------------------------------------
+def export_adapter(adapter: str, format: str = "hf", quant: str = "") -> str:
+    """Queue an export job: the adapter merged into its base as a Hugging Face folder (format "hf", quant
+    bf16|f16|f32) or as GGUF for llama.cpp and Ollama with a Modelfile (format "gguf", quant f16|q8_0|q4_0).
+    quant "" = the format's default (bf16 / q8_0). Returns JSON {"job_id": ...}; follow it with /job_status."""
+    spec = {"adapter": _adapter_name(adapter), "format": (format or "hf").strip(), "quant": (quant or "").strip() or None}
+    return to_json({"job_id": store().submit(spec, kind="export")})
+
+
+def list_exports(adapter: str = "") -> str:
+    """JSON list of finished exports (of one adapter, or all), newest first: adapter, format, quant, files with
+    bytes and sha256, the merge's measured logit differences."""
+    from finetune.export import list_exports as _list
+
+    name = _adapter_name(adapter) if (adapter or "").strip(" ") else None
+    return to_json([{k: v for k, v in r.items() if k not in ("path", "disk")} for r in _list(name)])
+
+
 # --- model work --------------------------------------------------------------------------------------------------
 def generate(adapter: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> str:
     """One answer from the base model (adapter "") or base + adapter. Greedy when temperature is 0."""
@@ -269,7 +287,8 @@ def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_t
 # The public endpoints, in the order docs/api.md lists them. Registered by app.main with gr.api.
 ENDPOINTS = [
     (submit_job, {}), (job_status, {}), (cancel_job, {}), (resume_job, {}), (list_jobs, {}),
-    (validate_config, {}), (plan_job, {}), (list_adapters, {}), (delete_adapter, {}),
+    (validate_config, {}), (plan_job, {}), (list_adapters, {}), (delete_adapter, {}), (export_adapter, {}),
+    (list_exports, {}),
     (generate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
     (evaluate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
 ]
