@@ -28,6 +28,7 @@ from pathlib import Path
 from finetune import policy
 from finetune.config import ConfigError, JobConfig
 from finetune.errors import StudioError, expected, plain_message
+from finetune.plan import oom_hint
 from finetune.fsutil import sha256_file, write_json_atomic
 from finetune.paths import adapters_dir, model_cache_dir, runs_dir
 from finetune.rundir import TRAINER_STATE, Metrics, Status, list_checkpoints, write_failure
@@ -480,7 +481,7 @@ def run(config: JobConfig, run_dir: str | Path, resume: bool = False) -> dict:
         status.update(phase="completed", eta_seconds=0)
         return meta
     except BaseException as e:
-        status.update(phase="failed", error=plain_message(e))
+        status.update(phase="failed", error=plain_message(e) + oom_hint(config, e))
         raise
 
 
@@ -514,7 +515,7 @@ def cli(argv: list[str]) -> int:
     try:
         meta = run(config, run_dir, resume=a.resume)
     except Exception as e:
-        message = plain_message(e)
+        message = plain_message(e) + oom_hint(config, e)
         if not expected(e):  # the traceback helps whoever reads train.log
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr)
