@@ -89,3 +89,19 @@ def chat_jsonl(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data")
     write_jsonl(d / "heldout.jsonl", arithmetic_rows(8, seed=1))
     return write_jsonl(d / "train.jsonl", arithmetic_rows(48, seed=0))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is available (the fast path's CUDA branches); elsewhere they skip."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))

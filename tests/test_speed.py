@@ -151,3 +151,37 @@ def test_segments_from_positions():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])
     cu, max_len = speed.segments_from_positions(pos)
     assert cu.tolist() == [0, 3, 5, 6, 10] and max_len == 4
+
+
+# --- the CUDA branches (run on a GPU machine; skipped elsewhere) ---------------------------------------------------
+def cosine(ga: dict, gb: dict) -> float:
+    a = torch.cat([ga[k].double().flatten() for k in sorted(ga)])
+    b = torch.cat([gb[k].double().flatten() for k in sorted(ga)])
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.gpu
+def test_patch_on_cuda_applies_the_fast_path_and_keeps_loss_and_gradients():
+    """On a GPU the whole fast path is applied (bf16 frozen weights, fused LoRA, packed-row attention, the custom
+    checkpoint); one packed step gives the plain padded fp32 step's loss and gradient direction within bf16 rounding."""
+    from finetune.config import TrainingConfig
+
+    plain, fast = twins(checkpointing=True)
+    plain, fast = plain.cuda(), fast.cuda()
+    applied = speed.patch_model_for_speed(fast, TrainingConfig(gradient_checkpointing=True))
+    assert {"no_fp32_upcast", "fused_lora", "fast_checkpoint"} <= set(applied), applied
+    assert "varlen_attention" in applied or "packed_sdpa_attention" in applied, applied
+    exs = examples()
+    to_cuda = lambda b: {k: v.cuda() for k, v in b.items()}  # noqa: E731
+    l_plain, g_plain = loss_and_grads(plain, to_cuda(D.collate(exs, 0, padding_free=False)))
+    l_fast, g_fast = loss_and_grads(fast, to_cuda(D.collate(exs, 0, padding_free=True)))
+    assert l_fast == pytest.approx(l_plain, rel=3e-2)
+    assert g_plain.keys() == g_fast.keys() and cosine(g_plain, g_fast) > 0.98
+
+
+@pytest.mark.gpu
+def test_selfcheck_packed_attention_kernel_on_cuda():
+    report = speed.selfcheck()
+    assert report["cuda"]
+    if report["varlen_kernel"]:
+        assert report["varlen_ok"], report

@@ -15,7 +15,6 @@ import importlib.util
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,27 +22,10 @@ from finetune.config import JobConfig
 from finetune.recipe import checkpoints as C
 from finetune.recipe import provenance as P
 from finetune.recipe.checkpoints import Progress, TrainError
-from finetune.rundir import CHECKPOINTS, JOB_YAML, Metrics, Status
+from finetune.recipe.tracker import RunTracker
+from finetune.rundir import CHECKPOINTS, JOB_YAML
 
 log = logging.getLogger("finetune.train")
-
-
-def memory_mb() -> tuple[float | None, float | None]:
-    """(now, peak) in MiB: CUDA allocated memory on a GPU, else the process's resident set from /proc."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
-    now = peak = None
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                now = int(line.split()[1]) / 1024
-            elif line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return now, peak
 
 
 # --- batches -----------------------------------------------------------------------------------------------------
@@ -93,9 +75,9 @@ class SFTRecipe:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator = Accelerator()
         self.main = self.accelerator.is_main_process
-        writes = self.main and self.run_dir is not None  # without a run folder (the benchmark) nothing is written
-        self.status = Status(self.run_dir or Path("."), config.adapter_name, enabled=writes)
-        self.metrics = Metrics(self.run_dir or Path("."), enabled=writes)
+        # Without a run folder (the benchmark) nothing is written.
+        self.tracker = RunTracker(self.run_dir, config.adapter_name, enabled=self.writes_run_folder)
+        self.status = self.tracker.status
         self.progress = Progress()
         self.train_examples: list = []
         self.validation_examples: list = []
@@ -183,7 +165,7 @@ class SFTRecipe:
             log.info("--resume: no checkpoint in %s yet; starting from step 0", self.run_dir / CHECKPOINTS)
             return
         self.progress, path = loaded
-        self.metrics.truncate_after(self.progress.global_step)
+        self.tracker.metrics.truncate_after(self.progress.global_step)
         log.info("resumed from %s: step %d of %d, epoch %d, %d steps into it", path.name, self.progress.global_step,
                  self.total_steps, self.progress.epoch, self.progress.groups_done_in_epoch)
 
@@ -249,16 +231,9 @@ class SFTRecipe:
 
     # --- the loop ------------------------------------------------------------------------------------------------
     def train(self) -> None:
-        from tqdm.auto import tqdm
-
         state = self.progress
-        self.status.update(phase="training", step=state.global_step, total_steps=self.total_steps,
-                           epoch=state.global_step / self.steps_per_epoch)
-        self._bar = tqdm(total=self.total_steps, initial=state.global_step, desc="training", unit="step",
-                         disable=not self.main, dynamic_ncols=True)
+        self.tracker.start(state, self.total_steps, self.steps_per_epoch)
         self.model.train()
-        self._session = (time.time(), state.global_step)
-        self._window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.time()}
         while state.global_step < self.total_steps:
             for group in self.epoch_groups(state.epoch)[state.groups_done_in_epoch:]:
                 if state.global_step >= self.total_steps:
@@ -268,88 +243,30 @@ class SFTRecipe:
             else:
                 state.epoch += 1
                 state.groups_done_in_epoch = 0
-        self._bar.close()
+        self.tracker.close()
         self.eval_loss = self.evaluate_loss()
-        if self.eval_loss is not None:
-            self.metrics.write({"step": state.global_step, "eval_loss": round(self.eval_loss, 6)})
+        self.tracker.log_eval_loss(state.global_step, self.eval_loss, update_status=False)
 
     def _after_step(self, result: StepResult) -> None:
         """Progress, then the step's log row, periodic validation and checkpoint."""
-        state, tc, w = self.progress, self.tc, self._window
+        state, tc = self.progress, self.tc
         state.global_step += 1
         state.groups_done_in_epoch += 1
-        if state.first_loss is None:
-            state.first_loss = result.loss
-        state.losses = (state.losses + [[state.global_step, result.loss]])[-20:]
-        w["loss"] += result.loss
-        w["steps"] += 1
-        w["tokens"] += result.tokens
-        self._bar.update(1)
-        self._bar.set_postfix(loss=f"{result.loss:.4f}")
+        self.tracker.record(state, result.loss, result.tokens)
         step, last = state.global_step, state.global_step == self.total_steps
         if step % tc.logging_steps == 0 or last:
-            self._log_step(result)
+            self.tracker.log_step(state, result.learning_rate, result.grad_norm)
         if tc.eval_steps and step % tc.eval_steps == 0 and not last:
-            eval_loss = self.evaluate_loss()
-            if eval_loss is not None:
-                self.metrics.write({"step": step, "eval_loss": round(eval_loss, 6)})
-                self.status.update(eval_loss=round(eval_loss, 6))
+            self.tracker.log_eval_loss(step, self.evaluate_loss())
         if tc.save_steps and step % tc.save_steps == 0 and not last:
-            self._checkpoint()
-
-    def _log_step(self, result: StepResult) -> None:
-        state, w = self.progress, self._window
-        now = time.time()
-        session_start, session_start_step = self._session
-        tps = w["tokens"] / max(now - w["t0"], 1e-9)
-        state.train_tokens += w["tokens"]
-        mem, peak = memory_mb()
-        per_step = (now - session_start) / max(1, state.global_step - session_start_step)
-        row = {"step": state.global_step, "loss": round(w["loss"] / w["steps"], 6),
-               "learning_rate": result.learning_rate, "grad_norm": round(result.grad_norm, 6),
-               "tokens_per_second": round(tps, 2), "memory_mb": round(mem, 1) if mem else None,
-               "elapsed_s": round(state.elapsed_s + now - session_start, 2)}
-        self.metrics.write(row)
-        self.status.update(step=state.global_step, epoch=round(state.global_step / self.steps_per_epoch, 4),
-                           loss=row["loss"], tokens_per_second=row["tokens_per_second"],
-                           peak_memory_mb=round(peak, 1) if peak else None,
-                           eta_seconds=round(per_step * (self.total_steps - state.global_step), 1))
-        self._window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": now}
-
-    def _checkpoint(self) -> None:
-        state = self.progress
-        snapshot = {**state.__dict__, "elapsed_s": state.elapsed_s + time.time() - self._session[0],
-                    "total_steps": self.total_steps, "train_tokens": state.train_tokens + self._window["tokens"]}
-        saved_at = C.save_checkpoint(self.accelerator, self.run_dir, snapshot, self.tc.save_total_limit)
-        log.info("checkpoint %s", saved_at.name)
+            saved_at = C.save_checkpoint(self.accelerator, self.run_dir, self.tracker.snapshot(state),
+                                         tc.save_total_limit)
+            log.info("checkpoint %s", saved_at.name)
 
     # --- save and evaluate ---------------------------------------------------------------------------------------
-    def final_metrics(self) -> dict:
-        """studio.json's metrics: losses, steps, runtime, throughput and peak memory of the whole run."""
-        import torch
-
-        state = self.progress
-        runtime = state.elapsed_s + time.time() - self._session[0]
-        _, peak = memory_mb()
-        last = [loss for _, loss in state.losses[-min(5, len(state.losses)):]]
-        return {
-            "first_loss": state.first_loss,
-            "final_loss": sum(last) / len(last) if last else None,
-            "last_step_loss": state.losses[-1][1] if state.losses else None,
-            "eval_loss": self.eval_loss,
-            "steps": state.global_step,
-            "epochs": round(state.global_step / self.steps_per_epoch, 4),
-            "runtime_s": round(runtime, 2),
-            "train_tokens": state.train_tokens,
-            "tokens_per_second": round(state.train_tokens / runtime, 2) if runtime > 0 else None,
-            "seconds_per_step": round(runtime / max(1, state.global_step), 3),
-            "peak_memory_mb": round(peak, 1) if peak else None,
-            "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "process_rss",
-        }
-
     def save(self) -> dict:
         """Publish the adapter with its studio.json and model card; returns studio.json (empty off the main process)."""
-        metrics = self.final_metrics()
+        metrics = self.tracker.summary(self.progress, self.eval_loss)
         self.status.update(phase="saving", step=self.progress.global_step,
                            eval_loss=round(self.eval_loss, 6) if self.eval_loss is not None else None)
         self.accelerator.wait_for_everyone()
