@@ -1,4 +1,5 @@
-"""Start PEFT Studio: `python launch.py [--host 127.0.0.1] [--port 7860] [--auth-file PATH] [--insecure]`.
+"""Start PEFT Studio: `python launch.py [--host 127.0.0.1] [--port 7860] [--auth-file PATH] [--insecure]
+[--allow-path DIR] [--allow-remote-code] [--allow-hub]`.
 
 Safe by default: it binds to 127.0.0.1 and answers only requests addressed to that address (DNS rebinding is
 refused); a non-loopback address needs a login (--auth-file PATH or STUDIO_AUTH=USER:PASS) or an explicit
@@ -75,10 +76,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="allow binding a non-loopback address without a login (anyone who can reach it can use it)")
     p.add_argument("--max-upload-mb", type=int, default=int(os.environ.get("STUDIO_MAX_UPLOAD_MB", "512")),
                    help="largest file a browser may upload (default 512 MB)")
+    p.add_argument("--allow-remote-code", action="store_true",
+                   help="let jobs set model.trust_remote_code (runs Python code shipped with a model; default: refused)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="a folder whose data and models clients may name, besides the studio's uploads and adapter "
+                        "store (repeatable)")
+    p.add_argument("--allow-hub", action="store_true",
+                   help="let clients name hub ids that are not in the local cache (downloads; default: offline)")
     p.add_argument("--no-scheduler", action="store_true",
                    help="do not run queued jobs from this process (another studio or `python -m finetune jobs "
                         "run-scheduler` does)")
     return p.parse_args(argv)
+
+
+def apply_policy(args: argparse.Namespace) -> None:
+    """The operator's choices as environment variables (finetune/policy.py), inherited by every training process.
+    Before gradio or huggingface_hub is imported: they read HF_HUB_OFFLINE once, at import."""
+    os.environ["STUDIO_CONFINED"] = "1"
+    if args.allow_remote_code:
+        os.environ["STUDIO_ALLOW_REMOTE_CODE"] = "1"
+    roots = [os.path.realpath(os.path.expanduser(d)) for d in args.allow_path]
+    for root in roots:
+        if not os.path.isdir(root):
+            raise SystemExit(f"error: --allow-path {root}: not a folder")
+    extra = os.environ.get("STUDIO_ALLOWED_PATHS", "")
+    os.environ["STUDIO_ALLOWED_PATHS"] = os.pathsep.join([*roots, *([extra] if extra else [])])
+    if args.allow_hub:
+        os.environ["STUDIO_ALLOW_HUB"] = "1"
+    elif os.environ.get("STUDIO_ALLOW_HUB", "").strip().lower() not in ("1", "true", "yes", "on"):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 def check_args(args: argparse.Namespace, auth) -> str | None:
@@ -111,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace, auth) -> None:
+    apply_policy(args)
     import logging
 
     # The engine's progress lines (model loads, adapter swaps, evaluations) and refused requests in the studio's log.

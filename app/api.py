@@ -22,6 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from finetune import limits
 from finetune.config import ConfigError, JobConfig
 from finetune.errors import expected, plain_message
 
@@ -131,9 +132,13 @@ def list_jobs() -> str:
 def validate_config(config_yaml: str) -> str:
     """Check a job YAML without queueing it: {"valid": true, "config": normalised YAML} or
     {"valid": false, "error": "... names each bad field ..."}."""
+    from finetune import policy
+
     try:
         cfg = JobConfig.from_yaml(config_yaml or "", "config")
-    except ConfigError as e:
+        if policy.confined():
+            policy.check_job(cfg)
+    except ValueError as e:  # ConfigError, and what the operator did not allow
         return to_json({"valid": False, "error": str(e)})
     return to_json({"valid": True, "config": cfg.to_yaml()})
 
@@ -153,7 +158,7 @@ def list_adapters() -> str:
 def _adapter_name(name: str) -> str:
     from finetune.store import adapter_path
 
-    name = (name or "").strip()
+    name = (name or "").strip(" ")  # spaces only: a name with a newline is refused, not repaired
     if not name:
         raise gr.Error("adapter name is empty")
     p = adapter_path(name)
@@ -187,7 +192,7 @@ def import_zip_file(zip_file, name: str = "") -> str:
         raise gr.Error("zip_file is empty: upload an adapter zip (what /download_adapter returns)")
     if not str(path).lower().endswith(".zip"):
         raise gr.Error(f"zip_file {Path(str(path)).name!r} is not a .zip file")
-    return import_zip(path, (name or "").strip() or None)
+    return import_zip(path, (name or "").strip(" ") or None)
 
 
 def import_adapter(zip_file: str, name: str = "") -> str:
@@ -204,14 +209,14 @@ def generate(adapter: str, prompt: str, max_new_tokens: int = 128, temperature: 
 
     if not (prompt or "").strip():
         raise gr.Error("prompt is empty")
+    limits.check_text("prompt", prompt)
     check_generation(max_new_tokens, temperature, top_p)
-    name = _adapter_name(adapter) if (adapter or "").strip() else None
+    name = _adapter_name(adapter) if (adapter or "").strip(" ") else None
     return G.generate(name, prompt, max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
 
 
 def check_generation(max_new_tokens, temperature, top_p) -> None:
-    if max_new_tokens is None or not 1 <= int(max_new_tokens) <= 4096:
-        raise gr.Error(f"max_new_tokens must be between 1 and 4096, got {max_new_tokens}")
+    limits.check_range("max_new_tokens", max_new_tokens, 1, limits.MAX_NEW_TOKENS)
     if temperature is None or not 0 <= float(temperature) <= 5:
         raise gr.Error(f"temperature must be between 0 and 5, got {temperature}")
     if top_p is None or not 0 < float(top_p) <= 1:
@@ -224,12 +229,15 @@ def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_t
     per-example answers. max_examples / max_new_tokens 0 = the adapter's job settings. Cached beside the adapter."""
     from finetune.evaluation import evaluate as E
 
+    from finetune.paths import confine
+
     name = _adapter_name(adapter)
     path = (data_path or "").strip() or None
-    if path and (path.startswith(("/", ".", "~")) or Path(path).suffix) and not Path(path).expanduser().exists():
-        raise gr.Error(f"data_path {path!r}: no such file on the studio's machine")
-    return to_json(E.evaluate(name, path, max_examples=int(max_examples) or None,
-                              max_new_tokens=int(max_new_tokens) or None))
+    if path and not path.startswith("builtin:"):
+        confine(path, "data_path")  # one answer for "outside" and "missing": a client learns nothing of other files
+    examples = limits.check_range("max_examples", max_examples or 0, 0, limits.MAX_EVAL_EXAMPLES)
+    new_tokens = limits.check_range("max_new_tokens", max_new_tokens or 0, 0, limits.MAX_EVAL_NEW_TOKENS)
+    return to_json(E.evaluate(name, path, max_examples=examples or None, max_new_tokens=new_tokens or None))
 
 
 # The public endpoints, in the order docs/api.md lists them. Registered by app.main with gr.api.

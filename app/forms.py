@@ -21,7 +21,7 @@ import gradio as gr
 
 from finetune.config import DEMO_DATASET, ConfigError, JobConfig, choices, example_config
 from finetune.fsutil import sha256_file
-from finetune.paths import studio_home
+from finetune.paths import uploads_dir
 
 # Sections of the form (title, JobConfig section, fields shown up front). Every other field of the section goes into
 # the section's "Advanced" accordion, folded.
@@ -239,12 +239,6 @@ def picker_value(path: str) -> tuple[str, str]:
     if path == DEMO_DATASET:
         return SOURCE_DEMO, ""
     return SOURCE_PATH, path
-
-
-def uploads_dir() -> Path:
-    p = studio_home() / "uploads"
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def keep_upload(tmp_path: str) -> str:

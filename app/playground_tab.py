@@ -9,6 +9,7 @@ import gradio as gr
 
 from app import render
 from app.api import MODEL_GROUP, check_generation, friendly
+from finetune import limits
 
 BASE_LABEL = "Base model (no adapter)"
 
@@ -109,6 +110,7 @@ def build() -> SimpleNamespace:
             return
         check_generation(n, temp, p)
         history = list(history or []) + [{"role": "user", "content": message}]
+        limits.check_text("the conversation", "".join(str(m.get("content") or "") for m in history))
         prompt = to_messages(history)
         history.append({"role": "assistant", "content": ""})
         yield history, "", '<div class="gen-stats muted">loading the model and generating…</div>'
@@ -124,6 +126,7 @@ def build() -> SimpleNamespace:
         prompt = (prompt or "").strip()
         if not prompt:
             raise gr.Error("the prompt is empty")
+        limits.check_text("the prompt", prompt)
         check_generation(n, temp, p)
         # One loaded model and one lock: the two answers are generated one after the other, each streamed.
         # "Base" next to an adapter means that adapter's own base, loaded as it was trained (same quantization).

@@ -14,11 +14,12 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from finetune import limits
 from finetune.errors import StudioError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEMO_DATASET = "builtin:python-docs"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch: no trailing newline slips through
 
 Quantization = Literal["none", "8bit", "4bit"]
 QuantType = Literal["nf4", "fp4"]
@@ -37,7 +38,7 @@ def choices(literal: Any) -> list[str]:
 
 def check_name(value: str, what: str = "adapter_name") -> str:
     """Adapter and job names become folder names: keep them to one safe path segment."""
-    if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", ".."):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
         raise ValueError(
             f"{what} {value!r} must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -45,7 +46,8 @@ def check_name(value: str, what: str = "adapter_name") -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Bounded strings: a config is stored, listed and sent back on every status poll.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, str_max_length=limits.MAX_CONFIG_STRING)
 
 
 class ModelConfig(_Section):
@@ -69,7 +71,8 @@ class LoraSettings(_Section):
     r: int = Field(16, gt=0, le=1024, description="LoRA rank: the size of the low-rank update.")
     lora_alpha: int = Field(32, gt=0, description="Scaling numerator; the update is scaled by lora_alpha / r.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or a list of module names.")
+    target_modules: str | list[str] = Field("all-linear", max_length=limits.MAX_CONFIG_LIST,
+                                            description="'all-linear' or a list of module names.")
     bias: Bias = Field("none", description="Which biases to train.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilized scaling lora_alpha / sqrt(r).")
@@ -126,8 +129,8 @@ class TrainingConfig(_Section):
 
 class EvaluationConfig(_Section):
     enabled: bool = Field(True, description="Evaluate base vs adapter on the validation data when training ends.")
-    max_examples: int = Field(16, gt=0, le=10000, description="Held-out examples to generate for.")
-    max_new_tokens: int = Field(64, gt=0, le=4096, description="Generation budget per held-out answer.")
+    max_examples: int = Field(16, gt=0, le=limits.MAX_EVAL_EXAMPLES, description="Held-out examples to generate for.")
+    max_new_tokens: int = Field(64, gt=0, le=limits.MAX_EVAL_NEW_TOKENS, description="Generation budget per held-out answer.")
 
 
 class JobConfig(_Section):
@@ -159,12 +162,7 @@ class JobConfig(_Section):
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<yaml>") -> "JobConfig":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{source}, line {mark.line + 1}" if mark else source
-            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        data = load_yaml(text, source)
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -215,6 +213,35 @@ class JobConfig(_Section):
 
 class ConfigError(StudioError):
     """A config that cannot be used; the message names the source and each bad field."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (silently, the last one would win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r} (first given on line {seen[key_node.value]})",
+                        key_node.start_mark)
+                seen[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str = "<yaml>"):
+    """A YAML document as plain data; oversized, malformed, duplicated or too deeply nested input is a ConfigError."""
+    if len(text) > limits.MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters; a job config is at most {limits.MAX_CONFIG_BYTES}")
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}, line {mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a job config") from None
 
 
 def format_errors(e: ValidationError, source: str) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune import limits, policy
 from finetune.config import DEMO_DATASET
 from finetune.errors import StudioError
 
@@ -79,12 +80,15 @@ def _where(records, i: int) -> tuple[str | None, int, str]:
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
-def load_records(path: str, split: str = "train") -> Records:
-    """Rows of a file, a saved datasets folder, a hub id or the built-in demo, as a list of dicts."""
+def load_records(path: str, split: str = "train", field: str = "data.path") -> Records:
+    """Rows of a file, a saved datasets folder, a hub id or the built-in demo, as a list of dicts. In the studio
+    (policy.confined) only paths inside the allowed roots are read."""
     path = str(path).strip()
     if not path:
-        raise DataError("data.path is empty: give a JSONL/JSON/CSV/Parquet file, a datasets folder or a hub id",
-                        field="data.path")
+        raise DataError(f"{field} is empty: give a JSONL/JSON/CSV/Parquet file, a datasets folder or a hub id",
+                        field=field)
+    if policy.confined():
+        policy.check_data_path(path, field)
     if path == DEMO_DATASET or path.startswith("builtin:"):
         return _load_builtin(path, split)
     p = Path(path).expanduser()
@@ -103,7 +107,30 @@ def load_records(path: str, split: str = "train") -> Records:
         raise DataError("file not found", path=path)
     if not rows:
         raise DataError("the data is empty (no rows)", path=path)
+    _check_sizes(rows)
     return rows
+
+
+def _longest(value: Any) -> int:
+    """Length of the longest string inside a value (rows nest: messages are lists of dicts)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return max((_longest(v) for v in value), default=0)
+    return 0
+
+
+def _check_sizes(records: Records) -> None:
+    """Refuse a field over limits.MAX_DATA_FIELD_CHARS before anything is rendered or tokenized."""
+    for i, row in enumerate(records):
+        for key, value in row.items():
+            n = _longest(value)
+            if n > limits.MAX_DATA_FIELD_CHARS:
+                source, line, unit = _where(records, i)
+                raise DataError(f"a value of {n} characters; the limit is {limits.MAX_DATA_FIELD_CHARS}",
+                                path=source, line=line, field=str(key)[:100], unit=unit)
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -133,6 +160,9 @@ def _load_jsonl(p: Path) -> Records:
     for n, line in enumerate(_read_text(p).split("\n"), start=1):
         if not line.strip():
             continue
+        if len(line) > limits.MAX_DATA_LINE_CHARS:
+            raise DataError(f"the line is {len(line)} characters long; the limit is {limits.MAX_DATA_LINE_CHARS}",
+                            path=str(p), line=n)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -167,6 +197,7 @@ def _load_json(p: Path) -> Records:
 
 def _load_csv(p: Path) -> Records:
     text = _read_text(p)
+    csv.field_size_limit(limits.MAX_DATA_FIELD_CHARS + 1)  # one past ours: _check_sizes names the column
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
     try:
         header = next(reader, None)
@@ -184,6 +215,9 @@ def _load_csv(p: Path) -> Records:
                 lines.append(start)
             start = reader.line_num + 1
     except csv.Error as e:
+        if "field limit" in str(e):
+            raise DataError(f"a value longer than {limits.MAX_DATA_FIELD_CHARS} characters (the limit)", path=str(p),
+                            line=reader.line_num) from None
         raise DataError(f"broken CSV ({e})", path=str(p), line=reader.line_num) from None
     return Records(rows, str(p), lines, "line")
 
@@ -358,7 +392,7 @@ def split_records(records, data_cfg) -> tuple[Records, Records]:
     if not isinstance(records, Records):
         records = Records(records)
     if data_cfg.validation_path:
-        return records, load_records(data_cfg.validation_path, "validation")
+        return records, load_records(data_cfg.validation_path, "validation", "data.validation_path")
     if data_cfg.path == DEMO_DATASET:
         return records, load_records(DEMO_DATASET, "heldout")
     n = len(records)

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from finetune import rundir, runner
+from finetune import policy, rundir, runner
 from finetune.config import ConfigError, JobConfig
 from finetune.errors import StudioError
 from finetune.fsutil import file_lock, write_text_atomic
@@ -193,6 +193,8 @@ class JobStore:
         else:
             raise ConfigError(f"submit expects a JobConfig, a dict or YAML text, got {type(config).__name__}")
         cfg = _absolute_data_paths(cfg)
+        if policy.confined():  # a client of the studio sent it
+            policy.check_job(cfg)
         name = (name or cfg.adapter_name).strip()[:100] or cfg.adapter_name
         text = cfg.to_yaml()
         for _ in range(20):

@@ -20,6 +20,7 @@ import time
 import warnings
 from pathlib import Path
 
+from finetune import policy
 from finetune.config import DEFAULT_MODEL, ModelConfig
 from finetune.fsutil import file_lock
 from finetune.paths import model_cache_dir
@@ -124,19 +125,26 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> str:
     name = name_or_path.strip()
     if is_embedded(name):
         return str(prepare_default())
+    if policy.confined():
+        policy.check_model_name(name)
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"model.name_or_path {name!r}: the folder has no config.json (not a Hugging Face model folder)")
         return str(local.resolve())
+    online = policy.hub_allowed()
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(
-            name, revision=revision,
+            name, revision=revision, local_files_only=not online,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"],
         )
     except Exception as e:  # offline, unknown repo, gated: one plain sentence
+        if not online:
+            raise FileNotFoundError(
+                f"model.name_or_path {name!r} is not a local folder and not in the local hub cache, and this studio "
+                "does not download (its operator allows that with launch.py --allow-hub)") from None
         raise FileNotFoundError(
             f"model.name_or_path {name!r} is not a local folder and could not be fetched from the Hugging Face hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use the embedded {DEFAULT_MODEL}, "
@@ -161,6 +169,14 @@ def weights_file(resolved: str) -> Path | None:
 
 
 # --- tokenizer and model ---------------------------------------------------------------------------------------
+def remote_code(model_cfg: ModelConfig) -> bool:
+    """trust_remote_code for transformers: the config's choice, which in the studio also needs the operator's flag
+    (the training process re-checks what the studio checked at submit: the job YAML came from a client)."""
+    if model_cfg.trust_remote_code and policy.confined():
+        policy.check_remote_code(True)
+    return bool(model_cfg.trust_remote_code)
+
+
 def load_tokenizer(model_cfg: ModelConfig):
     """The model's tokenizer with a pad token and a chat template.
 
@@ -170,7 +186,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     path = resolve_model(model_cfg.name_or_path, model_cfg.revision)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=remote_code(model_cfg))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if not tok.chat_template:
@@ -218,7 +234,7 @@ def load_model(model_cfg: ModelConfig, *, for_training: bool):
     if model_cfg.trust_remote_code:
         log.warning("model.trust_remote_code is on: Python code from %s will run on this machine. Only do this for "
                     "a model whose code you have read or whose authors you trust.", model_cfg.name_or_path)
-    kwargs: dict = {"dtype": compute_dtype(model_cfg), "trust_remote_code": model_cfg.trust_remote_code}
+    kwargs: dict = {"dtype": compute_dtype(model_cfg), "trust_remote_code": remote_code(model_cfg)}
     qcfg = quantization_config(model_cfg)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+from finetune.errors import StudioError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,3 +35,57 @@ def model_cache_dir() -> Path:
     p = Path(os.environ.get("STUDIO_MODEL_CACHE") or studio_home() / "models").resolve()
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def uploads_dir() -> Path:
+    """STUDIO_HOME/uploads: files a browser uploaded, copied out of gradio's temporary cache."""
+    p = studio_home() / "uploads"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def gradio_upload_dir() -> Path:
+    """Where gradio stores uploads before an event handler sees them (GRADIO_TEMP_DIR, default <tmp>/gradio)."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+
+
+# --- the folders a client may name ---------------------------------------------------------------------------------
+# A job, an evaluation or a preview asked for by a client of the studio reads only below these roots; the operator
+# adds more with `launch.py --allow-path DIR` (STUDIO_ALLOWED_PATHS, separated by os.pathsep).
+OUTSIDE_ROOTS = ("{field}: not a path this studio may read. Data and models must be under the studio's uploads, the "
+                 "adapter store or a folder the operator allowed (launch.py --allow-path DIR)")
+
+
+class OutsideRootsError(StudioError):
+    """A path outside the allowed roots. The message is the same whether or not the path exists."""
+
+
+def operator_roots() -> list[Path]:
+    raw = os.environ.get("STUDIO_ALLOWED_PATHS", "")
+    return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def allowed_roots(kind: str = "data") -> list[Path]:
+    """data: uploads (ours and gradio's), the demo datasets, the store. model: the model cache and the store.
+    Uploads are never a model root: a model folder can carry code, and anyone who can reach the studio can upload."""
+    if kind == "model":
+        own = [model_cache_dir(), adapters_dir()]
+    else:
+        own = [uploads_dir(), gradio_upload_dir(), studio_home() / "datasets", adapters_dir()]
+    return [p.resolve() for p in own] + operator_roots()
+
+
+def is_allowed(path: str | Path, kind: str = "data") -> bool:
+    """True if the path, with every symlink resolved, lies inside one of the allowed roots."""
+    try:
+        real = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return any(real == root or real.is_relative_to(root) for root in allowed_roots(kind))
+
+
+def confine(path: str | Path, field: str, kind: str = "data") -> Path:
+    """The resolved path if it is inside the allowed roots, else OutsideRootsError (never saying whether it exists)."""
+    if not is_allowed(path, kind):
+        raise OutsideRootsError(OUTSIDE_ROOTS.format(field=field))
+    return Path(path).expanduser().resolve()

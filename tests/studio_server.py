@@ -65,15 +65,22 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_studio(home: Path, *args: str, port: int | None = None):
+def running_studio(home: Path, *args: str, port: int | None = None, env: dict | None = None):
     """Yields (url, process, log path). Training jobs run in their own sessions and are cancelled by the tests
-    that start them; the studio itself is stopped with its process group."""
+    that start them; the studio itself is stopped with its process group. `env` changes the studio's environment
+    (a value None removes the variable)."""
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = home / "studio.log"
+    full_env = studio_env(home)
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--host", "127.0.0.1", "--port", str(port), *args],
-                                cwd=str(ROOT), env=studio_env(home), stdout=out, stderr=subprocess.STDOUT,
+                                cwd=str(ROOT), env=full_env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:

@@ -22,9 +22,10 @@ FINISHED = ("completed", "failed", "cancelled")
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory):
+def studio(tmp_path_factory, data):
     home = tmp_path_factory.mktemp("app-studio")
-    with running_studio(home) as (url, proc, log):
+    # The test data lives outside the studio's own folders: the operator allows that folder.
+    with running_studio(home, "--allow-path", str(data[0].parent)) as (url, proc, log):
         client = Client(url, verbose=False)
         yield client, home
         for job in as_json(client.predict(api_name="/list_jobs")):  # leave no training process behind

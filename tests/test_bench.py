@@ -73,3 +73,22 @@ def test_plan_jobs_build_each_model_once_before_its_arms(tmp_path):
         if j["type"] == "arm":
             assert jobs.index(next(b for b in builds if b["id"] == j["needs"])) < jobs.index(j)
     assert {j["arm"].split(":")[0] for j in jobs if j["type"] == "arm"} == {"naive", "unsloth", "studio"}
+
+
+def test_profile_analysis_attributes_gpu_idle_time_to_host_ops():
+    from finetune.bench.profile import analyse
+
+    def x(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [
+        x("user_annotation", "bench_step_0", 0, 1000),
+        x("kernel", "k1", 0, 300), x("kernel", "k2", 250, 150),   # busy 0-400
+        x("cpu_op", "aten::to", 400, 200),                        # host busy while the GPU idles 400-700
+        x("cpu_op", "aten::copy_", 450, 50),                      # nested: the deeper op wins its 50 us
+        x("kernel", "k3", 700, 300),                              # busy 700-1000
+    ]}
+    out = analyse(trace, 1)
+    assert out["step_wall_ms"] == 1.0 and out["gpu_busy_ms"] == 0.7 and out["kernels_per_step"] == 3
+    idle = {r["op"]: r["idle_ms"] for r in out["idle_by_host_op"]}
+    assert idle == {"aten::to": 0.15, "aten::copy_": 0.05, "python (no op open)": 0.1}

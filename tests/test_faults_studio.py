@@ -62,7 +62,7 @@ def job_yaml(name: str, data: Path, steps: int) -> str:
 
 def test_studio_killed_mid_run_reattaches_job(home, train_file):
     port = free_port()
-    with running_studio(home, port=port) as (url, proc, _):
+    with running_studio(home, "--allow-path", str(train_file.parent), port=port) as (url, proc, _):
         client = Client(url, verbose=False)
         job = str(client.predict(job_yaml("survivor", train_file, 10), api_name="/submit_job")).strip()
         wait_for(lambda: status(client, job).get("step", 0) >= 1, 300, "training to make progress")
@@ -70,7 +70,7 @@ def test_studio_killed_mid_run_reattaches_job(home, train_file):
         proc.wait(timeout=10)
     st_dir = home / "runs" / job
     assert (st_dir / "status.json").exists()
-    with running_studio(home, port=port) as (url, proc, _):
+    with running_studio(home, "--allow-path", str(train_file.parent), port=port) as (url, proc, _):
         client = Client(url, verbose=False)
         first = status(client, job)
         assert first["state"] in ("running", "completed"), first  # re-attached, not failed

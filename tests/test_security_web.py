@@ -12,6 +12,7 @@ from html.parser import HTMLParser
 import pytest
 
 from app import adapters_tab, playground_tab, render, train_tab
+from app.http_guard import HostPolicy
 from tests.studio_server import running_studio
 
 PWN = "window.__pwned=(window.__pwned||0)+1;document.title='pwned'"
@@ -110,6 +111,22 @@ def test_dataframes_hold_hostile_values_as_plain_cells():
     assert frame.iloc[0]["base model"] == p and frame.iloc[0]["steps"] == "–" and frame.iloc[0]["created"] == "–"
     examples = render.examples_frame({"examples": [{"prompt": p, "reference": {"x": p}, "scores": {"diff": p}}]})
     assert examples.iloc[0]["prompt"] == p and examples.iloc[0]["gain"] is None
+
+
+def test_host_policy_for_each_kind_of_bind():
+    loop = HostPolicy("127.0.0.1")
+    assert loop.refusal("localhost:7860", "http://localhost:7860") is None
+    assert loop.refusal("10.0.0.5:7860", None) and loop.refusal("studio.example:7860", None)
+    assert loop.refusal("127.0.0.1:7860", "http://127.0.0.1:7861")  # another local server's page
+    lan = HostPolicy("192.168.1.20")
+    assert lan.refusal("192.168.1.20:7860", None) is None and lan.refusal("localhost:7860", None)
+    anywhere = HostPolicy("0.0.0.0", ["studio.example.org"])
+    assert anywhere.refusal("10.0.0.5:7860", "http://10.0.0.5:7860") is None  # an IP address cannot be rebound
+    assert anywhere.refusal("evil.example:7860", None)
+    # behind a proxy that rewrites Host, the page's Origin is the public name the operator listed
+    assert anywhere.refusal("127.0.0.1:7860", "https://studio.example.org") is None
+    assert anywhere.refusal("studio.example.org.", None) is None
+    assert anywhere.refusal(None, None) == "the request has no Host header"
 
 
 # --- a real studio -------------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
     python -m finetune.bench.arms JOB.json RESULT.json
 
-JOB: {"arm": "naive"|"unsloth"|"studio"|"studio:<STUDIO_SPEED switches>", "model_dir", "shape", "mode": "qlora"|"lora",
-      "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest", "mem_limit_gib", "ladder"}
+JOB: {"arm": "naive"|"unsloth"|"unsloth:packed"|"studio"|"studio:<STUDIO_SPEED switches>", "model_dir", "shape",
+      "mode": "qlora"|"lora", "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest",
+      "mem_limit_gib", "ladder", "profile": steps to run under the torch profiler after the timed ones, "trace"}
 RESULT: per-step times, tokens and losses, the median tokens/s after warm-up, peak memory, MFU, the library
 versions and the speed-ups the arm applied; or {"error": ...} with the reason.
 
@@ -11,7 +12,9 @@ The three arms train the same LoRA (r=16, alpha=16, dropout 0, every linear laye
 AdamW (lr 2e-4, grad-norm clip 1.0) on the same batches:
   naive    transformers + peft as a typical user writes it: SDPA, padded batches, non-reentrant gradient
            checkpointing, prepare_model_for_kbit_training for QLoRA, bf16 autocast (what Trainer(bf16=True) does)
-  unsloth  FastLanguageModel with its defaults, use_gradient_checkpointing="unsloth", padded batches, bf16 autocast
+  unsloth  FastLanguageModel with its defaults, use_gradient_checkpointing="unsloth", padded batches, bf16 autocast;
+           "unsloth:packed": the same model fed one packed row with packed_seq_lengths and restarting position_ids,
+           as Unsloth's trainer feeds it with a padding-free collator (its default on a GPU that supports it)
   studio   our training path: finetune.model.load_model / apply_lora, finetune.recipe.speed.patch_model_for_speed, the
            padding-free finetune.data.collate and SFTRecipe.train_step (finetune/recipe/sft.py) itself
 """
@@ -121,9 +124,25 @@ def setup_unsloth(job, device):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    packed = job["arm"].split(":", 1)[1:] == ["packed"]
+    if packed:  # what Unsloth's trainer does for a padding-free collator (unsloth/utils/packing.py)
+        from unsloth.utils.packing import _enable_hf_packed_attention, mark_allow_overlength
+
+        mark_allow_overlength(model)
+        _enable_hf_packed_attention()
+
+    def collate(examples):
+        if not packed:
+            return _padded(examples, pad, device)
+        from finetune import data as D
+
+        batch = {k: v.to(device) for k, v in D.collate(examples, pad, padding_free=True).items()}
+        batch["packed_seq_lengths"] = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.int32,
+                                                   device=device)
+        return batch
 
     def step(examples):
-        batch = _padded(examples, pad, device)
+        batch = collate(examples)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
@@ -132,7 +151,7 @@ def setup_unsloth(job, device):
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    return model, step, {"speedups": ["unsloth defaults"]}
+    return model, step, {"speedups": ["unsloth defaults"] + (["padding-free packed rows"] if packed else [])}
 
 
 def setup_studio(job, device):
@@ -218,6 +237,10 @@ def run_job(job: dict) -> dict:
         tokens = sum(lengths)
         rows.append({"step": i + 1, "seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt, "loss": loss,
                      "tflops": step_flops(job["shape"], lengths) / dt / 1e12})
+    if job.get("profile"):
+        from finetune.bench.profile import profile_steps
+
+        result["profile"] = profile_steps(step, batches[-job["profile"]:], device, job.get("trace"))
     measured = rows[job["warmup"]:]
     med = statistics.median(r["tokens_per_s"] for r in measured)
     med_tflops = statistics.median(r["tflops"] for r in measured)

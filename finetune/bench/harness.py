@@ -57,7 +57,8 @@ def _cases_from_args(a) -> list[dict]:
                 seq_v = seq if seq == "var" else int(seq)
                 batch = a.batch if a.batch else (8 if seq == "var" else 2)
                 cases.append({"shape": model, "mode": mode, "seq": seq_v, "batch": batch, "steps": a.steps,
-                              "warmup": a.warmup, "kind": "throughput", "arms": a.arms.split(",")})
+                              "warmup": a.warmup, "kind": "throughput", "arms": a.arms.split(","),
+                              "profile": a.profile})
     return cases
 
 
@@ -202,7 +203,7 @@ def plan_jobs(cases: list[dict], models_dir: Path, timeout_s: float) -> list[dic
                          "warmup": c.get("warmup", 2), "kind": c.get("kind", "throughput"),
                          "mem_limit_gib": c.get("mem_limit_gib"), "ladder": c.get("ladder"),
                          "time_budget_s": c.get("time_budget_s", 240), "max_len": c.get("max_len"),
-                         "timeout_s": c.get("timeout_s", timeout_s)})
+                         "timeout_s": c.get("timeout_s", timeout_s), "profile": c.get("profile", 0)})
     return jobs
 
 
@@ -243,7 +244,9 @@ def tables(results: dict[str, dict]) -> str:
             out.append("")
             continue
         base = {r["job"]["arm_label"]: r for r in rows if r.get("ok")}
-        naive, uns = base.get("naive"), base.get("unsloth")
+        # "Unsloth" is the better of its padded and padding-free (unsloth:packed) modes where both ran.
+        unsloths = [r for label, r in base.items() if label.split(":")[0] == "unsloth" and "@" not in label]
+        naive, uns = base.get("naive"), max(unsloths, key=lambda r: r["tokens_per_s"], default=None)
         out.append(f"#### {key}, steps {first['warmup']} warm-up + {first['steps']} measured\n")
         out.append("| arm | tokens/s | vs naive | vs unsloth | peak alloc GiB | peak reserved GiB | MFU | "
                    "loss step 1 / last | max abs loss diff vs naive | setup s | speed-ups |")
@@ -265,7 +268,23 @@ def tables(results: dict[str, dict]) -> str:
                 f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f} | {_f(diff, '{:.4f}')} | {_f(r.get('setup_s'), '{:.0f}')} | "
                 f"{', '.join(r.get('speedups') or []) or '-'} |")
         out.append("")
+        out += _profile_table(rows)
     return "\n".join(out)
+
+
+def _profile_table(rows: list[dict]) -> list[str]:
+    prof = [r for r in rows if r.get("ok") and isinstance(r.get("profile"), dict) and "step_wall_ms" in r["profile"]]
+    if not prof:
+        return []
+    out = ["Under the torch profiler (it slows every arm; compare the arms, not the absolute times):\n",
+           "| arm | step wall ms | GPU busy ms | GPU busy share | kernels / step | GPU idle: host busy in (top 6, ms/step) |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in prof:
+        p = r["profile"]
+        top = ", ".join(f"{o['op']} {o['idle_ms'] / p['steps']:.1f}" for o in p["idle_by_host_op"][:6])
+        out.append(f"| {r['job']['arm_label']} | {p['step_wall_ms']} | {p['gpu_busy_ms']} | "
+                   f"{p['gpu_busy_share'] * 100:.0f}% | {p['kernels_per_step']:,} | {top} |")
+    return out + [""]
 
 
 def write_report(path: Path, text: str, header: str) -> None:
@@ -303,6 +322,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=1e9, help="launch no new job after this many seconds")
     p.add_argument("--timeout-s", type=float, default=600, help="per-job limit")
     p.add_argument("--hard-s", type=float, default=1e9, help="stop running jobs after this many seconds (and report)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="after the timed steps, run this many more under the torch profiler and report where the "
+                        "GPU idles and what the host does then (finetune.bench.profile.py)")
     p.add_argument("--devices", help="comma list of CUDA device ids to use (default: all; cpu without CUDA)")
     p.add_argument("--build", help=argparse.SUPPRESS)
     p.add_argument("--report", help="re-render the tables from a results.json")

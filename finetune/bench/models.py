@@ -113,6 +113,8 @@ def build_model(shape: str, root: Path, seed: int = 0) -> Path:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+        # Write the gigabytes out now: left to the kernel's writeback, they compete with the first arm's host.
+        os.sync()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

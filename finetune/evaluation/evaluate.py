@@ -86,7 +86,7 @@ def load_examples(data_path: str | None, split: str, data_cfg) -> tuple[list[dic
     from finetune import data as D
 
     if data_path:
-        records = D.load_records(data_path, split)
+        records = D.load_records(data_path, split, "data_path")
         source, used_split = data_path, split
     else:
         records = D.load_records(data_cfg.path, data_cfg.split)
@@ -259,6 +259,7 @@ def _cuda() -> bool:
 
 # --- the evaluation ------------------------------------------------------------------------------------------
 def _adapter_config(adapter_name: str):
+    from finetune import policy
     from finetune.store import adapters
     from finetune.config import ConfigError, JobConfig
 
@@ -275,6 +276,7 @@ def _adapter_config(adapter_name: str):
         raise EvalError(str(e)) from None
     if not isinstance(raw, dict):
         cfg.model = adapters.resolve_base(adapter_name)  # adapters from elsewhere: only their base is known
+    policy.check_model_config(cfg.model, f"adapter {adapter_name!r}")
     return meta, cfg
 
 

@@ -12,6 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
+from finetune import policy
 from finetune.config import ConfigError, JobConfig
 from finetune.errors import expected, plain_message
 from finetune.paths import adapters_dir, runs_dir
@@ -37,7 +38,9 @@ def cli(argv: list[str]) -> int:
         config = JobConfig.load(a.config)
         if a.set:
             config = config.with_overrides(a.set)
-    except ConfigError as e:
+        if policy.confined():  # launched by the studio: the job YAML came from a client
+            policy.check_job(config)
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if a.run_dir:  # the job store reads the reason from here
             write_failure(Path(a.run_dir), str(e))

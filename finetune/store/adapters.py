@@ -11,6 +11,8 @@ CLI: python -m finetune adapters list | show NAME | delete NAME | export NAME
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -70,9 +72,24 @@ def staging_dir(name: str) -> Path:
     return p
 
 
+def _restore_orphans() -> None:
+    """Put back an adapter whose publish was killed between its two renames (only .old-<name>-<hex> is left).
+    Under the store lock, which publish holds across both renames, such a folder is always an orphan."""
+    with _store_lock():
+        for p in adapters_dir().glob(".old-*-*"):
+            name = p.name[len(".old-"):].rsplit("-", 1)[0]
+            try:
+                target = adapter_path(name)
+            except AdapterError:
+                continue
+            if p.is_dir() and not p.is_symlink() and not target.exists():
+                os.replace(p, target)
+
+
 def _sweep_leftovers(max_age_s: float = 3600) -> None:
     """Remove hidden staging/replaced/deleted folders that a killed process left behind (old ones only: a younger
-    one may belong to a run that is saving right now)."""
+    one may belong to a run that is saving right now), after restoring any adapter that only a .old- folder holds."""
+    _restore_orphans()
     now = time.time()
     for p in adapters_dir().glob(".*-*"):
         if p.name.startswith((".tmp-", ".old-", ".deleted-")) and p.is_dir() and not p.is_symlink():
@@ -102,9 +119,11 @@ def get_adapter(name: str) -> dict:
 
 def resolve_base(adapter: str | Path):
     """The ModelConfig of the base an adapter was trained on (a store name, or a peft folder): studio.json's model
-    section; for an adapter from elsewhere, its base as peft recorded it, unquantized unless studio.json says so."""
+    section; for an adapter from elsewhere, its base as peft recorded it, unquantized unless studio.json says so.
+    Checked against the studio's policy (remote code, allowed model folders)."""
     from pydantic import ValidationError
 
+    from finetune import policy
     from finetune.config import ModelConfig
 
     path = Path(adapter)
@@ -118,10 +137,12 @@ def resolve_base(adapter: str | Path):
         section = {"name_or_path": meta.get("base_model") or peft_cfg.get("base_model_name_or_path"),
                    "quantization": meta.get("quantization") or "none"}
     try:
-        return ModelConfig.model_validate(section)
+        base = ModelConfig.model_validate(section)
     except ValidationError as e:
         raise AdapterError(f"adapter {str(adapter)!r}: studio.json's model section is not valid: "
                            f"{e.errors()[0].get('msg')}") from None
+    policy.check_model_config(base, f"adapter {str(adapter)!r}")  # metadata never turns remote code on
+    return base
 
 
 def _summary(name: str, p: Path) -> dict:
@@ -145,6 +166,7 @@ def _summary(name: str, p: Path) -> dict:
 
 def list_adapters() -> list[dict]:
     """Every adapter in the store, newest first."""
+    _restore_orphans()
     rows = []
     for p in adapters_dir().iterdir():
         if p.name.startswith(".") or p.is_symlink() or not p.is_dir() or not (p / "adapter_config.json").is_file():
@@ -159,26 +181,55 @@ def list_adapters() -> list[dict]:
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
-def publish(src_dir: str | Path, name: str) -> Path:
-    """Move a finished adapter folder into the store as <name>, replacing an older adapter of that name.
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish(src_dir: str | Path, name: str, replace: bool = True) -> Path:
+    """Move a finished adapter folder into the store as <name>, replacing an older adapter of that name (or, with
+    replace=False, refusing if one exists: checked under the store lock, so of two racing publishes one wins).
+    The old version stays in place until the new one is: swapped in one step where the system can, else by two
+    renames whose leftover (.old-<name>-*) _restore_orphans puts back if a crash falls between them.
     src_dir should come from staging_dir() (same filesystem) so that the move is a rename."""
     src = Path(src_dir)
     if not (src / "adapter_config.json").is_file():
         raise AdapterError(f"{src} has no adapter_config.json: not an adapter folder")
     target = adapter_path(name)
+    holder = None
+    if src.parent.resolve() != target.parent.resolve():  # elsewhere: copy it into the store first
+        holder = staging_dir(name)
+        src = Path(shutil.move(str(src), holder / "adapter"))
     with _store_lock():
         old = None
         if target.exists():
+            if not replace:
+                raise AdapterError(f"adapter {name!r} already exists in the store; delete it or choose another name")
             old = target.with_name(f".old-{name}-{uuid.uuid4().hex[:8]}")
-            os.replace(target, old)
-        try:
-            os.replace(src, target) if src.parent.resolve() == target.parent.resolve() else shutil.move(str(src), target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, target)
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            if _exchange(src, target):
+                os.replace(src, old)  # src now holds the previous version
+            else:
+                os.replace(target, old)
+                try:
+                    os.replace(src, target)
+                except BaseException:
+                    os.replace(old, target)
+                    raise
+        else:
+            os.replace(src, target)
+    for leftover in (old, holder):
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True)
     return target
 
 

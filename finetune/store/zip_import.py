@@ -2,23 +2,30 @@
 
 A zip comes from outside, so it is read defensively: no member may leave the staging folder (zip-slip: `..`,
 absolute paths, drive letters, symlink entries), and the sizes are bounded before anything is written (zip bombs:
-too many members, too much uncompressed data, or an absurd compression ratio). Files land in a staging folder
-inside the store and are published with one rename, so a failed import leaves nothing behind.
+too many members, too much uncompressed data, or an absurd compression ratio). Only the files an adapter needs are
+kept (KEPT); other adapter-like files (tokenizer files, cached evaluations under eval/) are skipped: the studio loads
+the tokenizer from the base model and recomputes evaluations itself. studio.json may not turn remote code on, and its
+evaluation summary is dropped. Files land in a staging folder inside the store and are published with one rename
+that never replaces an adapter of that name, so a failed import leaves nothing behind and of two imports under one
+name exactly one wins.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from finetune.store.adapters import AdapterError, WEIGHTS, adapter_path, publish, staging_dir
+from finetune import policy
+from finetune.fsutil import write_json_atomic
+from finetune.store.adapters import META, AdapterError, WEIGHTS, adapter_path, publish, staging_dir
 from finetune.config import check_name
+from finetune.limits import MAX_ZIP_MEMBERS as MAX_MEMBERS, MAX_ZIP_RATIO as MAX_RATIO
+from finetune.limits import MAX_ZIP_SMALL_FILE_BYTES, MAX_ZIP_TOTAL_BYTES as MAX_TOTAL_BYTES
 
-MAX_MEMBERS = 64
-MAX_TOTAL_BYTES = 4 * 2**30  # a rank-256 adapter of a 70B model is a few GB; nothing legitimate is bigger
-MAX_RATIO = 200  # safetensors of random-ish floats compress ~1.1x; JSON ~5x. 200x is a bomb.
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".md", ".txt", ".jinja", ".model", ".bin"}
+KEPT = (WEIGHTS, "adapter_config.json", META, "README.md")  # beside adapter_config.json; everything else is skipped
 
 
 class ZipImportError(AdapterError):
@@ -42,6 +49,9 @@ def _members(z: zipfile.ZipFile, source: str) -> list[tuple[zipfile.ZipInfo, Pur
             continue
         if path.suffix.lower() not in ALLOWED_SUFFIXES:
             raise ZipImportError(f"{source}: member {name!r} is not an adapter file ({', '.join(sorted(ALLOWED_SUFFIXES))})")
+        if path.name != WEIGHTS and info.file_size > MAX_ZIP_SMALL_FILE_BYTES:
+            raise ZipImportError(f"{source}: member {name!r} is {info.file_size} bytes; files other than the weights "
+                                 f"are at most {MAX_ZIP_SMALL_FILE_BYTES} bytes")
         total += info.file_size
         if total > MAX_TOTAL_BYTES:
             raise ZipImportError(f"{source}: more than {MAX_TOTAL_BYTES // 2**30} GiB uncompressed; refused (zip bomb?)")
@@ -85,7 +95,7 @@ def import_zip(zip_path: str | Path, name: str | None = None, overwrite: bool = 
         stage = staging_dir(name)
         try:
             for info, path in members:
-                if path.parent != root and root not in path.parents:
+                if path.parent != root or path.name not in KEPT:
                     continue
                 rel = path.relative_to(root)
                 dest = (stage / rel.as_posix()).resolve()
@@ -100,8 +110,38 @@ def import_zip(zip_path: str | Path, name: str | None = None, overwrite: bool = 
                         if written > info.file_size:
                             raise ZipImportError(f"{source}: member {info.filename!r} inflates past its declared size")
                         out.write(chunk)
-            publish(stage, name)
+            _check_metadata(stage, source)
+            publish(stage, name, replace=overwrite)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
     return name
+
+
+def _json_object(path: Path, source: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        raise ZipImportError(f"{source}: {path.name} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ZipImportError(f"{source}: {path.name} must be a JSON object")
+    return data
+
+
+def _check_metadata(stage: Path, source: str) -> None:
+    """studio.json and adapter_config.json come from outside: they may not turn remote code on, and the studio's own
+    evaluation summary is not taken from them (it is recomputed by /evaluate)."""
+    _json_object(stage / "adapter_config.json", source)
+    meta_path = stage / META
+    if not meta_path.is_file():
+        return
+    meta = _json_object(meta_path, source)
+    model = (meta.get("config") or {}).get("model") if isinstance(meta.get("config"), dict) else None
+    if isinstance(model, dict) and model.get("trust_remote_code"):
+        try:
+            policy.check_remote_code(True, f"{META} config.model.trust_remote_code")
+        except policy.PolicyError as e:
+            raise ZipImportError(f"{source}: {e}") from None
+    if "eval" in meta:
+        del meta["eval"]
+        write_json_atomic(meta_path, meta)
