@@ -208,7 +208,9 @@ def stop_token_ids(tokenizer) -> list[int]:
         ids.append(int(tokenizer.eos_token_id))
     for tok in END_MARKERS:
         tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id and tid not in ids:
+        # A string outside the vocabulary maps to the unknown token; a marker that is the unknown token is real.
+        unknown = tid == tokenizer.unk_token_id and tok != tokenizer.unk_token
+        if isinstance(tid, int) and tid >= 0 and not unknown and tid not in ids:
             ids.append(tid)
     return ids
 
