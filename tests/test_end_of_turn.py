@@ -60,3 +60,16 @@ def test_generation_stops_at_a_trained_end_of_turn_marker_that_is_not_eos(marker
     row = stats["rows"][0]
     assert row["stopped"] and row["stop_token"] == MARKER, (text, row)
     assert row["new_tokens"] < 24 and "user" not in text and "\n" not in text, (text, row)
+
+
+def test_every_single_token_end_marker_stops_generation(marker_model):
+    """The stop list is data.END_MARKERS (those that are one token of the vocabulary) plus EOS, nothing less."""
+    from finetune.config import ModelConfig
+    from finetune.data import END_MARKERS
+    from finetune.evaluation import generate as G
+    from finetune.model import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(marker_model), quantization="none"))
+    vocab = tok.get_vocab()
+    expected = {tok.eos_token_id} | {vocab[m] for m in END_MARKERS if m in vocab}
+    assert set(G.stop_token_ids(tok)) == expected and len(expected) >= 2
