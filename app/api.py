@@ -143,6 +143,32 @@ def validate_config(config_yaml: str) -> str:
     return to_json({"valid": True, "config": cfg.to_yaml()})
 
 
+def plan_job(config_yaml: str, device_memory_gib: float = 0.0, device: str = "") -> str:
+    """JSON: the job's memory plan before it runs, from the model's config.json alone (no weights are loaded or
+    downloaded): peak_gib, reserved_gib, needed_gib, fits, the breakdown by part, the longest max_seq_length and
+    the largest batch that fit, and, when it does not fit, ranked suggestions each with its own estimate.
+    device_memory_gib 0 = the studio machine's device (its first GPU, else its RAM); device "cuda" or "cpu" plans
+    for that kind of device instead of the one detected."""
+    from finetune import policy
+    from finetune.plan import detect_device, estimate, with_memory
+
+    if not (config_yaml or "").strip():
+        raise gr.Error("config_yaml is empty: send a job config (python -m finetune config --example prints one)")
+    gib = float(device_memory_gib or 0)
+    if not 0 <= gib <= 1_000_000:
+        raise gr.Error(f"device_memory_gib must be between 0 and 1000000, got {device_memory_gib}")
+    kind = (device or "").strip().lower() or None
+    if kind not in (None, "cuda", "cpu"):
+        raise gr.Error(f"device must be 'cuda', 'cpu' or empty (the detected one), got {device!r}")
+    cfg = JobConfig.from_yaml(config_yaml, "submitted config")
+    if policy.confined():  # the plan reads the model's config.json: only from folders the operator allows
+        policy.check_model_name(cfg.model.name_or_path)
+    target = detect_device()
+    if gib > 0 or kind:
+        target = with_memory(target, gib or None, kind)
+    return to_json(estimate(cfg, target).to_dict())
+
+
 # --- adapters --------------------------------------------------------------------------------------------------
 def list_adapters() -> str:
     """JSON list of the stored adapters, newest first: name, base_model, quantization, dataset, metrics, eval summary,
@@ -243,7 +269,7 @@ def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_t
 # The public endpoints, in the order docs/api.md lists them. Registered by app.main with gr.api.
 ENDPOINTS = [
     (submit_job, {}), (job_status, {}), (cancel_job, {}), (resume_job, {}), (list_jobs, {}),
-    (validate_config, {}), (list_adapters, {}), (delete_adapter, {}),
+    (validate_config, {}), (plan_job, {}), (list_adapters, {}), (delete_adapter, {}),
     (generate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
     (evaluate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
 ]

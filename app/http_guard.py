@@ -120,8 +120,13 @@ async def _plain(send, status: int, text: str, extra_headers: tuple = ()) -> Non
     await send({"type": "http.response.body", "body": body})
 
 
+# Another site may not show the studio inside a frame of its own page, where a click could be stolen (clickjacking).
+FRAME_HEADERS = ((b"x-frame-options", b"SAMEORIGIN"), (b"content-security-policy", b"frame-ancestors 'self'"))
+
+
 class HostGuard:
-    """Refuses (403, plain text) any HTTP request or websocket whose Host or Origin the policy does not allow."""
+    """Refuses (403, plain text) any HTTP request or websocket whose Host or Origin the policy does not allow;
+    adds the no-framing headers to every answer."""
 
     def __init__(self, app, policy: HostPolicy):
         self.app, self.policy = app, policy
@@ -131,12 +136,23 @@ class HostGuard:
             return await self.app(scope, receive, send)
         why = self.policy.refusal(_header(scope, b"host"), _header(scope, b"origin"))
         if why is None:
-            return await self.app(scope, receive, send)
+            return await self.app(scope, receive, self.framing_headers(send) if scope["type"] == "http" else send)
         client = (scope.get("client") or ("?",))[0]
         log.warning("refused %s %s from %s: %s", scope["type"], scope.get("path", "")[:200], client, why)
         if scope["type"] == "websocket":  # closing before accepting makes the server answer 403
             return await send({"type": "websocket.close", "code": 1008})
         await _plain(send, 403, f"403 Forbidden: {why}.")
+
+    @staticmethod
+    def framing_headers(send):
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                names = {k.lower() for k, _ in message.get("headers") or ()}
+                extra = [h for h in FRAME_HEADERS if h[0] not in names]
+                message = {**message, "headers": [*(message.get("headers") or ()), *extra]}
+            await send(message)
+
+        return send_with_headers
 
 
 class LoginThrottle:

@@ -37,110 +37,124 @@ def default_job(rows: list[dict]) -> str | None:
     return rows[0]["id"] if rows else None
 
 
-def build() -> SimpleNamespace:
-    table = gr.Dataframe(render.jobs_frame([]), interactive=False, wrap=True, max_height=260, label="All jobs",
-                         elem_id="jobs-table", show_search="search")
+def _components() -> SimpleNamespace:
+    ui = SimpleNamespace()
+    ui.table = gr.Dataframe(render.jobs_frame([]), interactive=False, wrap=True, max_height=260, label="All jobs",
+                            elem_id="jobs-table", show_search="search")
     with gr.Row(equal_height=False, elem_classes=["toolbar"]):
-        job = gr.Dropdown(label="Job", choices=[], value=None, scale=4, elem_id="job-select",
-                          info="Pick a job, or click a row of the table below.")
-        cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="cancel-btn")
-        resume = gr.Button("Resume", scale=1, elem_id="resume-btn")
-        duplicate = gr.Button("Duplicate to Train", scale=1, elem_id="duplicate-btn")
-    action_msg = gr.HTML()
-    progress = gr.HTML(render.progress_html(None), elem_id="job-progress")
-    stats = gr.HTML(elem_id="job-stats")
-    loss_plot = gr.HTML(render.loss_chart(None), elem_id="loss-plot")
-    log = gr.Textbox(label="Log (last lines of train.log)", lines=LOG_LINES + 4, max_lines=LOG_LINES + 4, autoscroll=True,
-                     interactive=False, elem_id="job-log", elem_classes=["mono"])
-    command = gr.Textbox(label="The exact command this job runs (the same job from a terminal)", lines=2, max_lines=4,
-                         interactive=False, buttons=["copy"], elem_id="job-command", elem_classes=["mono"])
+        ui.job = gr.Dropdown(label="Job", choices=[], value=None, scale=4, elem_id="job-select",
+                             info="Pick a job, or click a row of the table below.")
+        ui.cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="cancel-btn")
+        ui.resume = gr.Button("Resume", scale=1, elem_id="resume-btn")
+        ui.duplicate = gr.Button("Duplicate to Train", scale=1, elem_id="duplicate-btn")
+    ui.action_msg = gr.HTML()
+    ui.progress = gr.HTML(render.progress_html(None), elem_id="job-progress")
+    ui.stats = gr.HTML(elem_id="job-stats")
+    ui.loss_plot = gr.HTML(render.loss_chart(None), elem_id="loss-plot")
+    ui.log = gr.Textbox(label="Log (last lines of train.log)", lines=LOG_LINES + 4, max_lines=LOG_LINES + 4,
+                        autoscroll=True, interactive=False, elem_id="job-log", elem_classes=["mono"])
+    ui.command = gr.Textbox(label="The exact command this job runs (the same job from a terminal)", lines=2,
+                            max_lines=4, interactive=False, buttons=["copy"], elem_id="job-command", elem_classes=["mono"])
     with gr.Accordion("Compare runs: overlay loss curves", open=False, elem_id="compare-accordion"):
-        compare = gr.Dropdown(label="Runs to overlay", choices=[], multiselect=True, elem_id="compare-select")
-        overlay = gr.HTML(render.overlay_chart([]), elem_id="overlay-plot")
-    sig = gr.State({})  # what this browser was last sent, to skip unchanged outputs
+        ui.compare = gr.Dropdown(label="Runs to overlay", choices=[], multiselect=True, elem_id="compare-select")
+        ui.overlay = gr.HTML(render.overlay_chart([]), elem_id="overlay-plot")
+    ui.sig = gr.State({})  # what this browser was last sent, to skip unchanged outputs
     # Not rendered here: main.py renders the timer outside the tabs, so polling does not restart whenever the tab is
     # mounted (with gr.LinePlot, an update landing while the plot mounted left its lines uncoloured in gradio 6.31).
-    timer = gr.Timer(POLL_SECONDS, render=False)
+    ui.timer = gr.Timer(POLL_SECONDS, render=False)
+    return ui
 
-    outputs = [job, table, progress, stats, loss_plot, log, command, compare, overlay, sig, cancel, resume]
 
-    def refresh(selected, compared, last):
-        rows = snapshot()
-        by_id = {r["id"]: r for r in rows}
-        last = dict(last or {})
-        out: dict = {}
-        # the list: the dropdown's choices only change when jobs or states do (an open dropdown must not flicker)
-        list_sig = [(r["id"], r["state"]) for r in rows]
-        if list_sig != last.get("list"):
-            choices = render.job_choices(rows)
-            out[job] = gr.update(choices=choices)
-            out[compare] = gr.update(choices=choices)
-            last["list"] = list_sig
-        table_sig = [(r["id"], r["state"], r["step"], r["loss"]) for r in rows]
-        if table_sig != last.get("table"):
-            out[table] = render.jobs_frame(rows)
-            last["table"] = table_sig
-        ids = set(by_id)
-        if selected not in ids:
-            selected = default_job(rows)
-            out[job] = {**out.get(job, gr.update()), "value": selected}
-        live = None
-        if selected:
-            try:
-                live = store().live(selected)
-            except Exception as e:  # a job removed by hand between list and live
-                out[action_msg] = f'<div class="msg error">{render.esc(e)}</div>'
-        out[progress] = render.progress_html(live)
-        out[stats] = render.stats_html(live)
-        detail_sig = (selected, live and len(live["loss_history"]), live and len(live["eval_history"]),
-                      live and live["state"])
-        if detail_sig != last.get("detail"):
-            out[loss_plot] = render.loss_chart(live)
-            out[command] = (live or {}).get("command") or ""
-            state = (live or {}).get("state")
-            out[cancel] = gr.update(interactive=state in ("queued", "running"))
-            out[resume] = gr.update(interactive=state in ("failed", "cancelled"))
-            last["detail"] = detail_sig
-        log_text = short_log((live or {}).get("log_tail") or "")
-        if log_text != last.get("log"):
-            out[log] = log_text
-            last["log"] = log_text
-        compared = [c for c in (compared or []) if c in ids]
-        ov_sig = [(c, by_id[c]["step"], by_id[c]["state"]) for c in compared]
-        if ov_sig != last.get("overlay"):
-            out[overlay] = render.overlay_chart([store().live(c) for c in compared])
-            last["overlay"] = ov_sig
-        out[sig] = last
-        return out
+def _list_updates(ui: SimpleNamespace, rows: list[dict], last: dict, out: dict) -> None:
+    # the dropdown's choices only change when jobs or states do (an open dropdown must not flicker)
+    list_sig = [(r["id"], r["state"]) for r in rows]
+    if list_sig != last.get("list"):
+        choices = render.job_choices(rows)
+        out[ui.job] = gr.update(choices=choices)
+        out[ui.compare] = gr.update(choices=choices)
+        last["list"] = list_sig
+    table_sig = [(r["id"], r["state"], r["step"], r["loss"]) for r in rows]
+    if table_sig != last.get("table"):
+        out[ui.table] = render.jobs_frame(rows)
+        last["table"] = table_sig
 
-    poll = dict(outputs=outputs + [action_msg], show_progress="hidden", api_visibility="undocumented",
-                concurrency_limit=None)
-    timer.tick(friendly(refresh), [job, compare, sig], **poll)
-    job.change(friendly(lambda j, c, s: refresh(j, c, {**(s or {}), "detail": None, "log": None})),
-               [job, compare, sig], **poll)
-    compare.change(friendly(lambda j, c, s: refresh(j, c, {**(s or {}), "overlay": None})), [job, compare, sig], **poll)
 
-    def pick_row(evt: gr.SelectData):
-        row = evt.row_value or []
-        return gr.update(value=row[0]) if row else gr.skip()
+def _detail_updates(ui: SimpleNamespace, selected: str | None, last: dict, out: dict) -> None:
+    live = None
+    if selected:
+        try:
+            live = store().live(selected)
+        except Exception as e:  # a job removed by hand between list and live
+            out[ui.action_msg] = f'<div class="msg error">{render.esc(e)}</div>'
+    out[ui.progress] = render.progress_html(live)
+    out[ui.stats] = render.stats_html(live)
+    detail_sig = (selected, live and len(live["loss_history"]), live and len(live["eval_history"]),
+                  live and live["state"])
+    if detail_sig != last.get("detail"):
+        out[ui.loss_plot] = render.loss_chart(live)
+        out[ui.command] = (live or {}).get("command") or ""
+        state = (live or {}).get("state")
+        out[ui.cancel] = gr.update(interactive=state in ("queued", "running"))
+        out[ui.resume] = gr.update(interactive=state in ("failed", "cancelled"))
+        last["detail"] = detail_sig
+    log_text = short_log((live or {}).get("log_tail") or "")
+    if log_text != last.get("log"):
+        out[ui.log] = log_text
+        last["log"] = log_text
 
-    table.select(pick_row, None, job, api_visibility="undocumented", concurrency_limit=None)
 
-    @friendly
-    def on_cancel(selected):
-        if not selected:
-            raise gr.Error("select a job first")
-        row = store().cancel(selected)
-        return f'<div class="msg ok">job {render.esc(selected)} is {render.esc(row["state"])}</div>'
+def refresh(ui: SimpleNamespace, selected: str | None, compared: list[str] | None, last: dict | None) -> dict:
+    """The updates one poll sends: only what changed since `last` (this browser's signature of what it has)."""
+    rows = snapshot()
+    by_id = {r["id"]: r for r in rows}
+    last = dict(last or {})
+    out: dict = {}
+    _list_updates(ui, rows, last, out)
+    if selected not in by_id:
+        selected = default_job(rows)
+        out[ui.job] = {**out.get(ui.job, gr.update()), "value": selected}
+    _detail_updates(ui, selected, last, out)
+    compared = [c for c in (compared or []) if c in by_id]
+    ov_sig = [(c, by_id[c]["step"], by_id[c]["state"]) for c in compared]
+    if ov_sig != last.get("overlay"):
+        out[ui.overlay] = render.overlay_chart([store().live(c) for c in compared])
+        last["overlay"] = ov_sig
+    out[ui.sig] = last
+    return out
 
-    @friendly
-    def on_resume(selected):
-        if not selected:
-            raise gr.Error("select a job first")
-        store().resume(selected)
-        return (f'<div class="msg ok">job {render.esc(selected)} is queued again; it continues from its latest '
-                'checkpoint</div>')
 
-    cancel.click(on_cancel, job, action_msg, api_visibility="undocumented", concurrency_limit=None)
-    resume.click(on_resume, job, action_msg, api_visibility="undocumented", concurrency_limit=None)
-    return SimpleNamespace(job=job, duplicate=duplicate, action_msg=action_msg, timer=timer)
+@friendly
+def on_cancel(selected):
+    if not selected:
+        raise gr.Error("select a job first")
+    row = store().cancel(selected)
+    return f'<div class="msg ok">job {render.esc(selected)} is {render.esc(row["state"])}</div>'
+
+
+@friendly
+def on_resume(selected):
+    if not selected:
+        raise gr.Error("select a job first")
+    store().resume(selected)
+    return (f'<div class="msg ok">job {render.esc(selected)} is queued again; it continues from its latest '
+            'checkpoint</div>')
+
+
+def pick_row(evt: gr.SelectData):
+    row = evt.row_value or []
+    return gr.update(value=row[0]) if row else gr.skip()
+
+
+def build() -> SimpleNamespace:
+    ui = _components()
+    outputs = [ui.job, ui.table, ui.progress, ui.stats, ui.loss_plot, ui.log, ui.command, ui.compare, ui.overlay,
+               ui.sig, ui.cancel, ui.resume, ui.action_msg]
+    poll = dict(outputs=outputs, show_progress="hidden", api_visibility="undocumented", concurrency_limit=None)
+    inputs = [ui.job, ui.compare, ui.sig]
+    ui.timer.tick(friendly(lambda j, c, s: refresh(ui, j, c, s)), inputs, **poll)
+    ui.job.change(friendly(lambda j, c, s: refresh(ui, j, c, {**(s or {}), "detail": None, "log": None})), inputs, **poll)
+    ui.compare.change(friendly(lambda j, c, s: refresh(ui, j, c, {**(s or {}), "overlay": None})), inputs, **poll)
+    ui.table.select(pick_row, None, ui.job, api_visibility="undocumented", concurrency_limit=None)
+    ui.cancel.click(on_cancel, ui.job, ui.action_msg, api_visibility="undocumented", concurrency_limit=None)
+    ui.resume.click(on_resume, ui.job, ui.action_msg, api_visibility="undocumented", concurrency_limit=None)
+    return SimpleNamespace(job=ui.job, duplicate=ui.duplicate, action_msg=ui.action_msg, timer=ui.timer)

@@ -53,6 +53,11 @@ CSS = """
 .line-chart .tick { font-size: 12px; fill: #6b7280; }
 .line-chart .axis { font-size: 13px; fill: #374151; }
 .line-chart .legend { font-size: 13px; fill: #374151; }
+.mem-plan { border: 1px solid #e5e7eb; border-radius: 8px; padding: .45rem .65rem; margin: .3rem 0; background: #fff; }
+.mem-head { margin-bottom: .25rem; }
+.mem-legend { display: flex; flex-wrap: wrap; gap: .2rem .8rem; margin: .2rem 0; }
+.mem-key i { display: inline-block; width: .8em; height: .8em; border-radius: 2px; margin-right: .25em; vertical-align: -1px; }
+.mem-warn ol { margin: .25rem 0 0 1.2rem; }
 .gen-stats { font-size: .85rem; color: #374151; padding: .2rem 0; }
 """
 
@@ -82,16 +87,19 @@ def build_app() -> gr.Blocks:
         undocumented = dict(api_visibility="undocumented")
 
         # Start: queue the job, then show it in the Jobs tab.
+        warned = gr.State("")  # the config whose memory warning was shown: a second Start queues it
+
         @friendly
         def on_start(values):
-            job_id, message = train_tab.start_job(train.form, values)
+            job_id, message, warned_now = train_tab.start_job(train.form, values, values[warned])
             if job_id is None:
-                return message, gr.skip(), gr.skip()
+                return message, gr.skip(), gr.skip(), warned_now
             # the new job must be among the dropdown's choices before it is selected
             return message, gr.Tabs(selected="jobs"), gr.update(choices=render.job_choices(api.store().list_jobs()),
-                                                                value=job_id)
+                                                                value=job_id), ""
 
-        train.start.click(on_start, train.inputs, [train.message, tabs, jobs.job], concurrency_limit=None, **undocumented)
+        train.start.click(on_start, train.inputs | {warned}, [train.message, tabs, jobs.job, warned],
+                          concurrency_limit=None, **undocumented)
 
         # Duplicate: the selected job's config back into the Train form.
         @friendly

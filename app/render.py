@@ -432,3 +432,70 @@ def overlay_chart(lives: list[dict]) -> str:
     series = {f"{live['name']} ({live['id'][-4:]})": list(_points(live.get("loss_history"), "loss")) for live in lives}
     return line_chart_svg(series, "Training loss of the selected runs", "optimizer step", "loss",
                           empty="Pick two or more runs to overlay their training loss.")
+
+
+# --- memory plan ---------------------------------------------------------------------------------------------------
+PLAN_COLORS = {"base_weights": "#2563eb", "embeddings_lm_head_norms": "#60a5fa", "lora_weights": "#16a34a",
+               "optimizer_states": "#4ade80", "lora_gradients": "#86efac", "runtime": "#9ca3af",
+               "saved_layer_inputs": "#f59e0b", "layer_recompute": "#f97316", "logits_loss": "#ef4444",
+               "optimizer_workspace": "#a3e635", "loading_transient": "#a855f7", "heap_retained": "#d1d5db",
+               "allocator_cache": "#e5e7eb", "cuda_context": "#6b7280"}
+
+
+def plan_segments(plan: dict) -> list[tuple[str, float]]:
+    """(part, GiB) from the bottom of the bar up: the peak's breakdown, then what the device needs beside it."""
+    parts = [(k, float(v)) for k, v in (plan.get("breakdown") or {}).items() if num(v) and v > 0]
+    cache = (num(plan.get("reserved_gib")) or 0) - (num(plan.get("peak_gib")) or 0)
+    context = (num(plan.get("needed_gib")) or 0) - (num(plan.get("reserved_gib")) or 0)
+    parts += [(k, v) for k, v in (("allocator_cache", cache), ("cuda_context", context)) if v > 0.0005]
+    return parts
+
+
+def memory_plan_html(plan: dict) -> str:
+    """A stacked bar of the plan's breakdown against the device's memory, the verdict, and (when it does not fit)
+    the ranked suggestions, each with its own estimate."""
+    device = num(plan.get("device_memory_gib")) or 0
+    needed = num(plan.get("needed_gib")) or 0
+    fits = bool(plan.get("fits"))
+    dev = plan.get("device") or {}
+    width = max(device, needed, 1e-9)
+    x, rects, legend = 0.0, [], []
+    for name, gib in plan_segments(plan):
+        w = 1000 * gib / width
+        color = PLAN_COLORS.get(name, "#cbd5e1")
+        rects.append(f'<rect x="{x:.1f}" y="8" width="{max(w, 0.5):.1f}" height="26" fill="{color}">'
+                     f'<title>{esc(name.replace("_", " "))}: {gib:.2f} GiB</title></rect>')
+        legend.append(f'<span class="mem-key"><i style="background:{color}"></i>{esc(name.replace("_", " "))} '
+                      f'{gib:.2f}</span>')
+        x += w
+    mark = 1000 * device / width
+    svg = (f'<svg class="mem-bar" viewBox="0 0 1000 42" preserveAspectRatio="none" width="100%" height="42" '
+           f'role="img" aria-label="memory plan">'
+           f'<rect x="0" y="8" width="1000" height="26" fill="#f3f4f6"/>{"".join(rects)}'
+           f'<line x1="{mark:.1f}" x2="{mark:.1f}" y1="2" y2="40" stroke="#111827" stroke-width="3"/></svg>')
+    verdict = (f'<span class="badge" style="background:{"#16a34a" if fits else "#dc2626"}">'
+               f'{"fits" if fits else "does not fit"}</span>')
+    head = (f'<div class="mem-head">{verdict} <b>{needed:.2f} GiB</b> needed of {device:.2f} GiB '
+            f'({esc(dev.get("name") or dev.get("kind"))}); peak {"allocated" if dev.get("kind") == "cuda" else "resident"} {num(plan.get("peak_gib")) or 0:.2f} GiB '
+            f'while {esc(str(plan.get("peak_phase", "")).replace("_", " "))}, '
+            f'{esc(plan.get("tokens_per_micro_batch"))} tokens per micro-batch</div>')
+    limits = (f'<div class="muted small">longest max_seq_length that fits: '
+              f'{esc(plan.get("longest_max_seq_length_that_fits") or "none")}; largest batch that fits: '
+              f'{esc(plan.get("largest_batch_that_fits") or "none")}</div>')
+    notes = "".join(f'<div class="muted small">{esc(n)}</div>' for n in plan.get("notes") or [])
+    return (f'<div class="mem-plan" data-fits="{str(fits).lower()}" data-needed="{needed:.3f}">{head}{svg}'
+            f'<div class="mem-legend small">{"".join(legend)} <span class="muted">(GiB; the black line is the '
+            f'device)</span></div>{limits}{notes}{plan_warning_html(plan)}</div>')
+
+
+def plan_warning_html(plan: dict) -> str:
+    """The ranked suggestions of a plan that does not fit ("" when it fits)."""
+    if plan.get("fits"):
+        return ""
+    items = []
+    for s in plan.get("suggestions") or []:
+        sets = ", ".join(f"{k}={v}" for k, v in (s.get("set") or {}).items())
+        items.append(f'<li><b>{esc(s.get("change"))}</b> <code>{esc(sets)}</code>: needs '
+                     f'{num(s.get("needed_gib")) or 0:.2f} GiB{" (fits)" if s.get("fits") else " (still too much)"}</li>')
+    return (f'<div class="msg warn mem-warn"><b>This job does not fit the device\'s memory.</b> Changes that lower '
+            f'it, best first:<ol>{"".join(items)}</ol></div>')

@@ -2,6 +2,7 @@
 will be trained on, validation, YAML + CLI, YAML import, and Start (which queues the job in the store)."""
 from __future__ import annotations
 
+import functools
 import threading
 from types import SimpleNamespace
 
@@ -47,6 +48,7 @@ def build(default: JobConfig | None = None) -> SimpleNamespace:
         validate = gr.Button("Validate", scale=1, elem_id="validate-btn")
         start = gr.Button("Start training", variant="primary", scale=1, elem_id="start-btn")
     message = gr.HTML(elem_id="train-message")
+    plan_panel = gr.HTML(plan_html(default), elem_id="memory-plan")
     groups = {title: (section, basic) for title, section, basic in GROUPS}
 
     def group(title: str, shown: str | None = None, columns: int = 2) -> None:
@@ -134,13 +136,54 @@ def build(default: JobConfig | None = None) -> SimpleNamespace:
         return (preview_summary_html(pv), gr.update(value=hist, sort=list(hist["tokens"]), visible=True),
                 render.preview_html(pv))
 
+    @friendly
+    def on_plan(values):
+        try:
+            return plan_html(form.to_config(values))
+        except ConfigError as e:
+            return f'<div class="mem-plan muted small">The memory plan needs a valid form: {render.esc(e)}</div>'
+
+    gr.on([c.change for c in form.components()], on_plan, inputs, plan_panel, show_progress="hidden",
+          trigger_mode="always_last", **undocumented)
     validate.click(on_validate, inputs, message, **undocumented)
     show_yaml.click(on_show_yaml, inputs, [message, yaml_code, cli_code], **undocumented)
     import_file.upload(on_import, import_file, [message, yaml_code, *form.components()], **undocumented)
     preview_btn.click(on_preview, inputs, [preview_summary, preview_plot, preview_rows], **undocumented)
     form.upload.upload(on_preview, inputs, [preview_summary, preview_plot, preview_rows], **undocumented)
 
-    return SimpleNamespace(form=form, start=start, message=message, inputs=inputs)
+    return SimpleNamespace(form=form, start=start, message=message, inputs=inputs, plan=plan_panel)
+
+
+@functools.lru_cache(maxsize=1)
+def studio_device():
+    """The device jobs of this studio train on (nvidia-smi, else RAM), detected once per process."""
+    from finetune.plan import detect_device
+
+    return detect_device()
+
+
+def job_plan(cfg: JobConfig) -> dict | None:
+    """The memory plan of cfg on the studio's device, or None when it cannot be made (no config.json to read)."""
+    from finetune.plan import estimate
+
+    try:
+        return estimate(cfg, studio_device()).to_dict()
+    except ConfigError:
+        return None
+
+
+def plan_html(cfg: JobConfig) -> str:
+    from finetune.plan import find_config
+
+    plan = job_plan(cfg)
+    if plan is not None:
+        return render.memory_plan_html(plan)
+    try:
+        find_config(cfg.model.name_or_path, cfg.model.revision)
+    except ConfigError as e:
+        return f'<div class="mem-plan muted small">No memory plan: {render.esc(e)}</div>'
+    return '<div class="mem-plan muted small">No memory plan for this model.</div>'
+
 
 
 def preview_summary_html(pv: dict) -> str:
@@ -167,15 +210,21 @@ def existing_adapter(name: str) -> bool:
     return (adapter_path(name) / "adapter_config.json").is_file()
 
 
-def start_job(form: Form, values) -> tuple[str | None, str]:
-    """Validate and queue; returns (job id or None, message HTML). The form never replaces a stored adapter by
-    accident (a script may, through /submit_job)."""
+def start_job(form: Form, values, warned: str = "") -> tuple[str | None, str, str]:
+    """Validate and queue; returns (job id or None, message HTML, the config warned about). The form never replaces
+    a stored adapter by accident (a script may, through /submit_job). A job whose memory plan does not fit is
+    queued only when Start is pressed again for the same config, after the warning with the suggestions."""
     try:
         cfg = form.to_config(values)
     except ConfigError as e:
-        return None, errors_html(str(e))
+        return None, errors_html(str(e)), ""
     if existing_adapter(cfg.adapter_name):
         return None, errors_html(f"adapter_name: an adapter named {cfg.adapter_name!r} is already in the store: "
-                                 "choose another name, or delete that adapter in the Adapters tab first")
+                                 "choose another name, or delete that adapter in the Adapters tab first"), ""
+    plan = job_plan(cfg)
+    key = cfg.to_yaml()
+    if plan is not None and not plan["fits"] and warned != key:
+        return None, (render.plan_warning_html(plan) + '<div class="msg warn">Press <b>Start training</b> again to '
+                      'queue it anyway.</div>'), key
     job_id = store().submit(cfg)
-    return job_id, ok_html(f"Queued job <code>{render.esc(job_id)}</code> for adapter <code>{render.esc(cfg.adapter_name)}</code>.")
+    return job_id, ok_html(f"Queued job <code>{render.esc(job_id)}</code> for adapter <code>{render.esc(cfg.adapter_name)}</code>."), ""

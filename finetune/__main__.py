@@ -8,8 +8,11 @@ COMMANDS = {
     "config": ("finetune.cli_config", "print an example job config, or validate one"),
     "train": ("finetune.recipe.cli", "train a job config in the foreground (also what the job runner launches)"),
     "eval": ("finetune.evaluation.evaluate", "evaluate an adapter against its base on held-out data, print JSON"),
-    "jobs": ("finetune.jobs", "list, show, submit, cancel, resume or duplicate studio jobs"),
+    "jobs": ("finetune.jobs.cli", "list, show, submit, cancel, resume or duplicate studio jobs"),
     "adapters": ("finetune.store.adapters", "list, show, export or delete stored adapters"),
+    "plan": ("finetune.plan", "estimate a job's peak memory before launching it (JSON: fits, breakdown, suggestions)"),
+    "export": ("finetune.export.cli", "export an adapter merged (hf) or as GGUF for llama.cpp/Ollama, print JSON"),
+    "export-job": ("finetune.export.job", "run an export job's spec (what the job runner launches)"),
     "bench": ("finetune.bench.harness", "GPU/CPU training speed and memory benchmark"),
 }
 

@@ -16,6 +16,10 @@ class StudioError(ValueError):
     """An error whose message is already a plain sentence naming the field, file or job at fault."""
 
 
+class JobError(StudioError):
+    """An operation that does not apply to the job (cancel a completed job, resume a running one, unknown id)."""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     # torch.OutOfMemoryError is a RuntimeError; checked by name so that callers need not import torch.
     return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())

@@ -186,11 +186,15 @@ def latest_checkpoint(run_dir: Path) -> str | None:
 
 
 # --- the one view of a job ----------------------------------------------------------------------------------------
+def _number(x) -> int | float | None:
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
 def _numbers(status: dict, rows: list[dict], key: str):
     """The status's value, else the latest metrics row that has one."""
-    if status.get(key) is not None:
+    if _number(status.get(key)) is not None:
         return status[key]
-    return next((r[key] for r in reversed(rows) if isinstance(r.get(key), (int, float))), None)
+    return next((r[key] for r in reversed(rows) if _number(r.get(key)) is not None), None)
 
 
 def view(row: dict, planned_steps: int | None = None, command: str | None = None, label: str | None = None,
@@ -202,8 +206,8 @@ def view(row: dict, planned_steps: int | None = None, command: str | None = None
     state = row["state"]
     status = read_status(run_dir) if state != "queued" or row.get("attempts") else {}
     rows = read_metrics(run_dir) if detail else []
-    step = int(status.get("step") or max((int(r["step"]) for r in rows), default=0))
-    total = int(status.get("total_steps") or planned_steps or 0)
+    step = int(_number(status.get("step")) or max((int(r["step"]) for r in rows), default=0))
+    total = int(_number(status.get("total_steps")) or planned_steps or 0)
     progress = 1.0 if state == "completed" else (min(1.0, step / total) if total else 0.0)
     elapsed = ((row["finished_at"] or time.time()) - row["started_at"]) if row.get("started_at") else None
     out = {
@@ -211,10 +215,10 @@ def view(row: dict, planned_steps: int | None = None, command: str | None = None
         "step": step, "total_steps": total, "progress": round(progress, 4),
         "loss": _numbers(status, rows, "loss"), "eval_loss": _numbers(status, rows, "eval_loss"),
         "tokens_per_second": _numbers(status, rows, "tokens_per_second"),
-        "peak_memory_mb": status.get("peak_memory_mb"),
-        "eta_seconds": status.get("eta_seconds") if state == "running" else (0.0 if state == "completed" else None),
+        "peak_memory_mb": _number(status.get("peak_memory_mb")),
+        "eta_seconds": _number(status.get("eta_seconds")) if state == "running" else (0.0 if state == "completed" else None),
         "elapsed_seconds": round(elapsed, 1) if elapsed is not None else None,
-        "phase": status.get("phase") or state,
+        "phase": str(status.get("phase") or state),
         "adapter_name": row.get("adapter_name") or label,
         "error": row.get("error"), "command": command or row.get("command"),
         "created_at": row["created_at"], "started_at": row.get("started_at"), "finished_at": row.get("finished_at"),

@@ -91,6 +91,27 @@ def chat_jsonl(tmp_path_factory) -> Path:
     return write_jsonl(d / "train.jsonl", arithmetic_rows(48, seed=0))
 
 
+QLORA_ADAPTER = "export-qlora"
+
+
+def train_qlora_adapter(data: Path) -> str:
+    """A real 4-bit (QLoRA) adapter from the real trainer, with a learning rate high enough to change answers."""
+    from finetune.config import JobConfig
+    from finetune.paths import adapters_dir, runs_dir
+
+    if (adapters_dir() / QLORA_ADAPTER / "adapter_model.safetensors").exists():
+        return QLORA_ADAPTER
+    from finetune.recipe import run as train_run
+
+    cfg = JobConfig(adapter_name=QLORA_ADAPTER).with_overrides([
+        "model.quantization=4bit", f"data.path={data}", "data.max_seq_length=64", "training.max_steps=3",
+        "training.learning_rate=0.01", "training.per_device_train_batch_size=2", "training.gradient_checkpointing=false",
+        "training.save_steps=0", "training.warmup_ratio=0", "training.lr_scheduler_type=constant", "lora.r=8",
+        "lora.lora_alpha=16", "evaluation.enabled=false"])
+    train_run(cfg, runs_dir() / f"test-{QLORA_ADAPTER}")
+    return QLORA_ADAPTER
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run only where CUDA is available (the fast path's CUDA branches); elsewhere they skip."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]

@@ -66,7 +66,7 @@ def test_variable_lengths_are_log_normal_around_350_and_capped():
 
 
 def test_plan_jobs_build_each_model_once_before_its_arms(tmp_path):
-    jobs = bench.plan_jobs(bench.PLANS["gpu-comparison"], tmp_path, 300)
+    jobs = bench.plan_jobs(bench.PLANS["reference"], tmp_path, 300)
     builds = [j for j in jobs if j["type"] == "build"]
     assert [b["shape"] for b in builds] == ["llama-3-8b", "llama-3.2-1b", "qwen2.5-7b"]
     for j in jobs:

@@ -19,10 +19,10 @@ import pytest
 from safetensors import safe_open
 
 from conftest import tiny_config, wait_for
-from finetune import rundir, runner
-from finetune.store.adapters import adapters_dir
+from finetune import rundir
 from finetune.config import JobConfig
-from finetune.jobs import JobStore
+from finetune.jobs import JobStore, process
+from finetune.store.adapters import adapters_dir
 
 N_KILLS = int(os.environ.get("STUDIO_FAULT_KILLS", "10"))
 MAX_STEPS = 12
@@ -91,7 +91,7 @@ def kill_point(store: JobStore, job_id: str, kind: str, rng: random.Random) -> s
                  or any(adapters_dir().glob(".tmp-fault-victim-*")) or store.get(job_id)["state"] != "running",
                  DEADLINE, "the adapter being saved", interval=0.002)
     row = store.get(job_id)
-    members = runner.group_members(row["pgid"], row["run_dir"])
+    members = process.group_members(row["pgid"], row["run_dir"])
     status = rundir.read_status(run_dir)
     hit = status.get("phase") if status.get("pid") in members else "starting"  # else: the last attempt's file
     if row["state"] != "running" or not members:
@@ -120,7 +120,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, chat_jsonl):
             assert row["state"] in ("failed", "completed"), row
             if row["state"] == "failed":
                 assert row["error"], row
-                assert not runner.group_members(row["pgid"], row["run_dir"])
+                assert not process.group_members(row["pgid"], row["run_dir"])
             assert_store_whole()
             assert_checkpoints_whole(Path(row["run_dir"]))
             if row["state"] == "completed":

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune import rundir, runner
-from finetune.config import ConfigError, JobConfig
 from conftest import tiny_config, wait_for
-from finetune.jobs import JOB_ID_RE, JobError, JobStore, cli
+from finetune import rundir
+from finetune.config import ConfigError, JobConfig
+from finetune.jobs import JOB_ID_RE, JobError, JobStore, cli, process
 
 # --- helpers ---------------------------------------------------------------------------------------
 
@@ -213,7 +213,7 @@ def test_store_survives_sigkill_mid_write(home, chat_jsonl):
 
 
 def test_diagnose_plain_words():
-    d = runner.diagnose
+    d = process.diagnose
     assert d({"phase": "failed", "error": "bad data: x.jsonl, line 3"}, "", 1) == "bad data: x.jsonl, line 3"
     assert "ran out of memory" in d({}, "torch.OutOfMemoryError: CUDA out of memory. Tried", 1)
     assert "x.jsonl, line 7" in d({}, "Traceback\nfinetune.data.DataError: x.jsonl, line 7: field messages", 1)
@@ -268,13 +268,13 @@ def stores(home):
         s.stop_scheduler()
     if made:
         for row in made[-1].list_jobs(states=("running",)):
-            runner.stop_group(row["pgid"], row["run_dir"], grace_s=2)
+            process.stop_group(row["pgid"], row["run_dir"], grace_s=2)
 
 
 def trainer_pid(row: dict) -> int | None:
     """The training process itself (accelerate's child), not the launcher."""
-    for pid in runner.group_members(row["pgid"], row["run_dir"]):
-        cmd = runner._cmdline(pid)
+    for pid in process.group_members(row["pgid"], row["run_dir"]):
+        cmd = process._cmdline(pid)
         if "accelerate" not in cmd and " train " in cmd:
             return pid
     return None
@@ -322,12 +322,12 @@ def test_sigkill_of_training_process_marks_job_failed(stores, chat_jsonl):
     wait_for(lambda: in_training(store, job_id), RUN_DEADLINE, "training to start")
     row = store.get(job_id)
     pid = trainer_pid(row)
-    assert pid, runner.group_members(row["pgid"], row["run_dir"])
+    assert pid, process.group_members(row["pgid"], row["run_dir"])
     os.kill(pid, signal.SIGKILL)
     row = wait_for(lambda: finished(store, job_id), 60, "the job to be marked finished")
     assert row["state"] == "failed"
     assert row["error"] == "the training process was killed (SIGKILL or out of host memory)"
-    assert not runner.group_members(row["pgid"], row["run_dir"])
+    assert not process.group_members(row["pgid"], row["run_dir"])
     assert store.live(job_id)["log_tail"]
 
 
@@ -351,7 +351,7 @@ def test_restarted_studio_reattaches_running_job(stores, chat_jsonl, home):
 
     second = stores()  # a new studio: reconciles at start
     row = second.get(job_id)
-    assert row["state"] == "running" and row["pid"] == pid and runner.is_ours(pid, row["run_dir"])
+    assert row["state"] == "running" and row["pid"] == pid and process.is_ours(pid, row["run_dir"])
     second.start_scheduler()
     row = wait_for(lambda: finished(second, job_id), RUN_DEADLINE, "the re-attached job to finish")
     assert row["state"] == "completed", row["error"]
@@ -371,7 +371,7 @@ def test_cancel_running_job_then_resume_from_checkpoint(stores, chat_jsonl):
     row = store.cancel(job_id)
     cancel_s = time.monotonic() - t0
     assert row["state"] == "cancelled" and row["error"] is None
-    assert not runner.group_members(row["pgid"], row["run_dir"])
+    assert not process.group_members(row["pgid"], row["run_dir"])
     assert cancel_s < 10, "SIGTERM should stop it well within the grace period"
     checkpoint = rundir.latest_checkpoint(Path(row["run_dir"]))
     assert checkpoint in ("checkpoint-2", "checkpoint-4")
@@ -436,7 +436,7 @@ def test_sigkill_at_random_points_then_resume(stores, chat_jsonl):
         assert row["state"] in ("failed", "completed"), outcomes
         if row["state"] == "failed":
             assert "killed" in row["error"] or "before finishing" in row["error"], row["error"]
-        assert not runner.group_members(row["pgid"], row["run_dir"])
+        assert not process.group_members(row["pgid"], row["run_dir"])
         folder = adapters / f"fault-{i}"  # either absent or complete: publishing is a rename
         assert not folder.exists() or all((folder / f).is_file() for f in
                                           ("adapter_model.safetensors", "adapter_config.json", "studio.json"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import urllib.request
 import zipfile
 from html.parser import HTMLParser
 
@@ -193,6 +194,9 @@ def test_loopback_names_are_answered(studio):
     port = url.rstrip("/").rsplit(":", 1)[1]
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LocalHost:{port}"):
         assert request(url, "GET", "/gradio_api/info", {"Host": host})[0] == 200, host
+    with urllib.request.urlopen(url, timeout=30) as page:  # another site may not frame the page
+        assert page.headers["X-Frame-Options"] == "SAMEORIGIN"
+        assert "frame-ancestors 'self'" in page.headers["Content-Security-Policy"]
     headers, body = upload_body()
     status, text = request(url, "POST", "/gradio_api/upload",
                            {"Host": f"127.0.0.1:{port}", "Origin": f"http://127.0.0.1:{port}", **headers}, body)

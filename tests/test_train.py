@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import wait_for
 from finetune.config import example_config
+from finetune.jobs import get_kind
 from finetune.paths import adapters_dir, runs_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "1"]
 STEPS = 6
 MODES = ["none", "4bit", "8bit"]
 
@@ -37,9 +38,10 @@ def job_yaml(tmp: Path, chat_jsonl: Path, name: str, *overrides: str) -> Path:
     return path
 
 
-def launch(yaml_path: Path, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def launch(yaml_path: Path, run_dir: Path, resume: bool = False, env: dict | None = None) -> subprocess.Popen:
+    """The command the job runner starts for a training job (its kind's command builder)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([*ACCELERATE, "-m", "finetune", "train", str(yaml_path), "--run-dir", str(run_dir), *extra],
+    return subprocess.Popen(get_kind("train").command(yaml_path, run_dir, resume),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -159,18 +161,19 @@ def test_killed_run_resumes_to_the_same_steps_and_losses(trained, tmp_path, chat
     yaml_path = job_yaml(tmp_path, chat_jsonl, name, "model.quantization=none")
     run_dir = tmp_path / "run"
     proc = launch(yaml_path, run_dir)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "checkpoint-2").is_dir():
+
+    def saved_checkpoint_2() -> bool:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint-2 within 300 s"
-        time.sleep(0.1)
+        return (run_dir / "checkpoints" / "checkpoint-2").is_dir()
+
+    wait_for(saved_checkpoint_2, 300, "checkpoint-2")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["phase"] == "training" and status["step"] < STEPS, "the run finished before it could be killed"
     assert not (adapters_dir() / name).exists()
 
-    finish(launch(yaml_path, run_dir, "--resume"))
+    finish(launch(yaml_path, run_dir, resume=True))
     status = json.loads((run_dir / "status.json").read_text())
     assert status["phase"] == "completed" and status["step"] == status["total_steps"] == STEPS
     steps, _ = read_metrics(run_dir)

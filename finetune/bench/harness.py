@@ -30,9 +30,9 @@ from pathlib import Path
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 ARMS3 = ["naive", "unsloth", "studio"]
-# The full GPU comparison, most important case first (a GPU lease may end early: what matters most runs first).
+# The reference measurements in priority order (GPU time may run out: what matters most runs first).
 PLANS: dict[str, list[dict]] = {
-    "gpu-comparison": [
+    "reference": [
         {"shape": "llama-3-8b", "mode": "qlora", "seq": 2048, "batch": 2, "arms": ARMS3 + ["naive@1"]},
         {"shape": "llama-3-8b", "mode": "lora", "seq": 2048, "batch": 2, "arms": ARMS3 + ["studio:-offload"]},
         {"shape": "llama-3-8b", "mode": "qlora", "seq": "var", "batch": 8, "steps": 12, "arms": ARMS3},

@@ -28,6 +28,7 @@ def run(config, run_dir: str | Path, resume: bool = False) -> dict:
     """Train `config`, publish the adapter and (if enabled) evaluate it. Returns the adapter's studio.json
     (empty on processes other than the main one)."""
     from finetune.errors import plain_message
+    from finetune.plan import oom_hint
 
     recipe = recipe_class(config.training.objective)(config, run_dir)
     try:
@@ -36,7 +37,7 @@ def run(config, run_dir: str | Path, resume: bool = False) -> dict:
         meta = recipe.save()
         recipe.evaluate_adapter(meta)
     except BaseException as e:
-        recipe.status.update(phase="failed", error=plain_message(e))
+        recipe.status.update(phase="failed", error=plain_message(e) + oom_hint(config, e))
         raise
     recipe.status.update(phase="completed", eta_seconds=0)
     return meta

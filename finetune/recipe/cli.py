@@ -16,6 +16,7 @@ from finetune import policy
 from finetune.config import ConfigError, JobConfig
 from finetune.errors import expected, plain_message
 from finetune.paths import adapters_dir, runs_dir
+from finetune.plan import oom_hint
 from finetune.recipe import run
 from finetune.rundir import write_failure
 
@@ -50,7 +51,7 @@ def cli(argv: list[str]) -> int:
     try:
         meta = run(config, run_dir, resume=a.resume)
     except Exception as e:
-        message = plain_message(e)
+        message = plain_message(e) + oom_hint(config, e)
         if not expected(e):  # the traceback helps whoever reads train.log
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr)

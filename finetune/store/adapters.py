@@ -62,6 +62,20 @@ def _store_lock():
     return file_lock(adapters_dir() / ".lock")
 
 
+def check_writable() -> None:
+    """Refuse a job up front when the store could not take its adapter (read-only, or no room for even a small
+    file), instead of after training."""
+    store = adapters_dir()
+    try:
+        with tempfile.NamedTemporaryFile(dir=store, prefix=".probe-") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise AdapterError(f"the adapter store {store} cannot take a new adapter ({e.strerror or e}); free space or "
+                           "make it writable (STUDIO_ADAPTERS_DIR) before training") from None
+
+
 def staging_dir(name: str) -> Path:
     """A fresh hidden folder inside the store to write an adapter into before publish() renames it into place
     (same filesystem, so the rename is atomic). Hidden folders are never listed."""

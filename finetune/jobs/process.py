@@ -1,4 +1,4 @@
-"""The process side of a job: the command line, starting it detached, watching and stopping its process group,
+"""The process side of a job: the devices, starting it detached, watching and stopping its process group,
 and why it failed (from what it wrote into its run folder, finetune/rundir.py).
 
 No torch import here: the studio UI imports this module, and a job must survive the UI (and the UI the job).
@@ -13,7 +13,7 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -24,45 +24,44 @@ from finetune.paths import PROJECT_ROOT
 from finetune.rundir import ATTEMPT_HEADER
 
 
-# --- the command ---------------------------------------------------------------------------------
+# --- devices and launching -------------------------------------------------------------------------
 @lru_cache(maxsize=1)
-def cuda_available() -> bool:
-    """Whether a CUDA GPU is usable, decided without importing torch (seconds of import in the UI process)."""
+def host_gpus() -> tuple[str, ...]:
+    """The GPUs jobs may use, decided without importing torch (seconds of import in the UI process):
+    CUDA_VISIBLE_DEVICES when set, else every GPU `nvidia-smi -L` lists."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
-        return False
+    if visible is not None:
+        ids = tuple(v.strip() for v in visible.split(",") if v.strip())
+        return () if not ids or ids[0] in ("-1", "none", "NoDevFiles") else ids
     smi = shutil.which("nvidia-smi")
     if not smi:
-        return False
+        return ()
     try:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and "GPU" in out.stdout
+        return ()
+    if out.returncode != 0:
+        return ()
+    return tuple(str(i) for i, line in enumerate(ln for ln in out.stdout.splitlines() if ln.startswith("GPU ")))
 
 
-def train_command(job_yaml: Path, run_dir: Path, resume: bool = False) -> list[str]:
-    """The exact command a job runs; the UI shows it so a user can run the same thing by hand."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if not cuda_available():
-        cmd.append("--cpu")
-    # mixed precision is the trainer's choice (bf16 where supported), not the launcher's.
-    cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "finetune", "train", str(job_yaml), "--run-dir", str(run_dir)]
-    if resume:
-        cmd.append("--resume")
-    return cmd
+def cuda_available() -> bool:
+    return bool(host_gpus())
 
 
 def command_string(cmd: list[str]) -> str:
     return shlex.join(cmd)
 
 
-def launch(cmd: list[str], run_dir: Path, job_id: str, home: Path) -> subprocess.Popen:
+def launch(cmd: list[str], run_dir: Path, job_id: str, home: Path,
+           devices: tuple[str, ...] | None = None) -> subprocess.Popen:
     """Start the job in its own session (so it outlives the studio and can be stopped as one process group),
-    appending its stdout and stderr to run_dir/train.log."""
+    appending its stdout and stderr to run_dir/train.log. devices: the GPUs it may see (None: leave
+    CUDA_VISIBLE_DEVICES as it is; () hides every GPU)."""
     env = dict(os.environ)
     env.update(STUDIO_JOB_ID=job_id, STUDIO_HOME=str(home), PYTHONUNBUFFERED="1")
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     with open(run_dir / rundir.LOG, "ab") as log:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -91,6 +90,16 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _runs_job(pid: int, run_dir: str | Path) -> bool:
+    """Whether the process's arguments include the job's run folder: every job kind's command passes it, and an
+    unrelated process that reused the pid does not (a `tail -f` of its log names a file inside it, not the folder)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return os.fsencode(str(run_dir)) in args
+
+
 def pid_alive(pid: int | None) -> bool:
     """True for a running process; False for none, a zombie (exited, not yet reaped) or one we may not see."""
     if not pid or pid <= 0:
@@ -113,8 +122,7 @@ def is_ours(pid: int, run_dir: str | Path) -> bool:
         return False
     if not Path("/proc").is_dir():
         return True
-    cmd = _cmdline(pid)
-    return "finetune" in cmd and str(run_dir) in cmd
+    return _runs_job(pid, run_dir)
 
 
 def group_members(pgid: int | None, run_dir: str | Path) -> list[int]:
@@ -136,11 +144,56 @@ def group_members(pgid: int | None, run_dir: str | Path) -> list[int]:
             continue
         pid = int(entry.name)
         st = _proc_stat(pid)
-        if st and st[1] == pgid and st[0] not in ("Z", "X"):
-            cmd = _cmdline(pid)
-            if "finetune" in cmd and str(run_dir) in cmd:
-                members.append(pid)
+        if st and st[1] == pgid and st[0] not in ("Z", "X") and _runs_job(pid, run_dir):
+            members.append(pid)
     return members
+
+
+def alive(row: dict) -> bool:
+    """Whether a running job still has a process: ours, or re-attached after a restart."""
+    return bool(group_members(row["pgid"], row["run_dir"]) or is_ours(row["pid"], row["run_dir"]))
+
+
+def group_of(proc: subprocess.Popen) -> int:
+    try:
+        return os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return proc.pid  # start_new_session: the launcher leads its own group
+
+
+class Children:
+    """The processes this studio process launched: their exit codes (the truth for our own children), and reaping,
+    so that they do not linger as zombies."""
+
+    def __init__(self):
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    def add(self, job_id: str, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs[job_id] = proc
+
+    def pop(self, job_id: str) -> None:
+        with self._lock:
+            self._procs.pop(job_id, None)
+
+    def poll(self) -> dict[str, int]:
+        """Exit codes of the children that have exited (reaping them)."""
+        with self._lock:
+            procs = list(self._procs.items())
+        return {job_id: rc for job_id, proc in procs if (rc := proc.poll()) is not None}
+
+    def exit_code(self, job_id: str, timeout: float = 5) -> int | None:
+        """The exit code of our child (None if the job is not ours). The /proc scan can miss a process in the middle
+        of exiting (seen under load), so an exit is given `timeout` to be reaped; TimeoutError if it is still alive."""
+        with self._lock:
+            proc = self._procs.get(job_id)
+        if proc is None:
+            return None
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"job {job_id} is still running") from None
 
 
 def signal_group(pgid: int, sig: int) -> bool:

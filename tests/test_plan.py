@@ -1,0 +1,176 @@
+"""The memory plan: the CLI and /plan_job on real processes, a model known only by its config.json (a folder
+without weights, a hub id in the Hugging Face cache), suggestions whose own estimates fit, the planner against
+the H200 measurements in docs/bench-raw, and against the peak RSS of a real CPU training run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.bench.models import SHAPES
+from finetune.config import JobConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+H200 = ROOT / "docs" / "bench-raw" / "memory-plan-h200.jsonl"
+
+
+def plan_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune", "plan", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd or ROOT, env=env)
+
+
+def job_yaml(tmp_path: Path, name: str = "job.yaml", **sections) -> Path:
+    cfg = JobConfig(adapter_name="plan-test", **sections)
+    path = tmp_path / name
+    cfg.save(path)
+    return path
+
+
+def config_folder(tmp_path: Path, shape: str) -> Path:
+    """A folder holding only config.json, the way a user points at a model before downloading its weights."""
+    folder = tmp_path / shape
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(SHAPES[shape]), encoding="utf-8")
+    return folder
+
+
+def test_cli_plans_the_embedded_model(tmp_path):
+    job = job_yaml(tmp_path, data={"max_seq_length": 256})
+    r = plan_cli(str(job), "--device", "cuda", "--device-memory-gib", "24")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["fits"] is True and plan["device"]["kind"] == "cuda" and plan["device_memory_gib"] == 24
+    assert plan["model"]["hidden_size"] == 576 and plan["model"]["layers"] == 30
+    assert abs(sum(plan["breakdown"].values()) - plan["peak_gib"]) < 0.01
+    assert plan["peak_gib"] < plan["reserved_gib"] < plan["needed_gib"] < 24
+    assert plan["suggestions"] == []
+    longer = json.loads(plan_cli(str(job), "--device", "cuda", "--device-memory-gib", "24",
+                                 "--set", "data.max_seq_length=4096").stdout)
+    assert longer["peak_gib"] > plan["peak_gib"]  # the --set reached the plan
+    assert plan["longest_max_seq_length_that_fits"] > 4096 and plan["largest_batch_that_fits"] > 4
+
+
+def test_config_folder_without_weights_and_hub_cache(tmp_path):
+    folder = config_folder(tmp_path, "llama-3-8b")
+    job = job_yaml(tmp_path, model={"name_or_path": str(folder), "quantization": "4bit"})
+    r = plan_cli(str(job), "--device", "cuda", "--device-memory-gib", "80")
+    assert r.returncode == 0, r.stderr
+    from_folder = json.loads(r.stdout)
+    assert from_folder["model"]["hidden_size"] == 4096 and from_folder["fits"]
+    # The same config.json as a hub id in the Hugging Face cache layout (nothing is downloaded: offline).
+    cache = tmp_path / "hf-cache"
+    snap = cache / "models--example-org--llama-3-8b-shape" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(SHAPES["llama-3-8b"]), encoding="utf-8")
+    (cache / "models--example-org--llama-3-8b-shape" / "refs").mkdir()
+    (cache / "models--example-org--llama-3-8b-shape" / "refs" / "main").write_text("a" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    hub_job = job_yaml(tmp_path, "hub.yaml", model={"name_or_path": "example-org/llama-3-8b-shape", "quantization": "4bit"})
+    r = plan_cli(str(hub_job), "--device", "cuda", "--device-memory-gib", "80", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["peak_gib"] == from_folder["peak_gib"]
+    missing = job_yaml(tmp_path, "missing.yaml", model={"name_or_path": "example-org/not-in-the-cache"})
+    r = plan_cli(str(missing), env=env)
+    assert r.returncode == 2 and "model.name_or_path 'example-org/not-in-the-cache'" in r.stderr
+
+
+def test_suggestions_fit_by_their_own_estimates(tmp_path):
+    folder = config_folder(tmp_path, "llama-3.2-1b")
+    job = job_yaml(tmp_path, model={"name_or_path": str(folder), "quantization": "none"},
+                   data={"max_seq_length": 4096}, training={"per_device_train_batch_size": 8})
+    r = plan_cli(str(job), "--device", "cuda", "--device-memory-gib", "10")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["fits"] is False and plan["needed_gib"] > 10
+    fitting = [s for s in plan["suggestions"] if s["fits"]]
+    assert fitting and plan["suggestions"][:len(fitting)] == fitting  # those that fit come first
+    assert {"training.per_device_train_batch_size", "data.max_seq_length"} & {k for s in fitting for k in s["set"]}
+    for s in fitting:  # each suggestion, applied through the CLI, is a plan that fits
+        sets = [arg for k, v in s["set"].items() for arg in ("--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}")]
+        again = json.loads(plan_cli(str(job), "--device", "cuda", "--device-memory-gib", "10", *sets).stdout)
+        assert again["fits"] and abs(again["needed_gib"] - s["needed_gib"]) < 1e-6, s
+    assert (plan["largest_batch_that_fits"] or 0) < 8 and plan["longest_max_seq_length_that_fits"] < 4096
+
+
+def test_cli_refuses_bad_input(tmp_path):
+    job = job_yaml(tmp_path)
+    r = plan_cli(str(job), "--device-memory-gib", "-3")
+    assert r.returncode == 2 and "--device-memory-gib" in r.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"hidden_size": 0, "num_hidden_layers": 2, "num_attention_heads": 1, "vocab_size": 9}')
+    r = plan_cli(str(job_yaml(tmp_path, "bad.yaml", model={"name_or_path": str(bad)})))
+    assert r.returncode == 2 and "must be > 0" in r.stderr
+    r = plan_cli(str(job), "--set", "training.per_device_train_batch_size=0")
+    assert r.returncode == 2 and "per_device_train_batch_size" in r.stderr
+
+
+def test_plan_matches_the_h200_measurements(tmp_path):
+    """The planner against max_memory_allocated of real training steps (python -m finetune.bench.memory on an
+    H200): every case within 10%."""
+    from finetune.bench.memory import compare
+
+    rows = [json.loads(line) for line in H200.read_text(encoding="utf-8").splitlines() if line.strip()]
+    cases = compare(rows, 139.8, tmp_path)
+    assert len(cases) >= 12
+    assert {c["row"]["shape"] for c in cases} == {"llama-3.2-1b", "llama-3-8b"}
+    assert {"8b-lora", "8b-qlora", "1b-lora", "1b-qlora"} <= {c["group"] for c in cases}
+    assert {c["seq"] for c in cases} >= {512, 8192} and {c["batch"] for c in cases} >= {1, 8}
+    off = [(c["group"], c["seq"], c["batch"], round(c["measured_gib"], 3), round(c["plan_gib"], 3))
+           for c in cases if abs(c["error"]) > 0.10]
+    assert not off, off
+
+
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "1"]
+
+
+@pytest.mark.slow
+def test_plan_matches_peak_rss_of_a_real_cpu_run(tmp_path):
+    """A real `accelerate launch --cpu` run of SmolLM2 (2 steps, every row at full length): the training process's
+    peak resident set (the trainer's own metric, VmHWM) within 20% of the plan."""
+    from finetune.paths import adapters_dir
+    from finetune.plan import Device, _ram_bytes, estimate
+
+    words = "the of and to in is for that with as on by python function returns value list module class".split()
+    rows = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(300))} for i in range(8)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = JobConfig(adapter_name="plan-rss", model={"quantization": "none"},
+                       data={"path": str(data), "format": "text", "validation_split": 0.0, "max_seq_length": 64},
+                       training={"max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 0},
+                       evaluation={"enabled": False})
+    job = tmp_path / "job.yaml"
+    config.save(job)
+    r = subprocess.run([*ACCELERATE, "-m", "finetune", "train", str(job), "--run-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((adapters_dir() / "plan-rss" / "studio.json").read_text())["metrics"]
+    assert metrics["peak_memory_kind"] == "process_rss"
+    measured = metrics["peak_memory_mb"] / 1024
+    planned = estimate(config, Device("cpu", _ram_bytes()), suggest=False).peak / 2**30
+    assert abs(planned / measured - 1) <= 0.20, (planned, measured)
+
+
+def test_out_of_memory_names_the_plan_and_a_fix(tmp_path):
+    """The sentence a run that ran out of memory ends with: the plan's numbers and a change whose plan fits."""
+    import torch
+
+    from finetune.errors import plain_message
+    from finetune.plan import GIB, Device, estimate, oom_hint
+
+    folder = config_folder(tmp_path, "llama-3.2-1b")
+    config = JobConfig(adapter_name="oom", model={"name_or_path": str(folder), "quantization": "none"},
+                       data={"max_seq_length": 4096}, training={"per_device_train_batch_size": 8})
+    gpu = Device("cuda", 12 * GIB, "GPU", fused_loss=True)
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.83 GiB")
+    hint = oom_hint(config, error, gpu)
+    assert "The memory plan:" in hint and "of 12.0 GiB" in hint and "Smallest change that fits:" in hint
+    sets = [s.removeprefix("--set ") for s in hint.split("(", 2)[2].split(")")[0].split(" --set ")]
+    fixed = config.with_overrides([s.strip() for s in sets if "=" in s])
+    assert estimate(fixed, gpu).fits
+    assert "ran out of memory" in plain_message(error) + hint
+    assert oom_hint(config, ValueError("not memory"), gpu) == ""
