@@ -10,10 +10,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("finetune", "app")
 MAX_FUNCTION_LINES = 80
 MAX_CLASS_LINES = 250
-# Long today and being split (the job store into finetune/jobs/, the tab builders into smaller pieces). The test
-# fails when one of them gets short, so it leaves this list, and when anything else grows too long.
-NOT_YET_SPLIT = {"finetune/jobs.py:JobStore", "app/adapters_tab.py:build", "app/jobs_tab.py:build",
-                 "app/playground_tab.py:build", "app/train_tab.py:build"}
+# Long today and to be split into smaller pieces (the tab builders). The test fails when one of them gets short, so it
+# leaves this list, and when anything else grows too long.
+NOT_YET_SPLIT = {"app/adapters_tab.py:build", "app/playground_tab.py:build", "app/train_tab.py:build"}
 
 
 def sources():

@@ -5,7 +5,7 @@
 Each group (a shape, a quantization, LoRA dropout, checkpointing, optimizer) runs in its own process, all at once
 on one GPU (each process has its own caching allocator, so the peaks do not mix): the model is loaded once through
 the studio's own path (finetune.model.load_model / apply_lora, finetune.recipe.speed.patch_model_for_speed, the optimizer
-train.py builds, the padding-free collate and the same forward/backward call), then every (max_seq_length, batch)
+SFTRecipe builds, the padding-free collate and the same forward/backward call), then every (max_seq_length, batch)
 case trains `steps` full steps with every example at full length. Per case: torch.cuda.max_memory_allocated and
 max_memory_reserved over those steps. Results: DIR/results.jsonl (one line per case, with the job config's --set
 list, so the plan of the same JobConfig can be computed anywhere), DIR/context.json (device, library versions, the
