@@ -2,8 +2,8 @@
 
     python -m finetune.bench.arms JOB.json RESULT.json
 
-JOB: {"arm": "naive"|"unsloth"|"unsloth:packed"|"studio"|"studio:<STUDIO_SPEED switches>", "model_dir", "shape",
-      "mode": "qlora"|"lora", "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest",
+JOB: {"arm": "naive"|"unsloth"|"unsloth:packed"|"studio"|"recipe"|"studio:<STUDIO_SPEED switches>", "model_dir",
+      "shape", "mode": "qlora"|"lora", "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest",
       "mem_limit_gib", "ladder", "profile": steps to run under the torch profiler after the timed ones, "trace"}
 RESULT: per-step times, tokens and losses, the median tokens/s after warm-up, peak memory, MFU, the library
 versions and the speed-ups the arm applied; or {"error": ...} with the reason.
@@ -15,6 +15,8 @@ AdamW (lr 2e-4, grad-norm clip 1.0) on the same batches:
   unsloth  FastLanguageModel with its defaults, use_gradient_checkpointing="unsloth", padded batches, bf16 autocast;
            "unsloth:packed": the same model fed one packed row with packed_seq_lengths and restarting position_ids,
            as Unsloth's trainer feeds it with a padding-free collator (its default on a GPU that supports it)
+  recipe   the real job end to end (`python -m finetune train`, finetune/bench/recipe_arm.py) on the same model and
+           batches, timed by the trainer's own per-step metrics
   studio   our training path: finetune.model.load_model / apply_lora, finetune.recipe.speed.patch_model_for_speed, the
            padding-free finetune.data.collate and SFTRecipe.train_step (finetune/recipe/sft.py) itself
 """
@@ -213,6 +215,10 @@ def run_job(job: dict) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, job["mem_limit_gib"] * 2**30 / total), device)
     t0 = time.perf_counter()
     base = job["arm"].split(":", 1)[0]
+    if base == "recipe":
+        from finetune.bench.recipe_arm import run_recipe
+
+        return run_recipe(job, device, result)
     model, step, info = SETUPS[base](job, device)
     result.update(info, setup_s=round(time.perf_counter() - t0, 1))
     vocab = model.config.vocab_size if hasattr(model, "config") else 512
