@@ -17,7 +17,7 @@ EVAL_PATH = "Path on the studio's machine"
 
 
 def adapters() -> list[dict]:
-    from finetune.store.adapters import list_adapters
+    from finetune.store import list_adapters
 
     return list_adapters()
 
@@ -42,7 +42,7 @@ def result_choices(rs: list[dict]) -> list[tuple[str, str]]:
 
 def latest_summary(name: str) -> dict | None:
     """The newest evaluation of an adapter (file beside it, else the summary in studio.json), for comparisons."""
-    from finetune.store.adapters import get_adapter
+    from finetune.store import get_adapter
 
     rs = results(name)
     if rs:
@@ -145,7 +145,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_select(name, sort_by):
-        from finetune.store.adapters import export_zip, get_adapter
+        from finetune.store import export_zip, get_adapter
 
         if not name:
             return ("", None, gr.update(value=None, interactive=False), gr.update(choices=[], value=None),
@@ -191,7 +191,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_delete_confirmed(name):
-        from finetune.store.adapters import delete_adapter
+        from finetune.store import delete_adapter
 
         delete_adapter(name)
         return gr.update(visible=False), f'<div class="msg ok">deleted {render.esc(name)}</div>', None

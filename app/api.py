@@ -173,7 +173,7 @@ def plan_job(config_yaml: str, device_memory_gib: float = 0.0, device: str = "")
 def list_adapters() -> str:
     """JSON list of the stored adapters, newest first: name, base_model, quantization, dataset, metrics, eval summary,
     created_at."""
-    from finetune.store.adapters import list_adapters as _list
+    from finetune.store import list_adapters as _list
 
     rows = _list()
     for r in rows:
@@ -182,7 +182,7 @@ def list_adapters() -> str:
 
 
 def _adapter_name(name: str) -> str:
-    from finetune.store.adapters import adapter_path
+    from finetune.store import adapter_path
 
     name = (name or "").strip(" ")  # spaces only: a name with a newline is refused, not repaired
     if not name:
@@ -195,14 +195,14 @@ def _adapter_name(name: str) -> str:
 
 def download_adapter(name: str) -> str:
     """A zip of the adapter's folder (adapter_model.safetensors, adapter_config.json, studio.json, README.md)."""
-    from finetune.store.adapters import export_zip
+    from finetune.store import export_zip
 
     return str(export_zip(_adapter_name(name)))
 
 
 def delete_adapter(name: str) -> str:
     """Delete an adapter from the store."""
-    from finetune.store.adapters import delete_adapter as _delete
+    from finetune.store import delete_adapter as _delete
 
     _delete(_adapter_name(name))
     return f"deleted {name}"
@@ -211,7 +211,7 @@ def delete_adapter(name: str) -> str:
 def import_zip_file(zip_file, name: str = "") -> str:
     """Import an uploaded zip (a path, or gradio's file dict) into the store; the stored name. Shared by the
     Adapters tab and /import_adapter."""
-    from finetune.store.zip_import import import_zip
+    from finetune.store import import_zip
 
     path = zip_file.get("path") if isinstance(zip_file, dict) else zip_file
     if not path:

@@ -15,7 +15,7 @@ BASE_LABEL = "Base model (no adapter)"
 
 
 def target_choices() -> list[tuple[str, str]]:
-    from finetune.store.adapters import list_adapters
+    from finetune.store import list_adapters
 
     return [(BASE_LABEL, "")] + [(f"{r['name']}  ({r.get('base_model')}, {r.get('quantization')})", r["name"])
                                  for r in list_adapters()]
@@ -38,12 +38,10 @@ def to_messages(history: list[dict]) -> list[dict]:
 
 def base_of(adapter: str) -> dict:
     """generate()'s base/quantization arguments for the base model an adapter was trained on."""
-    from finetune.store.adapters import get_adapter
+    from finetune.store import resolve_base
 
-    meta = get_adapter(adapter)
-    model = render.obj(render.obj(meta.get("config")).get("model"))
-    return {"base": model.get("name_or_path") or meta.get("base_model"),
-            "quantization": model.get("quantization") or meta.get("quantization")}
+    base = resolve_base(adapter)
+    return {"base": base.name_or_path, "quantization": base.quantization}
 
 
 def stats_html(st: dict, label: str = "") -> str:

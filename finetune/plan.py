@@ -561,8 +561,8 @@ def _candidates(config: JobConfig, device: Device, shape: Shape) -> list[tuple[s
     batch, effective = tr.per_device_train_batch_size, tr.per_device_train_batch_size * tr.gradient_accumulation_steps
     if batch > 1:
         b = _search(lambda n: _fits(config, device, shape, **{"training.per_device_train_batch_size": n}), 1, batch - 1)
-        b = b or 1
-        acc = math.ceil(effective / b)
+        b = next(n for n in range(b or 1, 0, -1) if effective % n == 0)  # keeps the effective batch exactly
+        acc = effective // b
         out.append((f"batch {b} with {acc} accumulation steps (the same effective batch of {b * acc})",
                     {"training.per_device_train_batch_size": b, "training.gradient_accumulation_steps": acc}))
     if config.model.quantization != "4bit":
@@ -649,3 +649,29 @@ def cli(argv: list[str]) -> int:
         return 2
     print(json.dumps(plan.to_dict(), indent=1))
     return 0
+
+
+def oom_hint(config: JobConfig, exc: BaseException, device: Device | None = None) -> str:
+    """For a run that ran out of memory: the plan's numbers and the smallest change it says fits ("" for any
+    other error, or when no plan can be made). When the plan thought the job fits (another process holds memory,
+    or the estimate is low here), the change is the first that leaves a quarter of the device free."""
+    from finetune.errors import is_out_of_memory
+
+    if not is_out_of_memory(exc):
+        return ""
+    try:
+        device = device or detect_device()
+        plan = estimate(config, device)
+        text = (f" The memory plan: {_gib(plan.needed)} GiB needed of {_gib(device.memory_bytes)} GiB "
+                f"(peak while {plan.phase.replace('_', ' ')}).")
+        if plan.fits:
+            text += " It was expected to fit: another process may hold device memory."
+            tighter = with_memory(device, 0.75 * plan.needed / GIB)
+            plan = estimate(config, tighter)
+        fix = smallest_fix(plan)
+    except Exception:  # the plan is advice: never let it hide the error itself
+        return ""
+    if fix is None:
+        return text
+    sets = " ".join(f"--set {k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in fix["set"].items())
+    return text + f" Smallest change that fits: {fix['change']} ({sets}), planned at {fix['needed_gib']} GiB."

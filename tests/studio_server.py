@@ -8,11 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+
+from conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,18 +38,19 @@ def studio_env(home: Path) -> dict:
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"the studio exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
+                return r.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the studio did not answer on {url} within {timeout} s:\n{log.read_text()[-3000:]}")
+            return False
+
+    try:
+        wait_for(answers, timeout, f"the studio to answer on {url}", interval=0.5)
+    except AssertionError:
+        raise TimeoutError(f"the studio did not answer on {url} within {timeout} s:\n{log.read_text()[-3000:]}") from None
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -153,3 +153,24 @@ def test_plan_matches_peak_rss_of_a_real_cpu_run(tmp_path):
     measured = metrics["peak_memory_mb"] / 1024
     planned = estimate(config, Device("cpu", _ram_bytes()), suggest=False).peak / 2**30
     assert abs(planned / measured - 1) <= 0.20, (planned, measured)
+
+
+def test_out_of_memory_names_the_plan_and_a_fix(tmp_path):
+    """The sentence a run that ran out of memory ends with: the plan's numbers and a change whose plan fits."""
+    import torch
+
+    from finetune.errors import plain_message
+    from finetune.plan import GIB, Device, estimate, oom_hint
+
+    folder = config_folder(tmp_path, "llama-3.2-1b")
+    config = JobConfig(adapter_name="oom", model={"name_or_path": str(folder), "quantization": "none"},
+                       data={"max_seq_length": 4096}, training={"per_device_train_batch_size": 8})
+    gpu = Device("cuda", 12 * GIB, "GPU", fused_loss=True)
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.83 GiB")
+    hint = oom_hint(config, error, gpu)
+    assert "The memory plan:" in hint and "of 12.0 GiB" in hint and "Smallest change that fits:" in hint
+    sets = [s.removeprefix("--set ") for s in hint.split("(", 2)[2].split(")")[0].split(" --set ")]
+    fixed = config.with_overrides([s.strip() for s in sets if "=" in s])
+    assert estimate(fixed, gpu).fits
+    assert "ran out of memory" in plain_message(error) + hint
+    assert oom_hint(config, ValueError("not memory"), gpu) == ""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import wait_for
 from finetune.config import example_config
 from finetune.jobs import get_kind
 from finetune.paths import adapters_dir, runs_dir
@@ -160,11 +161,12 @@ def test_killed_run_resumes_to_the_same_steps_and_losses(trained, tmp_path, chat
     yaml_path = job_yaml(tmp_path, chat_jsonl, name, "model.quantization=none")
     run_dir = tmp_path / "run"
     proc = launch(yaml_path, run_dir)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "checkpoint-2").is_dir():
+
+    def saved_checkpoint_2() -> bool:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint-2 within 300 s"
-        time.sleep(0.1)
+        return (run_dir / "checkpoints" / "checkpoint-2").is_dir()
+
+    wait_for(saved_checkpoint_2, 300, "checkpoint-2")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     status = json.loads((run_dir / "status.json").read_text())

@@ -5,7 +5,7 @@
 Each group (a shape, a quantization, LoRA dropout, checkpointing, optimizer) runs in its own process, all at once
 on one GPU (each process has its own caching allocator, so the peaks do not mix): the model is loaded once through
 the studio's own path (finetune.model.load_model / apply_lora, finetune.recipe.speed.patch_model_for_speed, the optimizer
-train.py builds, the padding-free collate and the same forward/backward call), then every (max_seq_length, batch)
+SFTRecipe builds, the padding-free collate and the same forward/backward call), then every (max_seq_length, batch)
 case trains `steps` full steps with every example at full length. Per case: torch.cuda.max_memory_allocated and
 max_memory_reserved over those steps. Results: DIR/results.jsonl (one line per case, with the job config's --set
 list, so the plan of the same JobConfig can be computed anywhere), DIR/context.json (device, library versions, the
@@ -51,7 +51,7 @@ def job_config(model_dir: str, overrides: list[str], seq: int, batch: int):
 
 
 def _optimizer(params, tc):
-    """The optimizer finetune/train.py builds for training.optim."""
+    """The optimizer SFTRecipe._setup_optimizer (finetune/recipe/sft.py) builds for training.optim."""
     import torch
 
     if tc.optim == "adamw_torch":
@@ -68,18 +68,18 @@ def _peaks(device) -> dict:
     if device.type == "cuda":
         return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-    from finetune.train import memory_mb
+    from finetune.recipe.tracker import memory_mb
 
     return {"rss_gib": (memory_mb()[0] or 0) / 1024}
 
 
 def _train_steps(model, tok, optimizer, params, tc, device, padding_free, steps) -> dict:
-    """Full training steps as train.py runs them; the peak of each phase (forward with the loss, backward,
+    """Full training steps as SFTRecipe.train_step runs them; the peak of each phase (forward with the loss, backward,
     optimizer step) over all steps, and what is allocated before a step and right after its forward."""
     import torch
 
     from finetune import data as D
-    from finetune.train import count_label_tokens
+    from finetune.recipe.sft import count_label_tokens
 
     cuda = device.type == "cuda"
     out: dict = {}

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from finetune import policy
+from finetune.store.adapters import check_writable
 from finetune.config import ConfigError, JobConfig, format_errors
 from finetune.errors import JobError
 from finetune.jobs.process import cuda_available
@@ -122,6 +123,7 @@ def prepare_training(cfg: JobConfig) -> JobConfig:
     cfg = absolute_data_paths(cfg)
     if policy.confined():  # a client of the studio sent it: its paths and models must be ones the operator allows
         policy.check_job(cfg)
+    check_writable()
     return cfg
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -29,7 +30,7 @@ from finetune import rundir
 from finetune.config import ConfigError
 from finetune.errors import JobError
 from finetune.fsutil import file_lock, write_text_atomic
-from finetune.jobs import process
+from finetune.jobs import process, recover
 from finetune.jobs.kinds import get_kind, parse_spec, spec_yaml
 from finetune.jobs.scheduler import Scheduler
 from finetune.paths import adapters_dir, studio_home
@@ -89,9 +90,7 @@ class JobStore:
         self.runs.mkdir(parents=True, exist_ok=True)
         self.db_path = self.home / "studio.db"
         self._tick_lock = threading.Lock()
-        with contextlib.closing(self._connect()) as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            migrate(con)
+        recover.open_database(self, migrate)
         self.scheduler = Scheduler(self, max_concurrent, poll_interval, gpus)
         if reconcile:
             self.scheduler.reconcile()
@@ -99,15 +98,19 @@ class JobStore:
     # --- database ------------------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         # A connection per call: safe from any thread; autocommit mode, transactions are explicit.
+        fresh = not self.db_path.exists()
         con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA busy_timeout=30000")
+        if fresh:  # deleted while the studio runs: a new database, and the jobs back from their run folders
+            migrate(con)
+            recover.rediscover(self)
         return con
 
     @contextlib.contextmanager
     def _tx(self):
         """One short write transaction (BEGIN IMMEDIATE: take the write lock up front, so read-then-write is atomic)."""
-        with contextlib.closing(self._connect()) as con:
+        with recover.plain_errors(self.db_path), contextlib.closing(self._connect()) as con:
             con.execute("BEGIN IMMEDIATE")
             try:
                 yield con
@@ -118,7 +121,7 @@ class JobStore:
 
     def _select(self, where: str = "", args: tuple = (), limit: int = -1, newest_first: bool = False) -> list[dict]:
         order = "created_at DESC, id DESC" if newest_first else "created_at, id"
-        with contextlib.closing(self._connect()) as con:
+        with recover.plain_errors(self.db_path), contextlib.closing(self._connect()) as con:
             rows = con.execute(f"SELECT * FROM jobs {where} ORDER BY {order} LIMIT ?", (*args, limit))
             return [dict(r) for r in rows]
 
@@ -140,7 +143,7 @@ class JobStore:
 
     # --- queries -------------------------------------------------------------------------------------------------
     def get(self, job_id: str) -> dict:
-        with contextlib.closing(self._connect()) as con:
+        with recover.plain_errors(self.db_path), contextlib.closing(self._connect()) as con:
             return self._row(con, job_id)
 
     def list_jobs(self, states: tuple[str, ...] | None = None, limit: int = 500) -> list[dict]:
@@ -177,14 +180,16 @@ class JobStore:
         name = (name or label).strip()[:100] or label
         text = spec_yaml(spec)
         run_dir = self._new_run_dir()
-        write_text_atomic(run_dir / rundir.JOB_YAML, text)
         try:
+            write_text_atomic(run_dir / rundir.JOB_YAML, text)
             with self._tx() as con:
                 con.execute("INSERT INTO jobs (id, name, config, state, created_at, run_dir, kind) "
                             "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (run_dir.name, name, text, time.time(), str(run_dir), kind))
-        except BaseException:
-            (run_dir / rundir.JOB_YAML).unlink(missing_ok=True)
-            run_dir.rmdir()
+        except BaseException as e:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a full disk or a failed insert leaves no orphan folder
+            if isinstance(e, OSError):
+                raise JobError(f"cannot queue the job: writing {run_dir / rundir.JOB_YAML} failed "
+                               f"({e.strerror or e})") from None
             raise
         self.scheduler.wake.set()
         return run_dir.name
@@ -197,6 +202,8 @@ class JobStore:
                 return run_dir
             except FileExistsError:
                 continue
+            except OSError as e:  # read-only or full: refuse now, not when the job runs
+                raise JobError(f"cannot queue the job: {self.runs} is not writable ({e.strerror or e})") from None
         raise JobError("could not allocate a job id")
 
     def cancel(self, job_id: str, grace_s: float = CANCEL_GRACE_S) -> dict:
@@ -313,15 +320,16 @@ class JobStore:
 
 
 def outcome(row: dict, spec: BaseModel | None, returncode: int | None) -> tuple[str, str | None, str | None]:
-    """(state, error, adapter) of a finished job from its run folder: completed only when the job said so, exited
-    cleanly and (for a job that makes an adapter) the adapter is in the store."""
+    """(state, error, adapter) of a finished job from its run folder: completed when the job said so and (for a job
+    that makes an adapter) the adapter is in the store. The exit code is not asked: the launcher can be killed
+    after its job published (the run folder and the store are the record, not the launcher's fate)."""
     run_dir = Path(row["run_dir"])
     status = rundir.read_status(run_dir)
     adapter = status.get("adapter_name") or getattr(spec, "adapter_name", None)
     published = not adapter or (adapters_dir() / adapter / "adapter_model.safetensors").is_file()
     if row["cancel_requested"]:
         return "cancelled", None, None
-    if status.get("phase") == "completed" and published and returncode in (0, None):
+    if status.get("phase") == "completed" and published:
         return "completed", None, adapter
     if status.get("phase") == "completed" and not published:
         return "failed", f"training reported completed but adapter {adapter!r} is not in {adapters_dir()}", None

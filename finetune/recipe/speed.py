@@ -1,4 +1,4 @@
-"""The GPU fast path (issue 7). train.py calls patch_model_for_speed(model, training_cfg) after LoRA is applied.
+"""The GPU fast path. train.py calls patch_model_for_speed(model, training_cfg) after LoRA is applied.
 
 On a CUDA device, by default, each piece applied only where it fits and skipped (with the reason logged) where not:
   keep_bf16        no fp32 copy of the frozen embeddings / lm_head / norms (prepare_model_for_kbit_training upcasts
