@@ -151,13 +151,13 @@ def serve(args: argparse.Namespace, auth) -> None:
     from app.http_guard import HostPolicy, guard_lifespan, is_guarded
     from app.main import CSS, build_app
     from finetune import jobs
-    from finetune.paths import studio_home
 
     if not args.no_scheduler:
         store = jobs.start_scheduler()
         print(f"job store {store.db_path} (up to {store.max_concurrent} job(s) at once)", flush=True)
-    exports = studio_home() / "exports"
-    exports.mkdir(parents=True, exist_ok=True)
+    from finetune.export import exports_dir
+
+    exports = exports_dir()  # zips of adapters and the merged/GGUF exports: served as downloads
     demo = build_app()
     # Model work (playground, evaluation, /generate, /evaluate) is limited per event to 1 in the "model" group; the
     # rest (polling, forms, the job API) is cheap and runs several at once.

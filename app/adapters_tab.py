@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from app import render
+from app import export_panel, render
 from app.api import MODEL_GROUP, friendly, import_zip_file
 from app.forms import UPLOAD_TYPES, keep_upload
 
@@ -17,7 +17,7 @@ EVAL_PATH = "Path on the studio's machine"
 
 
 def adapters() -> list[dict]:
-    from finetune.store.adapters import list_adapters
+    from finetune.store import list_adapters
 
     return list_adapters()
 
@@ -42,7 +42,7 @@ def result_choices(rs: list[dict]) -> list[tuple[str, str]]:
 
 def latest_summary(name: str) -> dict | None:
     """The newest evaluation of an adapter (file beside it, else the summary in studio.json), for comparisons."""
-    from finetune.store.adapters import get_adapter
+    from finetune.store import get_adapter
 
     rs = results(name)
     if rs:
@@ -125,6 +125,8 @@ def build() -> SimpleNamespace:
                                elem_id="eval-sort")
             examples = gr.Dataframe(render.examples_frame(None), interactive=False, wrap=True, max_height=520,
                                     elem_id="eval-examples", column_widths=["4%", "20%", "18%", "18%", "18%", "7%", "8%", "7%"])
+        with gr.Tab("Export", id="export"):
+            export_panel.build(select)
         with gr.Tab("Compare two adapters", id="compare"):
             with gr.Row():
                 cmp_a = gr.Dropdown(label="Adapter A", choices=[], elem_id="compare-a")
@@ -143,7 +145,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_select(name, sort_by):
-        from finetune.store.adapters import export_zip, get_adapter
+        from finetune.store import export_zip, get_adapter
 
         if not name:
             return ("", None, gr.update(value=None, interactive=False), gr.update(choices=[], value=None),
@@ -189,7 +191,7 @@ def build() -> SimpleNamespace:
 
     @friendly
     def on_delete_confirmed(name):
-        from finetune.store.adapters import delete_adapter
+        from finetune.store import delete_adapter
 
         delete_adapter(name)
         return gr.update(visible=False), f'<div class="msg ok">deleted {render.esc(name)}</div>', None

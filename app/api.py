@@ -173,7 +173,7 @@ def plan_job(config_yaml: str, device_memory_gib: float = 0.0, device: str = "")
 def list_adapters() -> str:
     """JSON list of the stored adapters, newest first: name, base_model, quantization, dataset, metrics, eval summary,
     created_at."""
-    from finetune.store.adapters import list_adapters as _list
+    from finetune.store import list_adapters as _list
 
     rows = _list()
     for r in rows:
@@ -182,7 +182,7 @@ def list_adapters() -> str:
 
 
 def _adapter_name(name: str) -> str:
-    from finetune.store.adapters import adapter_path
+    from finetune.store import adapter_path
 
     name = (name or "").strip(" ")  # spaces only: a name with a newline is refused, not repaired
     if not name:
@@ -195,14 +195,14 @@ def _adapter_name(name: str) -> str:
 
 def download_adapter(name: str) -> str:
     """A zip of the adapter's folder (adapter_model.safetensors, adapter_config.json, studio.json, README.md)."""
-    from finetune.store.adapters import export_zip
+    from finetune.store import export_zip
 
     return str(export_zip(_adapter_name(name)))
 
 
 def delete_adapter(name: str) -> str:
     """Delete an adapter from the store."""
-    from finetune.store.adapters import delete_adapter as _delete
+    from finetune.store import delete_adapter as _delete
 
     _delete(_adapter_name(name))
     return f"deleted {name}"
@@ -211,7 +211,7 @@ def delete_adapter(name: str) -> str:
 def import_zip_file(zip_file, name: str = "") -> str:
     """Import an uploaded zip (a path, or gradio's file dict) into the store; the stored name. Shared by the
     Adapters tab and /import_adapter."""
-    from finetune.store.zip_import import import_zip
+    from finetune.store import import_zip
 
     path = zip_file.get("path") if isinstance(zip_file, dict) else zip_file
     if not path:
@@ -226,6 +226,24 @@ def import_adapter(zip_file: str, name: str = "") -> str:
     zipped. name "" = the folder's name inside the zip. Returns JSON {"name": ...}. Members that leave the folder
     (zip-slip), symlinks, zip bombs, non-adapter files and a name already in the store are refused."""
     return to_json({"name": import_zip_file(zip_file, name)})
+
+
+# --- exports ---------------------------------------------------------------------------------------------------
+def export_adapter(adapter: str, format: str = "hf", quant: str = "") -> str:
+    """Queue an export job: the adapter merged into its base as a Hugging Face folder (format "hf", quant
+    bf16|f16|f32) or as GGUF for llama.cpp and Ollama with a Modelfile (format "gguf", quant f16|q8_0|q4_0).
+    quant "" = the format's default (bf16 / q8_0). Returns JSON {"job_id": ...}; follow it with /job_status."""
+    spec = {"adapter": _adapter_name(adapter), "format": (format or "hf").strip(), "quant": (quant or "").strip() or None}
+    return to_json({"job_id": store().submit(spec, kind="export")})
+
+
+def list_exports(adapter: str = "") -> str:
+    """JSON list of finished exports (of one adapter, or all), newest first: adapter, format, quant, files with
+    bytes and sha256, the merge's measured logit differences."""
+    from finetune.export import list_exports as _list
+
+    name = _adapter_name(adapter) if (adapter or "").strip(" ") else None
+    return to_json([{k: v for k, v in r.items() if k not in ("path", "disk")} for r in _list(name)])
 
 
 # --- model work --------------------------------------------------------------------------------------------------
@@ -269,7 +287,8 @@ def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_t
 # The public endpoints, in the order docs/api.md lists them. Registered by app.main with gr.api.
 ENDPOINTS = [
     (submit_job, {}), (job_status, {}), (cancel_job, {}), (resume_job, {}), (list_jobs, {}),
-    (validate_config, {}), (plan_job, {}), (list_adapters, {}), (delete_adapter, {}),
+    (validate_config, {}), (plan_job, {}), (list_adapters, {}), (delete_adapter, {}), (export_adapter, {}),
+    (list_exports, {}),
     (generate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
     (evaluate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
 ]

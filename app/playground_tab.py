@@ -14,11 +14,31 @@ from finetune import limits
 BASE_LABEL = "Base model (no adapter)"
 
 
-def target_choices() -> list[tuple[str, str]]:
-    from finetune.store.adapters import list_adapters
+EXPORT_PREFIX = "export:"
 
+
+def target_choices() -> list[tuple[str, str]]:
+    """The base, every adapter, and every merged Hugging Face export (to check it before shipping it)."""
+    from finetune.export import list_exports
+    from finetune.store import list_adapters
+
+    merged = [(f"merged export: {r['adapter']}  (hf {r['quant']})", f"{EXPORT_PREFIX}{r['adapter']}/{r['quant']}")
+              for r in list_exports() if r.get("format") == "hf"]
     return [(BASE_LABEL, "")] + [(f"{r['name']}  ({r.get('base_model')}, {r.get('quantization')})", r["name"])
-                                 for r in list_adapters()]
+                                 for r in list_adapters()] + merged
+
+
+def resolve_target(tgt: str | None) -> tuple[str | None, dict]:
+    """(adapter, generate()'s keyword arguments) for a target: a merged export is loaded as a base of its own."""
+    if not tgt or not tgt.startswith(EXPORT_PREFIX):
+        return tgt or None, {}
+    from finetune.export import export_path
+
+    adapter, _, quant = tgt[len(EXPORT_PREFIX):].partition("/")
+    folder = export_path(adapter, "hf", quant)  # validated: a name in the exports store, never a client's path
+    if not (folder / "manifest.json").is_file():
+        raise gr.Error(f"the merged export {adapter} (hf {quant}) is not in the exports store")
+    return None, {"base": str(folder), "quantization": "none"}
 
 
 def text_of(content) -> str:
@@ -38,12 +58,10 @@ def to_messages(history: list[dict]) -> list[dict]:
 
 def base_of(adapter: str) -> dict:
     """generate()'s base/quantization arguments for the base model an adapter was trained on."""
-    from finetune.store.adapters import get_adapter
+    from finetune.store import resolve_base
 
-    meta = get_adapter(adapter)
-    model = render.obj(render.obj(meta.get("config")).get("model"))
-    return {"base": model.get("name_or_path") or meta.get("base_model"),
-            "quantization": model.get("quantization") or meta.get("quantization")}
+    base = resolve_base(adapter)
+    return {"base": base.name_or_path, "quantization": base.quantization}
 
 
 def stats_html(st: dict, label: str = "") -> str:
@@ -116,7 +134,8 @@ def build() -> SimpleNamespace:
         prompt = to_messages(history)
         history.append({"role": "assistant", "content": ""})
         yield history, "", '<div class="gen-stats muted">loading the model and generating…</div>'
-        for text in G.stream(tgt or None, prompt, max_new_tokens=int(n), temperature=float(temp), top_p=float(p)):
+        adapter, kw = resolve_target(tgt)
+        for text in G.stream(adapter, prompt, max_new_tokens=int(n), temperature=float(temp), top_p=float(p), **kw):
             history[-1]["content"] = text
             yield history, gr.skip(), gr.skip()
         yield history, gr.skip(), stats_html(G.last_stats())
@@ -132,12 +151,13 @@ def build() -> SimpleNamespace:
         check_generation(n, temp, p)
         # One loaded model and one lock: the two answers are generated one after the other, each streamed.
         # "Base" next to an adapter means that adapter's own base, loaded as it was trained (same quantization).
-        base_kw = base_of(a or b) if not (a and b) and (a or b) else {}
+        lone = a or b
+        base_kw = base_of(lone) if not (a and b) and lone and not lone.startswith(EXPORT_PREFIX) else {}
         sides = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}] for _ in range(2)]
         yield sides[0], sides[1], '<div class="gen-stats muted">generating…</div>', '<div class="gen-stats muted">waiting…</div>'
         for i, tgt in enumerate((a, b)):
-            kw = {} if tgt else base_kw
-            for text in G.stream(tgt or None, prompt, max_new_tokens=int(n), temperature=float(temp), top_p=float(p), **kw):
+            adapter, kw = resolve_target(tgt) if tgt else (None, base_kw)
+            for text in G.stream(adapter, prompt, max_new_tokens=int(n), temperature=float(temp), top_p=float(p), **kw):
                 sides[i][-1]["content"] = text
                 yield (sides[0], gr.skip(), gr.skip(), gr.skip()) if i == 0 else (gr.skip(), sides[1], gr.skip(), gr.skip())
             st = stats_html(G.last_stats())

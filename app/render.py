@@ -12,6 +12,8 @@ import time
 
 import pandas as pd
 
+from finetune.evaluation.metrics import METRICS, SORTABLE, metric_for_example_key
+
 STATE_COLORS = {"queued": "#6b7280", "running": "#2563eb", "completed": "#16a34a", "failed": "#dc2626",
                 "cancelled": "#9ca3af"}
 
@@ -167,10 +169,8 @@ def adapters_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------
-# (key in the summaries, label, higher is better, bounded to [0, 1])
-EVAL_METRICS = [("rouge_l", "ROUGE-L", True, True), ("token_f1", "token F1", True, True),
-                ("exact_match", "exact match", True, True), ("mc_accuracy", "multiple-choice accuracy", True, True),
-                ("val_loss", "validation loss", False, False), ("perplexity", "perplexity", False, False)]
+# (key in the summaries, label, higher is better, bounded to [0, 1]), from the one metrics registry
+EVAL_METRICS = [(m.name, m.label, m.higher_is_better, m.bounded) for m in METRICS]
 SPEED_METRICS = [("tokens_per_second", "tokens/s", "{:.1f}"), ("latency_s", "seconds per answer", "{:.2f}"),
                  ("mean_new_tokens", "tokens per answer", "{:.1f}"), ("stopped_rate", "answers that ended by themselves", "{:.0%}"),
                  ("peak_memory_mb", "peak memory MB", "{:,.0f}")]
@@ -244,7 +244,7 @@ def eval_chart_html(result: dict | None) -> str:
     return f'<div class="eval">{head}{table}{speed_table}{note}</div>'
 
 
-SORT_METRICS = ["rouge_l", "token_f1", "exact_match", "loss"]
+SORT_METRICS = list(SORTABLE)
 
 
 def examples_frame(result: dict | None, sort_by: str = "rouge_l") -> pd.DataFrame:
@@ -256,7 +256,8 @@ def examples_frame(result: dict | None, sort_by: str = "rouge_l") -> pd.DataFram
     for i, ex in enumerate(map(obj, examples if isinstance(examples, list) else [])):
         sc = obj(ex.get("scores"))
         b, a, d = (num(obj(sc.get(side)).get(sort_by)) for side in ("base", "adapter", "diff"))
-        if sort_by == "loss" and d is not None:
+        metric = metric_for_example_key(sort_by)
+        if d is not None and metric is not None and not metric.higher_is_better:
             d = -d  # a lower loss is the gain
         r = lambda v: round(v, 4) if v is not None else None  # noqa: E731
         text = lambda v: v if isinstance(v, str) else ("" if v is None else str(v))  # noqa: E731

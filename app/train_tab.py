@@ -210,7 +210,7 @@ def preview_summary_html(pv: dict) -> str:
 
 
 def existing_adapter(name: str) -> bool:
-    from finetune.store.adapters import adapter_path
+    from finetune.store import adapter_path
 
     return (adapter_path(name) / "adapter_config.json").is_file()
 

@@ -6,7 +6,7 @@ import sys
 
 COMMANDS = {
     "config": ("finetune.cli_config", "print an example job config, or validate one"),
-    "train": ("finetune.train", "train a job config in the foreground (also what the job runner launches)"),
+    "train": ("finetune.recipe.cli", "train a job config in the foreground (also what the job runner launches)"),
     "eval": ("finetune.evaluation.evaluate", "evaluate an adapter against its base on held-out data, print JSON"),
     "jobs": ("finetune.jobs.cli", "list, show, submit, cancel, resume or duplicate studio jobs"),
     "adapters": ("finetune.store.adapters", "list, show, export or delete stored adapters"),

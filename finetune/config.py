@@ -27,6 +27,7 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 DataFormat = Literal["auto", "alpaca", "chat", "text"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
+Objective = Literal["sft"]
 Bias = Literal["none", "all", "lora_only"]
 
 
@@ -97,6 +98,7 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    objective: Objective = Field("sft", description="What the model learns: sft = supervised fine-tuning, the loss on the assistant's answer tokens.")
     learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Peak learning rate of the optimizer (LoRA commonly 1e-4 to 3e-4).")
     num_train_epochs: float = Field(1.0, ge=0.0, description="Passes over the training data, used when max_steps is -1.")
     max_steps: int = Field(-1, description="Optimizer steps; -1 uses num_train_epochs.")

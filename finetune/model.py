@@ -142,9 +142,10 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> str:
         )
     except Exception as e:  # offline, unknown repo, gated: one plain sentence
         if not online:
+            switch = "its operator allows that with launch.py --allow-hub" if policy.confined() else "HF_HUB_OFFLINE is set"
             raise FileNotFoundError(
                 f"model.name_or_path {name!r} is not a local folder and not in the local hub cache, and this studio "
-                "does not download (its operator allows that with launch.py --allow-hub)") from None
+                f"does not download ({switch})") from None
         raise FileNotFoundError(
             f"model.name_or_path {name!r} is not a local folder and could not be fetched from the Hugging Face hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use the embedded {DEFAULT_MODEL}, "

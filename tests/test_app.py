@@ -17,7 +17,8 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 
 ENDPOINTS = ("/submit_job", "/job_status", "/cancel_job", "/resume_job", "/list_jobs", "/validate_config",
-             "/list_adapters", "/download_adapter", "/import_adapter", "/delete_adapter", "/generate", "/evaluate")
+             "/list_adapters", "/download_adapter", "/import_adapter", "/delete_adapter", "/generate", "/evaluate",
+             "/export_adapter", "/list_exports")
 FINISHED = ("completed", "failed", "cancelled")
 
 

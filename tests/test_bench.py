@@ -92,3 +92,17 @@ def test_profile_analysis_attributes_gpu_idle_time_to_host_ops():
     assert out["step_wall_ms"] == 1.0 and out["gpu_busy_ms"] == 0.7 and out["kernels_per_step"] == 3
     idle = {r["op"]: r["idle_ms"] for r in out["idle_by_host_op"]}
     assert idle == {"aten::to": 0.15, "aten::copy_": 0.05, "python (no op open)": 0.1}
+
+
+def test_recipe_arm_runs_the_real_training_job(tmp_path):
+    """The recipe arm trains through `python -m finetune train` on the bench model and reports the trainer's own
+    per-step numbers: one row per step, every step's loss finite."""
+    from finetune.bench import arms
+
+    path = BM.build_model("tiny", tmp_path / "models")
+    job = {"arm": "recipe", "model_dir": str(path), "shape": "tiny", "mode": "lora", "seq": 40, "batch": 2,
+           "steps": 2, "warmup": 1, "seed": 0, "timeout_s": 500}
+    result = arms.run_job(job)
+    assert result["tokens_per_s"] > 0 and result["device"] == "cpu"
+    assert [r["step"] for r in result["steps"]] == [1, 2, 3]
+    assert all(0 < loss < 20 for loss in result["losses"])

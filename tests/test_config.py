@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import ConfigError, JobConfig, example_config
+from finetune.config import ConfigError, JobConfig, choices, example_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p for d in ("examples", "configs") for p in (ROOT / d).rglob("*.yaml")) if any(
@@ -122,3 +122,14 @@ def test_set_parsing_types():
 def test_set_errors(item, match):
     with pytest.raises(ConfigError, match=match):
         example_config().with_overrides([item])
+
+
+def test_training_objective_picks_the_recipe_and_round_trips():
+    from finetune.recipe import RECIPES, recipe_class
+
+    cfg = JobConfig()
+    assert cfg.training.objective == "sft" and set(RECIPES) == set(choices(type(cfg.training).model_fields["objective"].annotation))
+    assert JobConfig.from_yaml(cfg.to_yaml()).training.objective == "sft"
+    assert recipe_class("sft").__name__ == "SFTRecipe"
+    with pytest.raises(ConfigError, match="training.objective"):
+        JobConfig.parse({"training": {"objective": "dpo"}})

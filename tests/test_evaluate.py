@@ -98,13 +98,13 @@ def test_errors_name_the_problem(adapter, tmp_path):
 def test_adapter_beats_base_on_the_demo_domain():
     """The adapter improves on its base, on a shorter version of the default recipe (QLoRA on SmolLM2, built-in python-docs
     domain): on held-out questions the adapter's answers overlap the references more than the base's do."""
-    from finetune import train
+    from finetune.recipe import run as train_run
     from finetune.config import example_config
     from finetune.paths import runs_dir
 
     cfg = example_config().with_overrides(["adapter_name=demo-direction", *DIRECTION_RECIPE, "evaluation.enabled=false",
                                            "training.save_steps=0"])
-    train.run(cfg, runs_dir() / "test-demo-direction")
+    train_run(cfg, runs_dir() / "test-demo-direction")
     r = E.evaluate("demo-direction", max_examples=DIRECTION_EXAMPLES, max_new_tokens=48)
     assert r["data"]["path"] == "builtin:python-docs" and r["data"]["n"] == DIRECTION_EXAMPLES
     base, adapter = r["metrics"]["base"], r["metrics"]["adapter"]

@@ -215,3 +215,16 @@ def test_a_full_disk_is_refused_up_front_with_the_numbers(adapter):
     with pytest.raises(ExportError, match=r"not enough free disk.*needs about \d+ MiB.*MiB free"):
         run_export(adapter, "gguf", "q4_0", reserve_bytes=free)
     assert {p.name for p in exports_dir().rglob("*")} == before
+
+
+def test_the_playground_can_chat_with_a_merged_export(hf_export):
+    from app.playground_tab import resolve_target, target_choices
+    from finetune.evaluation import generate as G
+
+    value = f"export:{hf_export['adapter']}/bf16"
+    assert value in [v for _, v in target_choices()]
+    adapter, kw = resolve_target(value)
+    assert adapter is None and kw["base"] == hf_export["path"]
+    assert G.generate(adapter, PROMPTS[0], max_new_tokens=8, **kw).strip()
+    with pytest.raises(ExportError):
+        resolve_target("export:../../etc/bf16")

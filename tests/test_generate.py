@@ -16,7 +16,7 @@ def ensure_tiny_adapter(chat_jsonl: Path) -> str:
     """A real adapter from the real training entry point: 8 steps of LoRA on arithmetic, unquantized, short rows."""
     if (adapters_dir() / ADAPTER / "adapter_model.safetensors").exists():
         return ADAPTER
-    from finetune import train
+    from finetune.recipe import run as train_run
 
     cfg = JobConfig(adapter_name=ADAPTER).with_overrides([
         "model.quantization=none", f"data.path={chat_jsonl}", f"data.validation_path={chat_jsonl.parent / 'heldout.jsonl'}",
@@ -24,7 +24,7 @@ def ensure_tiny_adapter(chat_jsonl: Path) -> str:
         "training.per_device_train_batch_size=4", "training.gradient_checkpointing=false", "training.save_steps=0",
         "training.warmup_ratio=0", "training.lr_scheduler_type=constant", "lora.r=8", "lora.lora_alpha=16",
         "evaluation.enabled=false"])
-    train.run(cfg, runs_dir() / f"test-{ADAPTER}")
+    train_run(cfg, runs_dir() / f"test-{ADAPTER}")
     return ADAPTER
 
 

@@ -46,7 +46,7 @@ def test_local_folder_passes_through_and_bad_names_are_plain_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         M.resolve_model(str(tmp_path))
     # Offline (HF_HUB_OFFLINE=1 in the tests), a hub id that is not cached is one sentence, not a traceback.
-    with pytest.raises(FileNotFoundError, match="could not be fetched from the Hugging Face hub"):
+    with pytest.raises(FileNotFoundError, match="not in the local hub cache.*HF_HUB_OFFLINE"):
         M.resolve_model("nobody-has/this-model-xyz")
 
 

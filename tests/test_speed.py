@@ -157,6 +157,7 @@ def test_keep_compute_dtype_casts_only_frozen_fp32_parameters():
     assert inv_freq.dtype == torch.float32  # buffers stay as the model made them
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU branch of patch_model_for_speed")
 def test_patch_on_cpu_changes_nothing():
     from finetune.config import TrainingConfig
 
@@ -309,3 +310,16 @@ def test_fast_path_on_gpu_matches_plain_4bit_model(tmp_path, monkeypatch):
 def test_selfcheck_varlen_kernel_against_float64_reference():
     report = speed.selfcheck()
     assert report["cuda"] and report["varlen_kernel"] and report["varlen_ok"], report
+
+
+def test_every_studio_optimizer_marks_the_lora_copies_stale():
+    """The bf16 copies of the LoRA weights are redone after any optimizer step: the step hook fires for each
+    optimizer training.optim can name (bitsandbytes' update in place without bumping the tensor version)."""
+    import bitsandbytes as bnb
+
+    speed._count_optimizer_steps()
+    p = torch.nn.Parameter(torch.zeros(4096))
+    for cls in (torch.optim.AdamW, bnb.optim.AdamW8bit, bnb.optim.PagedAdamW8bit):
+        before = speed._updates[0]
+        cls([p], lr=0.1).step()
+        assert speed._updates[0] > before, cls.__name__

@@ -2,8 +2,8 @@
 
     python -m finetune.bench.arms JOB.json RESULT.json
 
-JOB: {"arm": "naive"|"unsloth"|"unsloth:packed"|"studio"|"studio:<STUDIO_SPEED switches>", "model_dir", "shape",
-      "mode": "qlora"|"lora", "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest",
+JOB: {"arm": "naive"|"unsloth"|"unsloth:packed"|"studio"|"recipe"|"studio:<STUDIO_SPEED switches>", "model_dir",
+      "shape", "mode": "qlora"|"lora", "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest",
       "mem_limit_gib", "ladder", "profile": steps to run under the torch profiler after the timed ones, "trace"}
 RESULT: per-step times, tokens and losses, the median tokens/s after warm-up, peak memory, MFU, the library
 versions and the speed-ups the arm applied; or {"error": ...} with the reason.
@@ -15,8 +15,10 @@ AdamW (lr 2e-4, grad-norm clip 1.0) on the same batches:
   unsloth  FastLanguageModel with its defaults, use_gradient_checkpointing="unsloth", padded batches, bf16 autocast;
            "unsloth:packed": the same model fed one packed row with packed_seq_lengths and restarting position_ids,
            as Unsloth's trainer feeds it with a padding-free collator (its default on a GPU that supports it)
+  recipe   the real job end to end (`python -m finetune train`, finetune/bench/recipe_arm.py) on the same model and
+           batches, timed by the trainer's own per-step metrics
   studio   our training path: finetune.model.load_model / apply_lora, finetune.recipe.speed.patch_model_for_speed, the
-           padding-free finetune.data.collate and the same forward/backward call as finetune/train.py
+           padding-free finetune.data.collate and SFTRecipe.train_step (finetune/recipe/sft.py) itself
 """
 from __future__ import annotations
 
@@ -155,41 +157,28 @@ def setup_unsloth(job, device):
 
 
 def setup_studio(job, device):
-    import torch
-
-    from finetune import data as D
-    from finetune import model as M
-    from finetune.config import LoraSettings, ModelConfig, TrainingConfig
-    from finetune.recipe.speed import patch_model_for_speed
-    from finetune.train import count_label_tokens
+    """The studio's own recipe: SFTRecipe's model and optimizer setup and its train_step, fed the benchmark's batches."""
+    from finetune.config import JobConfig
+    from finetune.recipe.sft import SFTRecipe
 
     arm = job["arm"]
     if ":" in arm:  # studio:<switches> - an experiment with pieces of the fast path toggled
         os.environ["STUDIO_SPEED"] = arm.split(":", 1)[1].replace("+", ",+").replace("-", ",-").strip(",")
-    mcfg = ModelConfig(name_or_path=job["model_dir"], quantization="4bit" if job["mode"] == "qlora" else "none",
-                       torch_dtype="bfloat16")
-    tcfg = TrainingConfig(learning_rate=LR, gradient_checkpointing=True)
-    tok = M.load_tokenizer(mcfg)
-    model = M.load_model(mcfg, for_training=True)
-    model = M.apply_lora(model, LoraSettings(**LORA, target_modules=TARGETS), gradient_checkpointing=True)
-    speedups = patch_model_for_speed(model, tcfg)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    # train.py packs rows only on a GPU (the CPU has no varlen kernel); the same rule here.
-    padding_free = tcfg.padding_free and device.type == "cuda"
+    config = JobConfig.parse({
+        "model": {"name_or_path": job["model_dir"], "quantization": "4bit" if job["mode"] == "qlora" else "none",
+                  "torch_dtype": "bfloat16"},
+        "lora": {**LORA, "target_modules": TARGETS},
+        "training": {"learning_rate": LR, "gradient_checkpointing": True, "lr_scheduler_type": "constant", "seed": job.get("seed", 0),
+                     "warmup_ratio": 0.0, "max_steps": max(1, job.get("warmup", 0) + job.get("steps", 1))},
+        "evaluation": {"enabled": False}}, "benchmark job")
+    recipe = SFTRecipe(config)  # no run folder: nothing is written
+    recipe.setup(data=False)
+    recipe.model.train()
 
     def step(examples):
-        batch = {k: v.to(device) for k, v in D.collate(examples, tok.pad_token_id, padding_free=padding_free).items()}
-        n_labels = max(1, count_label_tokens(batch))
-        out = model(**batch, num_items_in_batch=n_labels)  # the call finetune/train.py makes
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+        return recipe.train_step([recipe.collate(examples)]).loss
 
-    return model, step, {"speedups": speedups}
+    return recipe.model, step, {"speedups": recipe.speedups}
 
 
 SETUPS = {"naive": setup_naive, "unsloth": setup_unsloth, "studio": setup_studio}
@@ -226,6 +215,10 @@ def run_job(job: dict) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, job["mem_limit_gib"] * 2**30 / total), device)
     t0 = time.perf_counter()
     base = job["arm"].split(":", 1)[0]
+    if base == "recipe":
+        from finetune.bench.recipe_arm import run_recipe
+
+        return run_recipe(job, device, result)
     model, step, info = SETUPS[base](job, device)
     result.update(info, setup_s=round(time.perf_counter() - t0, 1))
     vocab = model.config.vocab_size if hasattr(model, "config") else 512

@@ -303,7 +303,7 @@ def write_report(path: Path, text: str, header: str) -> None:
     path.write_text(f"# Benchmarks\n\n{block}\n", encoding="utf-8")
 
 
-def cli(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m finetune bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama-3-8b", help="comma list of: llama-3.2-1b, llama-3-8b, qwen2.5-7b, tiny")
     p.add_argument("--mode", default="qlora", help="comma list of: qlora (NF4 + double quant), lora (bf16)")
@@ -314,7 +314,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--arms", default="naive,unsloth,studio")
     p.add_argument("--longest", action="store_true", help="find the longest batch-1 sequence that fits under --mem-gib")
     p.add_argument("--mem-gib", type=float, default=24.0)
-    p.add_argument("--plan", help="JSON list of cases (shape, mode, seq, batch, steps, warmup, arms, kind, ...)")
+    p.add_argument("--plan", help=f"a named plan ({', '.join(PLANS)}) or a JSON list of cases (shape, mode, seq, batch, steps, warmup, arms, kind, ...)")
     p.add_argument("--models-dir", help="where the random-weight models are built (default STUDIO_HOME/bench/models)")
     p.add_argument("--work", help="per-job folders (default: a temporary folder)")
     p.add_argument("--raw", help="folder for results.json, tables.md and the scheduler log")
@@ -328,9 +328,14 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--devices", help="comma list of CUDA device ids to use (default: all; cpu without CUDA)")
     p.add_argument("--build", help=argparse.SUPPRESS)
     p.add_argument("--report", help="re-render the tables from a results.json")
+    return p
+
+
+def cli(argv: list[str]) -> int:
+    p = _parser()
     a = p.parse_args(argv)
 
-    from finetune.bench.models import SHAPES, build_model
+    from finetune.bench.models import build_model
     from finetune.paths import studio_home
 
     models_dir = Path(a.models_dir or studio_home() / "bench" / "models").resolve()
@@ -347,17 +352,7 @@ def cli(argv: list[str]) -> int:
             write_report(Path(a.out), text, results.get("header", ""))
         return 0
 
-    if a.plan in PLANS:
-        cases = PLANS[a.plan]
-    elif a.plan:
-        cases = json.loads(Path(a.plan).read_text(encoding="utf-8"))
-    else:
-        cases = _cases_from_args(a)
-    for c in cases:
-        if c["shape"] not in SHAPES:
-            p.error(f"--model {c['shape']!r}: not one of {', '.join(SHAPES)}")
-        if c["mode"] not in ("qlora", "lora"):
-            p.error(f"--mode {c['mode']!r}: qlora or lora")
+    cases = _cases(a, p)
     devices = a.devices.split(",") if a.devices else _gpus()
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="studio-bench-"))
     raw = Path(a.raw) if a.raw else None
@@ -394,6 +389,24 @@ def cli(argv: list[str]) -> int:
         shutil.rmtree(work, ignore_errors=True)
     arms = [r for r in results.values() if r["job"]["type"] == "arm"]
     return 0 if arms and all(r.get("ok") for r in arms) else 1
+
+
+def _cases(a, p: argparse.ArgumentParser) -> list[dict]:
+    """The cases to run: a named plan, a JSON plan file, or the command line's models x modes x lengths."""
+    from finetune.bench.models import SHAPES
+
+    if a.plan in PLANS:
+        cases = PLANS[a.plan]
+    elif a.plan:
+        cases = json.loads(Path(a.plan).read_text(encoding="utf-8"))
+    else:
+        cases = _cases_from_args(a)
+    for c in cases:
+        if c["shape"] not in SHAPES:
+            p.error(f"--model {c['shape']!r}: not one of {', '.join(SHAPES)}")
+        if c["mode"] not in ("qlora", "lora"):
+            p.error(f"--mode {c['mode']!r}: qlora or lora")
+    return cases
 
 
 def _header(results: dict, devices: list[str]) -> str:

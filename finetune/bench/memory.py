@@ -5,7 +5,7 @@
 Each group (a shape, a quantization, LoRA dropout, checkpointing, optimizer) runs in its own process, all at once
 on one GPU (each process has its own caching allocator, so the peaks do not mix): the model is loaded once through
 the studio's own path (finetune.model.load_model / apply_lora, finetune.recipe.speed.patch_model_for_speed, the optimizer
-train.py builds, the padding-free collate and the same forward/backward call), then every (max_seq_length, batch)
+SFTRecipe builds, the padding-free collate and the same forward/backward call), then every (max_seq_length, batch)
 case trains `steps` full steps with every example at full length. Per case: torch.cuda.max_memory_allocated and
 max_memory_reserved over those steps. Results: DIR/results.jsonl (one line per case, with the job config's --set
 list, so the plan of the same JobConfig can be computed anywhere), DIR/context.json (device, library versions, the
@@ -50,24 +50,36 @@ def job_config(model_dir: str, overrides: list[str], seq: int, batch: int):
     return JobConfig(adapter_name="memory-bench", model={"name_or_path": model_dir}).with_overrides(sets), sets
 
 
+def _optimizer(params, tc):
+    """The optimizer SFTRecipe._setup_optimizer (finetune/recipe/sft.py) builds for training.optim."""
+    import torch
+
+    if tc.optim == "adamw_torch":
+        return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if tc.optim == "paged_adamw_8bit" and torch.cuda.is_available() else bnb.optim.AdamW8bit
+    return cls(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+
+
 def _peaks(device) -> dict:
     import torch
 
     if device.type == "cuda":
         return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-    from finetune.train import memory_mb
+    from finetune.recipe.tracker import memory_mb
 
     return {"rss_gib": (memory_mb()[0] or 0) / 1024}
 
 
 def _train_steps(model, tok, optimizer, params, tc, device, padding_free, steps) -> dict:
-    """Full training steps as train.py runs them; the peak of each phase (forward with the loss, backward,
+    """Full training steps as SFTRecipe.train_step runs them; the peak of each phase (forward with the loss, backward,
     optimizer step) over all steps, and what is allocated before a step and right after its forward."""
     import torch
 
     from finetune import data as D
-    from finetune.train import count_label_tokens
+    from finetune.recipe.sft import count_label_tokens
 
     cuda = device.type == "cuda"
     out: dict = {}
@@ -109,7 +121,6 @@ def run_group(name: str, model_dir: str, out: Path, steps: int) -> int:
     from finetune import model as M
     from finetune.bench.models import make_batches
     from finetune.recipe.speed import patch_model_for_speed
-    from finetune.train import make_optimizer
 
     shape, overrides, cases = GROUPS[name]
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -123,7 +134,7 @@ def run_group(name: str, model_dir: str, out: Path, steps: int) -> int:
     speedups = patch_model_for_speed(model, tc)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, tc)
+    optimizer = _optimizer(params, tc)
     setup = {"setup_s": round(time.perf_counter() - t0, 1), "speedups": speedups, **_peaks(device)}
     padding_free = tc.padding_free and device.type == "cuda"
     for seq, batch in cases:

@@ -29,7 +29,6 @@ EVAL_VERSION = 1
 GEN_BATCH_SIZE = 8          # generation rows per batch (left padded); 8 keeps CPU latency per batch reasonable
 LOSS_BATCH_SIZE = 8
 BOOTSTRAP = {"n_resamples": 2000, "seed": 0, "confidence": 0.95}
-TEXT_METRICS = ("exact_match", "token_f1", "rouge_l")
 
 Progress = Callable[[float, str], None]
 
@@ -152,8 +151,8 @@ def _sequence_nll(adapter_name: str, use_adapter: bool, pairs: list[tuple[list[i
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with G.lock():
             # Per batch, so a Playground request can interleave; activation is a no-op when nothing changed.
-            loaded = G._locked_activate(adapter_name)
-            with G._AdapterContext(loaded, adapter_name if use_adapter else None) as model, torch.inference_mode():
+            loaded = G.locked_activate(adapter_name)
+            with G.AdapterContext(loaded, adapter_name if use_adapter else None) as model, torch.inference_mode():
                 dev = model.device
                 logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
                                logits_to_keep=k + 1).logits[:, -(k + 1):-1].float()
@@ -203,12 +202,12 @@ def _score_side(adapter_name: str, use_adapter: bool, examples: list[dict], pair
     outputs: list[str] = [""] * n
     rows: list[dict] = [{}] * n
     gen_s, peak = 0.0, None
-    with G._PeakMemory() as mem:
+    with G.PeakMemory() as mem:
         for b, start in enumerate(range(0, n, GEN_BATCH_SIZE)):
             idx = order[start:start + GEN_BATCH_SIZE]
             with G.lock():
-                loaded = G._locked_activate(adapter_name)
-                texts, st = G._locked_generate_batch(loaded, adapter, [examples[i]["prompt"] for i in idx],
+                loaded = G.locked_activate(adapter_name)
+                texts, st = G.locked_generate_batch(loaded, adapter, [examples[i]["prompt"] for i in idx],
                                                      max_new_tokens, max_prompt_tokens=max_prompt)
             gen_s += st["latency_s"]
             peak = max(peak or 0.0, st["peak_memory_mb"] or 0.0)
@@ -238,7 +237,7 @@ def _score_side(adapter_name: str, use_adapter: bool, examples: list[dict], pair
     summary = {
         "val_loss": mean_loss,                     # token-weighted, like a trainer's eval loss
         "perplexity": M.perplexity(mean_loss),
-        **{m: M.mean([s[m] for s in per_example]) for m in TEXT_METRICS},
+        **{m.name: M.mean([s[m.name] for s in per_example]) for m in M.TEXT_METRICS},
         "tokens_per_second": new_tokens / gen_s if gen_s > 0 else None,
         "latency_s": gen_s / n,                    # generation time per example (batched, so amortised)
         "generation_s": gen_s,
@@ -276,10 +275,7 @@ def _adapter_config(adapter_name: str):
     except ConfigError as e:
         raise EvalError(str(e)) from None
     if not isinstance(raw, dict):
-        # Adapters from elsewhere: only the base model and quantization are known.
-        if meta.get("base_model"):
-            cfg.model.name_or_path = meta["base_model"]
-        cfg.model.quantization = meta.get("quantization") or "none"
+        cfg.model = adapters.resolve_base(adapter_name)  # adapters from elsewhere: only their base is known
     policy.check_model_config(cfg.model, f"adapter {adapter_name!r}")
     return meta, cfg
 
@@ -330,7 +326,7 @@ def evaluate(adapter_name: str, data_path: str | None = None, split: str = "vali
         progress(0.0, "loading model")
 
     with G.lock():
-        loaded = G._locked_activate(adapter_name)  # the adapter's base, with its quantization; loaded once
+        loaded = G.locked_activate(adapter_name)  # the adapter's base, with its quantization; loaded once
     tok = loaded.tokenizer
     max_len = cfg.data.max_seq_length
     pairs, mc, truncated = _encode_pairs(tok, examples, max_len)
@@ -341,26 +337,8 @@ def evaluate(adapter_name: str, data_path: str | None = None, split: str = "vali
     for ex in examples:
         ex.pop("_ll", None)
 
-    paired = {}
-    per_metric = list(TEXT_METRICS) + ["loss"] + (["mc_correct"] if mc else [])
-    for m in per_metric:
-        b = [s[m] for s in sides["base"]["scores"]]
-        a = [s[m] for s in sides["adapter"]["scores"]]
-        if any(v is None for v in a + b):
-            continue
-        name = {"loss": "val_loss", "mc_correct": "mc_accuracy"}.get(m, m)
-        paired[name] = M.paired_stats(b, a, higher_is_better=(m != "loss"), **BOOTSTRAP)
-
-    out_examples = []
-    for i, ex in enumerate(examples):
-        bs, as_ = sides["base"]["scores"][i], sides["adapter"]["scores"][i]
-        item = {"prompt": _prompt_str(ex["prompt"]), "messages": ex["prompt"], "reference": ex["reference"],
-                "base": sides["base"]["outputs"][i], "adapter": sides["adapter"]["outputs"][i],
-                "scores": {"base": bs, "adapter": as_,
-                           "diff": {k: (as_[k] - bs[k]) if as_.get(k) is not None and bs.get(k) is not None else None for k in bs}}}
-        if "choices" in ex:
-            item["choices"], item["answer"] = ex["choices"], ex["answer"]
-        out_examples.append(item)
+    paired = _paired(sides, mc)
+    out_examples = _example_rows(examples, sides)
 
     result = {
         "adapter": adapter_name,
@@ -383,6 +361,36 @@ def evaluate(adapter_name: str, data_path: str | None = None, split: str = "vali
     if progress:
         progress(1.0, "done")
     return result
+
+
+def _paired(sides: dict, mc: bool) -> dict:
+    """Per metric of the registry with a per-example score: the paired adapter-versus-base statistics."""
+    paired = {}
+    for metric in M.METRICS:
+        score = metric.example_key
+        if score is None or (score == "mc_correct" and not mc):
+            continue
+        b = [s[score] for s in sides["base"]["scores"]]
+        a = [s[score] for s in sides["adapter"]["scores"]]
+        if any(v is None for v in a + b):
+            continue
+        paired[metric.name] = M.paired_stats(b, a, higher_is_better=metric.higher_is_better, **BOOTSTRAP)
+    return paired
+
+
+def _example_rows(examples: list[dict], sides: dict) -> list[dict]:
+    """One row per example: prompt, reference, both answers and their scores with the difference."""
+    rows = []
+    for i, ex in enumerate(examples):
+        bs, as_ = sides["base"]["scores"][i], sides["adapter"]["scores"][i]
+        item = {"prompt": _prompt_str(ex["prompt"]), "messages": ex["prompt"], "reference": ex["reference"],
+                "base": sides["base"]["outputs"][i], "adapter": sides["adapter"]["outputs"][i],
+                "scores": {"base": bs, "adapter": as_,
+                           "diff": {k: (as_[k] - bs[k]) if as_.get(k) is not None and bs.get(k) is not None else None for k in bs}}}
+        if "choices" in ex:
+            item["choices"], item["answer"] = ex["choices"], ex["answer"]
+        rows.append(item)
+    return rows
 
 
 def _prompt_str(messages: list[dict]) -> str:

@@ -23,12 +23,12 @@ Messages = list[dict]
 Prompt = str | Messages
 
 # Held around every use of the shared model. A plain Lock (not RLock) because a Gradio generator may resume on a
-# different worker thread than the one that started it; internal helpers named _locked_* expect it held.
+# different worker thread than the one that started it; functions named locked_* expect it held.
 _lock = threading.Lock()
 
 
 @dataclass
-class _Loaded:
+class LoadedModel:
     key: tuple[str, str]
     model: Any                      # a transformers model, or a PeftModel once an adapter was attached
     tokenizer: Any
@@ -37,7 +37,7 @@ class _Loaded:
     active: str | None = None       # peft name of the active adapter
 
 
-_loaded: _Loaded | None = None
+_loaded: LoadedModel | None = None
 _stats: dict = {}
 # How many times a base model was loaded in this process: tests assert that swapping adapters does not reload.
 load_count = 0
@@ -45,30 +45,13 @@ load_count = 0
 
 # --- resolving what to load ------------------------------------------------------------------------------------
 def _adapter_info(adapter: str) -> tuple[Path, Any]:
-    """The adapter's folder and the ModelConfig it was trained with (from studio.json, falling back to peft's
-    adapter_config.json for folders that did not come from the studio). Metadata never turns remote code on."""
-    from finetune import policy
-    from finetune.config import ModelConfig
+    """The adapter's folder and the ModelConfig of its base."""
+    from finetune.store import adapters
 
     path = Path(adapter)
-    meta: dict = {}
-    if path.is_dir() and (path / "adapter_config.json").exists():
-        if (path / "studio.json").exists():
-            meta = json.loads((path / "studio.json").read_text(encoding="utf-8"))
-    else:
-        from finetune.store import adapters
-
+    if not (path.is_dir() and (path / "adapter_config.json").exists()):
         path = adapters.adapter_path(adapter)
-        meta = adapters.get_adapter(adapter)
-    model_section = dict((meta.get("config") or {}).get("model") or {})
-    if not model_section:
-        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        # An adapter from elsewhere: its base as peft recorded it, unquantized unless the studio said otherwise.
-        model_section = {"name_or_path": meta.get("base_model") or cfg.get("base_model_name_or_path"),
-                         "quantization": meta.get("quantization") or "none"}
-    model_cfg = ModelConfig(**model_section)
-    policy.check_model_config(model_cfg, f"adapter {adapter!r}")
-    return path, model_cfg
+    return path, adapters.resolve_base(adapter)
 
 
 def _base_config(base: str | None, quantization: str | None):
@@ -88,7 +71,7 @@ def _key(model_cfg) -> tuple[str, str]:
     return (str(resolve_model(model_cfg.name_or_path, model_cfg.revision)), model_cfg.quantization)
 
 
-def _locked_base(model_cfg) -> _Loaded:
+def _locked_base(model_cfg) -> LoadedModel:
     """The loaded base for this config, loading it (and dropping any other base) when needed."""
     global _loaded, load_count
     key = _key(model_cfg)
@@ -106,7 +89,7 @@ def _locked_base(model_cfg) -> _Loaded:
     model.eval()
     load_count += 1
     log.info("loaded base %s (%s) in %.1fs", key[0], key[1], time.perf_counter() - t0)
-    _loaded = _Loaded(key=key, model=model, tokenizer=tokenizer, model_cfg=model_cfg)
+    _loaded = LoadedModel(key=key, model=model, tokenizer=tokenizer, model_cfg=model_cfg)
     return _loaded
 
 
@@ -133,7 +116,7 @@ def _peft_name(studio_name: str, taken: dict) -> str:
     return name
 
 
-def _locked_activate(adapter: str | None, base: str | None = None, quantization: str | None = None) -> _Loaded:
+def locked_activate(adapter: str | None, base: str | None = None, quantization: str | None = None) -> LoadedModel:
     """Make the shared model ready for `adapter` (None/"" = the base): load the base if needed, attach the adapter
     once (again only if its weights changed on disk), and set it active."""
     if not adapter:
@@ -168,10 +151,10 @@ def _locked_activate(adapter: str | None, base: str | None = None, quantization:
     return loaded
 
 
-class _AdapterContext:
+class AdapterContext:
     """`with` block in which the shared model answers as the base (adapters disabled) or as the active adapter."""
 
-    def __init__(self, loaded: _Loaded, adapter: str | None):
+    def __init__(self, loaded: LoadedModel, adapter: str | None):
         self.loaded, self.adapter, self._cm = loaded, adapter, None
 
     def __enter__(self):
@@ -188,10 +171,10 @@ class _AdapterContext:
         return False
 
 
-def model_for(adapter: str | None, base: str | None = None, quantization: str | None = None) -> tuple[_Loaded, "_AdapterContext"]:
+def model_for(adapter: str | None, base: str | None = None, quantization: str | None = None) -> tuple[LoadedModel, "AdapterContext"]:
     """For callers that hold `lock()` (evaluation): the loaded state and a context that selects base or adapter."""
-    loaded = _locked_activate(adapter, base, quantization)
-    return loaded, _AdapterContext(loaded, adapter)
+    loaded = locked_activate(adapter, base, quantization)
+    return loaded, AdapterContext(loaded, adapter)
 
 
 def lock() -> threading.Lock:
@@ -216,13 +199,18 @@ def prompt_text(tokenizer, prompt: Prompt) -> str:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """EOS plus the chat turn terminator, so an adapter that ends its turn with <|im_end|> stops there."""
+    """EOS plus every end-of-turn marker training teaches (data.END_MARKERS) that is one token of this vocabulary: an
+    adapter stops where its template ends a turn, whether or not that marker is the tokenizer's EOS."""
+    from finetune.data import END_MARKERS
+
     ids = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+    for tok in END_MARKERS:
         tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id and tid not in ids:
+        # A string outside the vocabulary maps to the unknown token; a marker that is the unknown token is real.
+        unknown = tid == tokenizer.unk_token_id and tok != tokenizer.unk_token
+        if isinstance(tid, int) and tid >= 0 and not unknown and tid not in ids:
             ids.append(tid)
     return ids
 
@@ -239,7 +227,7 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float, top_p:
     return GenerationConfig(**kw)
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak memory while a block runs: CUDA max allocated on a GPU, else the process RSS sampled every 20 ms
     (getrusage's peak never resets, so it cannot tell one side of an evaluation from the other)."""
 
@@ -283,7 +271,7 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _locked_generate_batch(loaded: _Loaded, adapter: str | None, prompts: Sequence[Prompt], max_new_tokens: int,
+def locked_generate_batch(loaded: LoadedModel, adapter: str | None, prompts: Sequence[Prompt], max_new_tokens: int,
                            temperature: float = 0.0, top_p: float = 1.0, max_prompt_tokens: int | None = None) -> tuple[list[str], dict]:
     """Generate for several prompts at once (left padding), returning texts and this call's stats."""
     import torch
@@ -301,7 +289,7 @@ def _locked_generate_batch(loaded: _Loaded, adapter: str | None, prompts: Sequen
         tok.padding_side, tok.truncation_side = sides
     gen_cfg = generation_config(tok, max_new_tokens, temperature, top_p)
     stops = set(gen_cfg.eos_token_id)
-    with _AdapterContext(loaded, adapter) as model, _PeakMemory() as mem, torch.inference_mode():
+    with AdapterContext(loaded, adapter) as model, PeakMemory() as mem, torch.inference_mode():
         enc = enc.to(model.device)
         t0 = time.perf_counter()
         out = model.generate(**enc, generation_config=gen_cfg)
@@ -310,7 +298,8 @@ def _locked_generate_batch(loaded: _Loaded, adapter: str | None, prompts: Sequen
     results, rows = [], []
     for row in new.tolist():
         cut = next((i for i, t in enumerate(row) if t in stops), None)
-        rows.append({"new_tokens": (cut + 1) if cut is not None else len(row), "stopped": cut is not None})
+        rows.append({"new_tokens": (cut + 1) if cut is not None else len(row), "stopped": cut is not None,
+                     "stop_token": tok.convert_ids_to_tokens(row[cut]) if cut is not None else None})
         results.append(tok.decode(row[:cut] if cut is not None else row, skip_special_tokens=True).strip())
     n_tokens = sum(r["new_tokens"] for r in rows)
     stats = {"adapter": adapter or None, "base_model": loaded.key[0], "quantization": loaded.key[1],
@@ -324,8 +313,8 @@ def generate_batch(adapter: str | None, prompts: Sequence[Prompt], max_new_token
                    top_p: float = 1.0, *, base: str | None = None, quantization: str | None = None) -> tuple[list[str], dict]:
     global _stats
     with _lock:
-        loaded = _locked_activate(adapter, base, quantization)
-        texts, stats = _locked_generate_batch(loaded, adapter, prompts, max_new_tokens, temperature, top_p)
+        loaded = locked_activate(adapter, base, quantization)
+        texts, stats = locked_generate_batch(loaded, adapter, prompts, max_new_tokens, temperature, top_p)
     _stats = stats
     return texts, stats
 
@@ -349,7 +338,7 @@ def stream(adapter: str | None, prompt: Prompt, max_new_tokens: int = 128, tempe
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     with _lock:  # load outside the worker so that loading errors surface here, in the caller
-        tokenizer = _locked_activate(adapter, base, quantization).tokenizer
+        tokenizer = locked_activate(adapter, base, quantization).tokenizer
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
     cancel = threading.Event()
     failure: list[BaseException] = []
@@ -363,11 +352,11 @@ def stream(adapter: str | None, prompt: Prompt, max_new_tokens: int = 128, tempe
         try:
             with _lock:
                 # Re-activate under the lock held for the whole generation: another call may have swapped adapters.
-                loaded = _locked_activate(adapter, base, quantization)
+                loaded = locked_activate(adapter, base, quantization)
                 tok = loaded.tokenizer
                 enc = tok(prompt_text(tok, prompt), return_tensors="pt", add_special_tokens=False)
                 gen_cfg = generation_config(tok, max_new_tokens, temperature, top_p)
-                with _AdapterContext(loaded, adapter) as model, _PeakMemory() as mem, torch.inference_mode():
+                with AdapterContext(loaded, adapter) as model, PeakMemory() as mem, torch.inference_mode():
                     enc = enc.to(model.device)
                     t0 = time.perf_counter()
                     out = model.generate(**enc, generation_config=gen_cfg, streamer=streamer,

@@ -11,7 +11,8 @@ import re
 import string
 from collections import Counter
 from functools import lru_cache
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -74,13 +75,38 @@ def perplexity(mean_loss: float | None) -> float | None:
         return math.inf
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One evaluation metric: the one table that evaluation, rendering and sorting read."""
+    name: str                 # key in the per-side summaries and the paired statistics
+    label: str                # what the UI calls it
+    higher_is_better: bool
+    fn: Callable[[str, str], float] | None = None  # per-example text score (prediction, reference), else None
+    example_key: str | None = None  # key of the per-example score (paired and sortable), when there is one
+    bounded: bool = True      # values in [0, 1]: bars share one scale
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("rouge_l", "ROUGE-L", True, rouge_l, "rouge_l"),
+    Metric("token_f1", "token F1", True, token_f1, "token_f1"),
+    Metric("exact_match", "exact match", True, exact_match, "exact_match"),
+    Metric("mc_accuracy", "multiple-choice accuracy", True, example_key="mc_correct"),
+    Metric("val_loss", "validation loss", False, example_key="loss", bounded=False),
+    Metric("perplexity", "perplexity", False, bounded=False),
+)
+TEXT_METRICS: tuple[Metric, ...] = tuple(m for m in METRICS if m.fn is not None)
+# Per-example scores the examples table can sort by (multiple choice is right or wrong: nothing to sort).
+SORTABLE: tuple[str, ...] = tuple(m.example_key for m in METRICS if m.fn is not None or m.name == "val_loss")
+
+
+def metric_for_example_key(key: str) -> Metric | None:
+    """The metric whose per-example score is stored under `key`, or None for an unknown key."""
+    return next((m for m in METRICS if m.example_key == key), None)
+
+
 def text_scores(prediction: str, reference: str) -> dict[str, float]:
     """All per-example generation metrics at once."""
-    return {
-        "exact_match": exact_match(prediction, reference),
-        "token_f1": token_f1(prediction, reference),
-        "rouge_l": rouge_l(prediction, reference),
-    }
+    return {m.name: m.fn(prediction, reference) for m in TEXT_METRICS}
 
 
 def mean(values: Sequence[float]) -> float | None:

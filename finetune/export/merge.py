@@ -9,11 +9,8 @@ quantized base + adapter it was trained with).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Callable
-
-log = logging.getLogger(__name__)
 
 # Short chat prompts for the logit comparison: enough tokens to cover the template, the turn markers and an answer.
 CHECK_PROMPTS = (

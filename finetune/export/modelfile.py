@@ -62,8 +62,8 @@ def go_template(render) -> str | None:
     system = default_system(render)
     if system is None:
         return None
-    if any(render(p) != chatml_python(p, system) for p in PROBES):
-        return None
+    if any(render(p) != chatml_python(p, system) for p in PROBES) or '"""' in system:
+        return None  # not equivalent, or a prompt that would end the Modelfile's triple-quoted TEMPLATE early
     return chatml_go(system)
 
 
@@ -80,7 +80,7 @@ def modelfile(gguf_name: str, tokenizer) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     template = go_template(render)
-    lines = [f"# ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
+    lines = ["# ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
     if template is None:
         lines.append("# The chat template is not ChatML-shaped: no TEMPLATE written; Ollama falls back to the "
                      "template stored in the GGUF metadata (tokenizer.chat_template).")

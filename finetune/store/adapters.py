@@ -131,6 +131,34 @@ def get_adapter(name: str) -> dict:
     return meta
 
 
+def resolve_base(adapter: str | Path):
+    """The ModelConfig of the base an adapter was trained on (a store name, or a peft folder): studio.json's model
+    section; for an adapter from elsewhere, its base as peft recorded it, unquantized unless studio.json says so.
+    Checked against the studio's policy (remote code, allowed model folders)."""
+    from pydantic import ValidationError
+
+    from finetune import policy
+    from finetune.config import ModelConfig
+
+    path = Path(adapter)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        meta = json.loads((path / META).read_text(encoding="utf-8")) if (path / META).is_file() else {}
+    else:
+        path, meta = adapter_path(str(adapter)), get_adapter(str(adapter))
+    section = (meta.get("config") or {}).get("model") if isinstance(meta.get("config"), dict) else None
+    if not isinstance(section, dict) or not section:
+        peft_cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        section = {"name_or_path": meta.get("base_model") or peft_cfg.get("base_model_name_or_path"),
+                   "quantization": meta.get("quantization") or "none"}
+    try:
+        base = ModelConfig.model_validate(section)
+    except ValidationError as e:
+        raise AdapterError(f"adapter {str(adapter)!r}: studio.json's model section is not valid: "
+                           f"{e.errors()[0].get('msg')}") from None
+    policy.check_model_config(base, f"adapter {str(adapter)!r}")  # metadata never turns remote code on
+    return base
+
+
 def _summary(name: str, p: Path) -> dict:
     try:
         meta = get_adapter(name)
