@@ -29,12 +29,11 @@ def _quiet(*_a) -> None:
 
 def adapter_source(name: str) -> tuple[Path, dict, object]:
     """(adapter folder, studio.json, the ModelConfig it was trained with) for a stored adapter."""
-    from finetune.evaluation.generate import _adapter_info
     from finetune.store import adapters
 
     meta = adapters.get_adapter(name)  # validates the name and that the adapter exists
-    path, model_cfg = _adapter_info(str(adapters.adapter_path(name)))
-    return path, meta, model_cfg
+    path = adapters.adapter_path(name)
+    return path, meta, adapters.resolve_base(str(path))
 
 
 def _logits(model, tokenizer, prompts=CHECK_PROMPTS):
