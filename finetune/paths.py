@@ -66,12 +66,13 @@ def operator_roots() -> list[Path]:
 
 
 def allowed_roots(kind: str = "data") -> list[Path]:
-    """data: uploads (ours and gradio's), the demo datasets, the store. model: the model cache and the store.
+    """data: STUDIO_HOME (the operator's chosen data folder: uploads, the demo datasets, files put there), gradio's
+    uploads, the store. model: the model cache and the store.
     Uploads are never a model root: a model folder can carry code, and anyone who can reach the studio can upload."""
     if kind == "model":
         own = [model_cache_dir(), adapters_dir()]
     else:
-        own = [uploads_dir(), gradio_upload_dir(), studio_home() / "datasets", adapters_dir()]
+        own = [studio_home(), gradio_upload_dir(), adapters_dir()]
     return [p.resolve() for p in own] + operator_roots()
 
 
