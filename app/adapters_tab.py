@@ -14,6 +14,7 @@ from app.forms import UPLOAD_TYPES, keep_upload
 EVAL_OWN = "Its own validation split"
 EVAL_UPLOAD = "Upload a held-out file"
 EVAL_PATH = "Path on the studio's machine"
+UNDOCUMENTED = dict(api_visibility="undocumented")
 
 
 def adapters() -> list[dict]:
@@ -75,157 +76,181 @@ def provenance_html(meta: dict) -> str:
         for k, v in cells) + "</div>"
 
 
-def build() -> SimpleNamespace:
-    undocumented = dict(api_visibility="undocumented")
-    table = gr.Dataframe(render.adapters_frame([]), interactive=False, wrap=True, max_height=260, label="Stored adapters",
-                         elem_id="adapters-table",
-                         column_widths=["14%", "15%", "6%", "14%", "6%", "8%", "17%", "13%", "7%"])
+def _components() -> SimpleNamespace:
+    ui = SimpleNamespace()
+    ui.table = gr.Dataframe(render.adapters_frame([]), interactive=False, wrap=True, max_height=260,
+                            label="Stored adapters", elem_id="adapters-table",
+                            column_widths=["14%", "15%", "6%", "14%", "6%", "8%", "17%", "13%", "7%"])
     with gr.Row(equal_height=False, elem_classes=["toolbar"]):
-        select = gr.Dropdown(label="Adapter", info="Pick one, or click a row of the table above.", choices=[], value=None, scale=4, elem_id="adapter-select")
-        download = gr.DownloadButton("Download zip", value=None, scale=1, elem_id="download-btn", interactive=False)
-        delete = gr.Button("Delete…", variant="stop", scale=1, elem_id="delete-btn")
-        refresh = gr.Button("Refresh", scale=1, elem_id="adapters-refresh")
-    with gr.Row(visible=False, elem_id="delete-confirm") as confirm_row:
-        confirm_text = gr.Markdown(sanitize_html=True)
-        confirm_yes = gr.Button("Yes, delete it", variant="stop", elem_id="delete-yes")
-        confirm_no = gr.Button("Keep it", elem_id="delete-no")
-    message = gr.HTML()
+        ui.select = gr.Dropdown(label="Adapter", info="Pick one, or click a row of the table above.", choices=[],
+                                value=None, scale=4, elem_id="adapter-select")
+        ui.download = gr.DownloadButton("Download zip", value=None, scale=1, elem_id="download-btn", interactive=False)
+        ui.delete = gr.Button("Delete…", variant="stop", scale=1, elem_id="delete-btn")
+        ui.refresh = gr.Button("Refresh", scale=1, elem_id="adapters-refresh")
+    with gr.Row(visible=False, elem_id="delete-confirm") as ui.confirm_row:
+        ui.confirm_text = gr.Markdown(sanitize_html=True)
+        ui.confirm_yes = gr.Button("Yes, delete it", variant="stop", elem_id="delete-yes")
+        ui.confirm_no = gr.Button("Keep it", elem_id="delete-no")
+    ui.message = gr.HTML()
     with gr.Accordion("Import an adapter (zip)", open=False, elem_id="import-accordion"):
         with gr.Row(equal_height=False):
-            import_file = gr.File(label="Adapter zip (a studio download, or a peft folder zipped)", file_types=[".zip"],
-                                  scale=3, elem_id="import-file")
+            ui.import_file = gr.File(label="Adapter zip (a studio download, or a peft folder zipped)",
+                                     file_types=[".zip"], scale=3, elem_id="import-file")
             with gr.Column(scale=2):
-                import_name = gr.Textbox(label="Store it as", placeholder="the folder name inside the zip", max_lines=1,
-                                         info="Letters, digits, '.', '_' or '-'.", elem_id="import-name")
-                import_btn = gr.Button("Import", elem_id="import-btn")
+                ui.import_name = gr.Textbox(label="Store it as", placeholder="the folder name inside the zip",
+                                            max_lines=1, info="Letters, digits, '.', '_' or '-'.", elem_id="import-name")
+                ui.import_btn = gr.Button("Import", elem_id="import-btn")
     with gr.Tabs():
         with gr.Tab("Details", id="details"):
-            provenance = gr.HTML(elem_id="adapter-provenance")
+            ui.provenance = gr.HTML(elem_id="adapter-provenance")
             with gr.Accordion("studio.json (full provenance)", open=False):
-                details = gr.JSON(elem_id="adapter-json")
+                ui.details = gr.JSON(elem_id="adapter-json")
         with gr.Tab("Evaluate", id="evaluate"):
-            with gr.Row():
-                with gr.Column(scale=3):
-                    source = gr.Radio([EVAL_OWN, EVAL_UPLOAD, EVAL_PATH], value=EVAL_OWN, label="Held-out data",
-                                      elem_id="eval-source")
-                    upload = gr.File(label="Held-out file (JSONL, JSON, CSV or Parquet)", file_types=UPLOAD_TYPES,
-                                     visible=False, elem_id="eval-upload")
-                    path = gr.Textbox(label="data path", visible=False, max_lines=1, placeholder="/data/heldout.jsonl",
-                                      elem_id="eval-path")
-                with gr.Column(scale=2):
-                    max_examples = gr.Number(0, precision=0, minimum=0, maximum=10000, label="max_examples",
-                                             info="0 = the adapter's evaluation.max_examples", elem_id="eval-max-examples")
-                    max_new_tokens = gr.Number(0, precision=0, minimum=0, maximum=4096, label="max_new_tokens",
-                                               info="0 = the adapter's evaluation.max_new_tokens", elem_id="eval-max-new")
-            run = gr.Button("Evaluate: base vs adapter", variant="primary", elem_id="eval-btn")
-            previous = gr.Dropdown(label="Evaluation results of this adapter", choices=[], elem_id="eval-previous")
-            chart = gr.HTML(render.eval_chart_html(None), elem_id="eval-chart")
-            sort = gr.Dropdown(render.SORT_METRICS, value="rouge_l", label="Score the examples by",
-                               info="Rows are sorted by the adapter's gain on this score, largest first; click a column to re-sort.",
-                               elem_id="eval-sort")
-            examples = gr.Dataframe(render.examples_frame(None), interactive=False, wrap=True, max_height=520,
-                                    elem_id="eval-examples", column_widths=["4%", "20%", "18%", "18%", "18%", "7%", "8%", "7%"])
+            _evaluate_components(ui)
         with gr.Tab("Export", id="export"):
-            export_panel.build(select)
+            export_panel.build(ui.select)
         with gr.Tab("Compare two adapters", id="compare"):
             with gr.Row():
-                cmp_a = gr.Dropdown(label="Adapter A", choices=[], elem_id="compare-a")
-                cmp_b = gr.Dropdown(label="Adapter B", choices=[], elem_id="compare-b")
-            cmp_out = gr.HTML(render.compare_html(None, None), elem_id="compare-out")
+                ui.cmp_a = gr.Dropdown(label="Adapter A", choices=[], elem_id="compare-a")
+                ui.cmp_b = gr.Dropdown(label="Adapter B", choices=[], elem_id="compare-b")
+            ui.cmp_out = gr.HTML(render.compare_html(None, None), elem_id="compare-out")
+    ui.imported = gr.State()
+    return ui
 
-    # --- handlers ----------------------------------------------------------------------------------------------------
-    @friendly
-    def on_refresh(selected):
-        rows = adapters()
-        names = [r["name"] for r in rows]
-        if selected not in names:
-            selected = names[0] if names else None
-        upd = gr.update(choices=names)
-        return render.adapters_frame(rows), gr.update(choices=names, value=selected), upd, upd
 
-    @friendly
-    def on_select(name, sort_by):
-        from finetune.store import export_zip, get_adapter
+def _evaluate_components(ui: SimpleNamespace) -> None:
+    with gr.Row():
+        with gr.Column(scale=3):
+            ui.source = gr.Radio([EVAL_OWN, EVAL_UPLOAD, EVAL_PATH], value=EVAL_OWN, label="Held-out data",
+                                 elem_id="eval-source")
+            ui.upload = gr.File(label="Held-out file (JSONL, JSON, CSV or Parquet)", file_types=UPLOAD_TYPES,
+                                visible=False, elem_id="eval-upload")
+            ui.path = gr.Textbox(label="data path", visible=False, max_lines=1, placeholder="/data/heldout.jsonl",
+                                 elem_id="eval-path")
+        with gr.Column(scale=2):
+            ui.max_examples = gr.Number(0, precision=0, minimum=0, maximum=10000, label="max_examples",
+                                        info="0 = the adapter's evaluation.max_examples", elem_id="eval-max-examples")
+            ui.max_new_tokens = gr.Number(0, precision=0, minimum=0, maximum=4096, label="max_new_tokens",
+                                          info="0 = the adapter's evaluation.max_new_tokens", elem_id="eval-max-new")
+    ui.run = gr.Button("Evaluate: base vs adapter", variant="primary", elem_id="eval-btn")
+    ui.previous = gr.Dropdown(label="Evaluation results of this adapter", choices=[], elem_id="eval-previous")
+    ui.chart = gr.HTML(render.eval_chart_html(None), elem_id="eval-chart")
+    ui.sort = gr.Dropdown(render.SORT_METRICS, value="rouge_l", label="Score the examples by",
+                          info="Rows are sorted by the adapter's gain on this score, largest first; click a column to re-sort.",
+                          elem_id="eval-sort")
+    ui.examples = gr.Dataframe(render.examples_frame(None), interactive=False, wrap=True, max_height=520,
+                               elem_id="eval-examples",
+                               column_widths=["4%", "20%", "18%", "18%", "18%", "7%", "8%", "7%"])
 
-        if not name:
-            return ("", None, gr.update(value=None, interactive=False), gr.update(choices=[], value=None),
-                    render.eval_chart_html(None), render.examples_frame(None))
-        meta = get_adapter(name)
-        rs = results(name)
-        shown = {k: v for k, v in meta.items() if k != "chat_template"}
-        latest = rs[0] if rs else None
-        return (provenance_html(meta), shown, gr.update(value=str(export_zip(name)), interactive=True),
-                gr.update(choices=result_choices(rs), value=latest.get("key") if latest else None),
-                render.eval_chart_html(latest), render.examples_frame(latest, sort_by))
 
-    @friendly
-    def on_pick_result(name, key, sort_by):
-        r = next((r for r in results(name) if r.get("key") == key), None) if name and key else None
-        return render.eval_chart_html(r), render.examples_frame(r, sort_by)
+@friendly
+def on_refresh(selected):
+    rows = adapters()
+    names = [r["name"] for r in rows]
+    if selected not in names:
+        selected = names[0] if names else None
+    upd = gr.update(choices=names)
+    return render.adapters_frame(rows), gr.update(choices=names, value=selected), upd, upd
 
-    @friendly
-    def on_evaluate(name, src, file, text, n, new_tokens, sort_by, progress=gr.Progress()):
-        from finetune.evaluation import evaluate as E
 
-        if not name:
-            raise gr.Error("pick an adapter first")
-        if src == EVAL_UPLOAD:
-            if not file:
-                raise gr.Error("data: choose a held-out file to upload")
-            data_path = keep_upload(file)
-        elif src == EVAL_PATH:
-            if not (text or "").strip():
-                raise gr.Error("data path is empty")
-            data_path = text.strip()
-        else:
-            data_path = None
-        result = E.evaluate(name, data_path, max_examples=int(n or 0) or None, max_new_tokens=int(new_tokens or 0) or None,
-                            progress=lambda frac, desc: progress(frac, desc=desc))
-        rs = results(name)
-        return (gr.update(choices=result_choices(rs), value=result.get("key")), render.eval_chart_html(result),
-                render.examples_frame(result, sort_by))
+@friendly
+def on_select(name, sort_by):
+    from finetune.store import export_zip, get_adapter
 
-    @friendly
-    def on_compare(a, b):
-        return render.compare_html(latest_summary(a) if a else None, latest_summary(b) if b else None)
+    if not name:
+        return ("", None, gr.update(value=None, interactive=False), gr.update(choices=[], value=None),
+                render.eval_chart_html(None), render.examples_frame(None))
+    meta = get_adapter(name)
+    rs = results(name)
+    shown = {k: v for k, v in meta.items() if k != "chat_template"}
+    latest = rs[0] if rs else None
+    return (provenance_html(meta), shown, gr.update(value=str(export_zip(name)), interactive=True),
+            gr.update(choices=result_choices(rs), value=latest.get("key") if latest else None),
+            render.eval_chart_html(latest), render.examples_frame(latest, sort_by))
 
-    @friendly
-    def on_delete_confirmed(name):
-        from finetune.store import delete_adapter
 
-        delete_adapter(name)
-        return gr.update(visible=False), f'<div class="msg ok">deleted {render.esc(name)}</div>', None
+@friendly
+def on_pick_result(name, key, sort_by):
+    r = next((r for r in results(name) if r.get("key") == key), None) if name and key else None
+    return render.eval_chart_html(r), render.examples_frame(r, sort_by)
 
-    @friendly
-    def on_import(file, name):
-        stored = import_zip_file(file, name)
-        return f'<div class="msg ok">imported {render.esc(stored)}</div>', None, "", stored
 
-    refreshed = [table, select, cmp_a, cmp_b]
-    refresh.click(on_refresh, select, refreshed, **undocumented)
-    select.change(on_select, [select, sort], [provenance, details, download, previous, chart, examples], **undocumented)
-    previous.input(on_pick_result, [select, previous, sort], [chart, examples], **undocumented)
-    sort.change(on_pick_result, [select, previous, sort], [chart, examples], **undocumented)
-    source.change(lambda s: (gr.update(visible=s == EVAL_UPLOAD), gr.update(visible=s == EVAL_PATH)), source,
-                  [upload, path], **undocumented)
-    run.click(on_evaluate, [select, source, upload, path, max_examples, max_new_tokens, sort], [previous, chart, examples],
-              concurrency_limit=1, concurrency_id=MODEL_GROUP, **undocumented)
-    cmp_a.change(on_compare, [cmp_a, cmp_b], cmp_out, **undocumented)
-    cmp_b.change(on_compare, [cmp_a, cmp_b], cmp_out, **undocumented)
-    delete.click(lambda n: (gr.update(visible=bool(n)), f"Delete adapter **{render.esc(n)}** for good?") if n else
-                 (gr.update(visible=False), "") , select, [confirm_row, confirm_text], **undocumented)
-    confirm_no.click(lambda: gr.update(visible=False), None, confirm_row, **undocumented)
-    confirm_yes.click(on_delete_confirmed, select, [confirm_row, message, select], **undocumented).then(
-        on_refresh, select, refreshed, **undocumented)
+@friendly
+def on_evaluate(name, src, file, text, n, new_tokens, sort_by, progress=gr.Progress()):
+    from finetune.evaluation import evaluate as E
 
-    imported = gr.State()
-    import_btn.click(on_import, [import_file, import_name], [message, import_file, import_name, imported],
-                     **undocumented).success(on_refresh, imported, refreshed, **undocumented)
+    if not name:
+        raise gr.Error("pick an adapter first")
+    if src == EVAL_UPLOAD:
+        if not file:
+            raise gr.Error("data: choose a held-out file to upload")
+        data_path = keep_upload(file)
+    elif src == EVAL_PATH:
+        if not (text or "").strip():
+            raise gr.Error("data path is empty")
+        data_path = text.strip()
+    else:
+        data_path = None
+    result = E.evaluate(name, data_path, max_examples=int(n or 0) or None, max_new_tokens=int(new_tokens or 0) or None,
+                        progress=lambda frac, desc: progress(frac, desc=desc))
+    rs = results(name)
+    return (gr.update(choices=result_choices(rs), value=result.get("key")), render.eval_chart_html(result),
+            render.examples_frame(result, sort_by))
 
-    def pick_row(evt: gr.SelectData):
-        row = evt.row_value or []
-        return gr.update(value=row[0]) if row else gr.skip()
 
-    table.select(pick_row, None, select, **undocumented)
+@friendly
+def on_compare(a, b):
+    return render.compare_html(latest_summary(a) if a else None, latest_summary(b) if b else None)
 
-    return SimpleNamespace(refresh=on_refresh, refreshed=refreshed, select=select)
+
+@friendly
+def on_delete_confirmed(name):
+    from finetune.store import delete_adapter
+
+    delete_adapter(name)
+    return gr.update(visible=False), f'<div class="msg ok">deleted {render.esc(name)}</div>', None
+
+
+@friendly
+def on_import(file, name):
+    stored = import_zip_file(file, name)
+    return f'<div class="msg ok">imported {render.esc(stored)}</div>', None, "", stored
+
+
+def pick_row(evt: gr.SelectData):
+    row = evt.row_value or []
+    return gr.update(value=row[0]) if row else gr.skip()
+
+
+def _wire_evaluation(ui: SimpleNamespace) -> None:
+    ui.refresh.click(on_refresh, ui.select, ui.refreshed, **UNDOCUMENTED)
+    shown = [ui.provenance, ui.details, ui.download, ui.previous, ui.chart, ui.examples]
+    ui.select.change(on_select, [ui.select, ui.sort], shown, **UNDOCUMENTED)
+    ui.previous.input(on_pick_result, [ui.select, ui.previous, ui.sort], [ui.chart, ui.examples], **UNDOCUMENTED)
+    ui.sort.change(on_pick_result, [ui.select, ui.previous, ui.sort], [ui.chart, ui.examples], **UNDOCUMENTED)
+    ui.source.change(lambda s: (gr.update(visible=s == EVAL_UPLOAD), gr.update(visible=s == EVAL_PATH)), ui.source,
+                     [ui.upload, ui.path], **UNDOCUMENTED)
+    ui.run.click(on_evaluate, [ui.select, ui.source, ui.upload, ui.path, ui.max_examples, ui.max_new_tokens, ui.sort],
+                 [ui.previous, ui.chart, ui.examples], concurrency_limit=1, concurrency_id=MODEL_GROUP, **UNDOCUMENTED)
+    ui.cmp_a.change(on_compare, [ui.cmp_a, ui.cmp_b], ui.cmp_out, **UNDOCUMENTED)
+    ui.cmp_b.change(on_compare, [ui.cmp_a, ui.cmp_b], ui.cmp_out, **UNDOCUMENTED)
+
+
+def _wire_store(ui: SimpleNamespace) -> None:
+    ui.delete.click(lambda n: (gr.update(visible=bool(n)), f"Delete adapter **{render.esc(n)}** for good?") if n else
+                    (gr.update(visible=False), ""), ui.select, [ui.confirm_row, ui.confirm_text], **UNDOCUMENTED)
+    ui.confirm_no.click(lambda: gr.update(visible=False), None, ui.confirm_row, **UNDOCUMENTED)
+    ui.confirm_yes.click(on_delete_confirmed, ui.select, [ui.confirm_row, ui.message, ui.select], **UNDOCUMENTED).then(
+        on_refresh, ui.select, ui.refreshed, **UNDOCUMENTED)
+    ui.import_btn.click(on_import, [ui.import_file, ui.import_name], [ui.message, ui.import_file, ui.import_name,
+                                                                     ui.imported],
+                        **UNDOCUMENTED).success(on_refresh, ui.imported, ui.refreshed, **UNDOCUMENTED)
+    ui.table.select(pick_row, None, ui.select, **UNDOCUMENTED)
+
+
+def build() -> SimpleNamespace:
+    ui = _components()
+    ui.refreshed = [ui.table, ui.select, ui.cmp_a, ui.cmp_b]
+    _wire_evaluation(ui)
+    _wire_store(ui)
+    return SimpleNamespace(refresh=on_refresh, refreshed=ui.refreshed, select=ui.select)

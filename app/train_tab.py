@@ -15,6 +15,7 @@ from finetune.config import ConfigError, JobConfig, ModelConfig, example_config
 
 _tokenizers: dict[tuple, object] = {}
 _tok_lock = threading.Lock()
+UNDOCUMENTED = dict(api_visibility="undocumented")
 
 
 def _tokenizer(model_cfg: ModelConfig):
@@ -39,53 +40,61 @@ def ok_html(text: str) -> str:
     return f'<div class="msg ok">{text}</div>'
 
 
-def build(default: JobConfig | None = None) -> SimpleNamespace:
-    default = default or example_config()
-    form = Form()
+def _group(form: Form, default: JobConfig, title: str, shown: str | None = None, columns: int = 2) -> None:
+    section, basic = {t: (s, b) for t, s, b in GROUPS}[title]
+    form.group(shown or title, section, basic, default, columns)
+
+
+def _components(default: JobConfig) -> SimpleNamespace:
+    ui = SimpleNamespace(form=Form())
     with gr.Row(equal_height=False, elem_classes=["toolbar"]):
-        form.adapter_name = gr.Textbox(value=default.adapter_name, label="adapter_name", scale=3, max_lines=1,
-                                       info=JobConfig.model_fields["adapter_name"].description, elem_id="field-adapter_name")
-        validate = gr.Button("Validate", scale=1, elem_id="validate-btn")
-        start = gr.Button("Start training", variant="primary", scale=1, elem_id="start-btn")
-    message = gr.HTML(elem_id="train-message")
-    plan_panel = gr.HTML(plan_html(default), elem_id="memory-plan")
-    groups = {title: (section, basic) for title, section, basic in GROUPS}
-
-    def group(title: str, shown: str | None = None, columns: int = 2) -> None:
-        section, basic = groups[title]
-        form.group(shown or title, section, basic, default, columns)
-
+        ui.form.adapter_name = gr.Textbox(value=default.adapter_name, label="adapter_name", scale=3, max_lines=1,
+                                          info=JobConfig.model_fields["adapter_name"].description,
+                                          elem_id="field-adapter_name")
+        ui.validate = gr.Button("Validate", scale=1, elem_id="validate-btn")
+        ui.start = gr.Button("Start training", variant="primary", scale=1, elem_id="start-btn")
+    ui.message = gr.HTML(elem_id="train-message")
+    ui.plan = gr.HTML(plan_html(default), elem_id="memory-plan")
     with gr.Row():
         with gr.Column(scale=1):
-            with gr.Group(elem_classes=["form-group"]):
-                gr.Markdown("**Dataset**", elem_classes=["group-title"])
-                form.dataset_picker(default)
-            group("Data", "Data options")
-            preview_btn = gr.Button("Preview dataset", elem_id="preview-btn")
-            preview_summary = gr.HTML(elem_id="preview-summary")
-            preview_plot = gr.BarPlot(render.histogram_frame(None), x="tokens", y="rows", sort=None,
-                                      title="Rows per token length (after the chat template)", x_title="tokens per row",
-                                      height=220, visible=False, elem_id="preview-hist")
-            preview_rows = gr.HTML(elem_id="preview-rows")
+            _data_column(ui, default)
         with gr.Column(scale=1):
             with gr.Row(equal_height=True):
-                group("Model", columns=1)
-                group("Quantization", columns=1)
-            group("LoRA", columns=3)
-            group("Training")
-            group("Evaluation after training", columns=3)
+                _group(ui.form, default, "Model", columns=1)
+                _group(ui.form, default, "Quantization", columns=1)
+            _group(ui.form, default, "LoRA", columns=3)
+            _group(ui.form, default, "Training")
+            _group(ui.form, default, "Evaluation after training", columns=3)
     with gr.Accordion("YAML and command line", open=False, elem_id="yaml-accordion"):
         with gr.Row():
             with gr.Column(scale=1):
-                show_yaml = gr.Button("Show YAML and CLI command", elem_id="show-yaml-btn")
-                cli_code = gr.Code(language="shell", label="The same job from a terminal", interactive=False,
-                                   elem_id="cli-code")
-                import_file = gr.File(label="Import a job YAML into the form", file_types=[".yaml", ".yml"],
-                                      height=140, elem_id="import-yaml")
+                ui.show_yaml = gr.Button("Show YAML and CLI command", elem_id="show-yaml-btn")
+                ui.cli_code = gr.Code(language="shell", label="The same job from a terminal", interactive=False,
+                                      elem_id="cli-code")
+                ui.import_file = gr.File(label="Import a job YAML into the form", file_types=[".yaml", ".yml"],
+                                         height=140, elem_id="import-yaml")
             with gr.Column(scale=1):
-                yaml_code = gr.Code(language="yaml", label="job.yaml", interactive=False, elem_id="yaml-code")
-    inputs = set(form.components())
-    undocumented = dict(api_visibility="undocumented")
+                ui.yaml_code = gr.Code(language="yaml", label="job.yaml", interactive=False, elem_id="yaml-code")
+    ui.inputs = set(ui.form.components())
+    return ui
+
+
+def _data_column(ui: SimpleNamespace, default: JobConfig) -> None:
+    with gr.Group(elem_classes=["form-group"]):
+        gr.Markdown("**Dataset**", elem_classes=["group-title"])
+        ui.form.dataset_picker(default)
+    _group(ui.form, default, "Data", "Data options")
+    ui.preview_btn = gr.Button("Preview dataset", elem_id="preview-btn")
+    ui.preview_summary = gr.HTML(elem_id="preview-summary")
+    ui.preview_plot = gr.BarPlot(render.histogram_frame(None), x="tokens", y="rows", sort=None,
+                                 title="Rows per token length (after the chat template)", x_title="tokens per row",
+                                 height=220, visible=False, elem_id="preview-hist")
+    ui.preview_rows = gr.HTML(elem_id="preview-rows")
+
+
+def _wire_config(ui: SimpleNamespace) -> None:
+    """Validate, Show YAML and CLI, and import a job YAML into the form."""
+    form, message = ui.form, ui.message
 
     @friendly
     def on_validate(values):
@@ -120,15 +129,22 @@ def build(default: JobConfig | None = None) -> SimpleNamespace:
             return {message: errors_html(str(e))}
         out = form.from_config(cfg)
         out[message] = ok_html(f"Imported <code>{render.esc(cfg.adapter_name)}</code> into the form.")
-        out[yaml_code] = cfg.to_yaml()
+        out[ui.yaml_code] = cfg.to_yaml()
         return out
 
+    ui.validate.click(on_validate, ui.inputs, message, **UNDOCUMENTED)
+    ui.show_yaml.click(on_show_yaml, ui.inputs, [message, ui.yaml_code, ui.cli_code], **UNDOCUMENTED)
+    ui.import_file.upload(on_import, ui.import_file, [message, ui.yaml_code, *form.components()], **UNDOCUMENTED)
+
+
+def _wire_preview(ui: SimpleNamespace) -> None:
+    """The dataset preview: on the button, and whenever a file is uploaded."""
     @friendly
     def on_preview(values):
         from finetune import data as D
 
         try:
-            cfg = form.to_config(values, sections=("model", "data"))
+            cfg = ui.form.to_config(values, sections=("model", "data"))
             pv = D.preview(cfg.data, _tokenizer(cfg.model), n=5)
         except (ConfigError, D.DataError) as e:
             return f'<div class="msg error">{render.esc(e)}</div>', gr.update(visible=False), ""
@@ -136,14 +152,17 @@ def build(default: JobConfig | None = None) -> SimpleNamespace:
         return (preview_summary_html(pv), gr.update(value=hist, sort=list(hist["tokens"]), visible=True),
                 render.preview_html(pv))
 
-    follow_plan(form, inputs, plan_panel)
-    validate.click(on_validate, inputs, message, **undocumented)
-    show_yaml.click(on_show_yaml, inputs, [message, yaml_code, cli_code], **undocumented)
-    import_file.upload(on_import, import_file, [message, yaml_code, *form.components()], **undocumented)
-    preview_btn.click(on_preview, inputs, [preview_summary, preview_plot, preview_rows], **undocumented)
-    form.upload.upload(on_preview, inputs, [preview_summary, preview_plot, preview_rows], **undocumented)
+    outputs = [ui.preview_summary, ui.preview_plot, ui.preview_rows]
+    ui.preview_btn.click(on_preview, ui.inputs, outputs, **UNDOCUMENTED)
+    ui.form.upload.upload(on_preview, ui.inputs, outputs, **UNDOCUMENTED)
 
-    return SimpleNamespace(form=form, start=start, message=message, inputs=inputs, plan=plan_panel)
+
+def build(default: JobConfig | None = None) -> SimpleNamespace:
+    ui = _components(default or example_config())
+    follow_plan(ui.form, ui.inputs, ui.plan)
+    _wire_config(ui)
+    _wire_preview(ui)
+    return SimpleNamespace(form=ui.form, start=ui.start, message=ui.message, inputs=ui.inputs, plan=ui.plan)
 
 
 def follow_plan(form: Form, inputs: set, panel: gr.HTML) -> None:
