@@ -23,6 +23,10 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	@command -v chromium >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium)) >/dev/null 2>&1) || \
 	  echo "note: chromium not installed; browser tests will skip"
+	# Go's text/template is the engine Ollama renders a Modelfile's TEMPLATE with; the export test runs it.
+	@command -v go >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -qq golang-go >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq golang-go)) >/dev/null 2>&1) || \
+	  echo "note: go not installed; the Modelfile template test will skip"
 	$(BIN)/python -m finetune.model --prepare-default
 	touch $@
 

@@ -7,6 +7,7 @@ import os
 import random
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,17 @@ def pytest_collection_modifyitems(config, items):
     if not has_cuda:
         for item in gpu_items:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+def adapter_zip(path: Path, folder: str = "imp", meta: dict | None = None, extra: dict[str, bytes] | None = None,
+                base: str = "SmolLM2-135M-Instruct") -> Path:
+    """A minimal adapter zip as an attacker would craft one: `meta` becomes studio.json, `extra` adds files."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(f"{folder}/adapter_config.json", json.dumps({"peft_type": "LORA", "r": 4,
+                                                                "base_model_name_or_path": base}))
+        z.writestr(f"{folder}/adapter_model.safetensors", b"\0" * 64)
+        if meta is not None:
+            z.writestr(f"{folder}/studio.json", json.dumps(meta))
+        for k, v in (extra or {}).items():
+            z.writestr(f"{folder}/{k}", v)
+    return path

@@ -8,31 +8,17 @@ import os
 import subprocess
 import sys
 import threading
-import zipfile
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, arithmetic_rows, write_jsonl
+from conftest import ROOT, adapter_zip, arithmetic_rows, write_jsonl
 from finetune import limits, policy
 from finetune.store import adapters
 from finetune.store.zip_import import ZipImportError, import_zip
 from finetune.config import ConfigError, JobConfig, check_name
 from finetune.data import DataError, load_records
 from finetune.paths import OutsideRootsError, confine, uploads_dir
-
-
-def adapter_zip(path: Path, folder: str = "imp", meta: dict | None = None, extra: dict[str, bytes] | None = None,
-                base: str = "SmolLM2-135M-Instruct") -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr(f"{folder}/adapter_config.json", json.dumps({"peft_type": "LORA", "r": 4,
-                                                                "base_model_name_or_path": base}))
-        z.writestr(f"{folder}/adapter_model.safetensors", b"\0" * 64)
-        if meta is not None:
-            z.writestr(f"{folder}/studio.json", json.dumps(meta))
-        for k, v in (extra or {}).items():
-            z.writestr(f"{folder}/{k}", v)
-    return path
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import socket
 import tempfile
 import threading
 import uuid
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import yaml
 
 from finetune import limits
 from finetune.config import example_config
+import conftest
 from tests.studio_server import as_json, running_studio
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -92,16 +92,9 @@ def job(**sections) -> str:
 
 
 def adapter_zip(path: Path, folder: str, meta: dict | None = None, extra: dict | None = None,
-                base: str = "SmolLM2-135M-Instruct") -> str:
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr(f"{folder}/adapter_config.json", json.dumps({"peft_type": "LORA", "r": 4,
-                                                                "base_model_name_or_path": base}))
-        z.writestr(f"{folder}/adapter_model.safetensors", b"\0" * 64)
-        if meta is not None:
-            z.writestr(f"{folder}/studio.json", json.dumps(meta))
-        for k, v in (extra or {}).items():
-            z.writestr(f"{folder}/{k}", v)
-    return handle_file(str(path))
+                base: str = "SmolLM2-135M-Instruct"):
+    """The shared crafted zip, as the upload gradio_client sends."""
+    return handle_file(str(conftest.adapter_zip(path, folder, meta, extra, base)))
 
 
 def refused(client, *args, api_name: str) -> str:

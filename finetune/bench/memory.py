@@ -50,18 +50,6 @@ def job_config(model_dir: str, overrides: list[str], seq: int, batch: int):
     return JobConfig(adapter_name="memory-bench", model={"name_or_path": model_dir}).with_overrides(sets), sets
 
 
-def _optimizer(params, tc):
-    """The optimizer SFTRecipe._setup_optimizer (finetune/recipe/sft.py) builds for training.optim."""
-    import torch
-
-    if tc.optim == "adamw_torch":
-        return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    import bitsandbytes as bnb
-
-    cls = bnb.optim.PagedAdamW8bit if tc.optim == "paged_adamw_8bit" and torch.cuda.is_available() else bnb.optim.AdamW8bit
-    return cls(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-
-
 def _peaks(device) -> dict:
     import torch
 
@@ -120,6 +108,7 @@ def run_group(name: str, model_dir: str, out: Path, steps: int) -> int:
 
     from finetune import model as M
     from finetune.bench.models import make_batches
+    from finetune.recipe.sft import build_optimizer
     from finetune.recipe.speed import patch_model_for_speed
 
     shape, overrides, cases = GROUPS[name]
@@ -134,7 +123,7 @@ def run_group(name: str, model_dir: str, out: Path, steps: int) -> int:
     speedups = patch_model_for_speed(model, tc)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, tc)
+    optimizer = build_optimizer(params, tc)
     setup = {"setup_s": round(time.perf_counter() - t0, 1), "speedups": speedups, **_peaks(device)}
     padding_free = tc.padding_free and device.type == "cuda"
     for seq, batch in cases:

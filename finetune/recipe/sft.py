@@ -29,6 +29,20 @@ log = logging.getLogger("finetune.train")
 
 
 # --- batches -----------------------------------------------------------------------------------------------------
+def build_optimizer(params, tc):
+    """The optimizer `training.optim` names, over the trainable (LoRA) parameters."""
+    import torch
+
+    if tc.optim == "adamw_torch":
+        return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    import bitsandbytes as bnb
+
+    # Paged optimizer states live in unified memory, which only a CUDA device has.
+    paged = tc.optim == "paged_adamw_8bit" and torch.cuda.is_available()
+    cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
+    return cls(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """The example indices of each micro-batch of one epoch: a fixed shuffle per (seed, epoch), so a resumed run sees
     exactly the batches the interrupted one would have; split across processes, each getting the same count."""
@@ -136,19 +150,11 @@ class SFTRecipe:
 
     def _setup_optimizer(self) -> None:
         """Optimizer, schedule and step counts; the model and optimizer wrapped by accelerate."""
-        import torch
         from transformers import get_scheduler
 
         tc, acc = self.tc, self.accelerator
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if tc.optim == "adamw_torch":
-            optimizer = torch.optim.AdamW(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-        else:
-            import bitsandbytes as bnb
-
-            paged = tc.optim == "paged_adamw_8bit" and torch.cuda.is_available()
-            cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
-            optimizer = cls(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        optimizer = build_optimizer(self.params, tc)
         # Steps: each process gets its share of the micro-batches; `accumulation` micro-batches make one step.
         self.steps_per_epoch = len(self.epoch_groups(0))
         self.total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.num_train_epochs * self.steps_per_epoch))

@@ -1,4 +1,5 @@
-"""The GPU fast path. train.py calls patch_model_for_speed(model, training_cfg) after LoRA is applied.
+"""The GPU fast path. The SFT recipe (finetune/recipe/sft.py) calls patch_model_for_speed(model, training_cfg)
+after LoRA is applied.
 
 On a CUDA device, by default, each piece applied only where it fits and skipped (with the reason logged) where not:
   keep_bf16        no fp32 copy of the frozen embeddings / lm_head / norms (prepare_model_for_kbit_training upcasts
@@ -721,7 +722,7 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-# --- the hook train.py calls ---------------------------------------------------------------------------------------
+# --- the hook the recipe calls -----------------------------------------------------------------------------------
 def patch_model_for_speed(model, training_cfg) -> list[str]:
     """Apply whatever speed-ups this device supports; return the names of those applied (for the log and studio.json)."""
     import torch
