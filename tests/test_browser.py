@@ -158,7 +158,7 @@ def test_train_watch_reload_chat_download(page, studio, tmp_path):
     wait_for(lambda: ADAPTER in pg.locator("#job-progress").inner_text(), 30, "the job selected after the reload")
 
     final = wait_for(lambda: progress(pg) if progress(pg).get("state") in ("completed", "failed", "cancelled") else None,
-                     900, "the job to finish", poll=2)
+                     900, "the job to finish", interval=2)
     assert final["state"] == "completed", pg.locator("#job-progress").inner_text() + pg.locator("#job-log").inner_text()
     assert final["step"] == 3
     assert curve_points(pg) == 3, "the loss curve should have a point per step"
