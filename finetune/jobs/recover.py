@@ -34,7 +34,11 @@ def open_database(store, migrate) -> None:
     A new database file gets its jobs back from the run folders (store._connect calls rediscover when it creates
     the file); an existing one is trusted as it is (a folder without a row is a submit that never finished)."""
     try:
-        _init(store, migrate)
+        _init_when_free(store, migrate)
+    except sqlite3.OperationalError:
+        # Locked, busy, read-only or an I/O error: the file may be fine (another connection is setting it up).
+        # Setting it aside would lose every job, so only a file SQLite cannot read as a database is treated as damaged.
+        raise
     except sqlite3.DatabaseError as e:
         aside = Path(f"{store.db_path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
         for suffix in ("", "-wal", "-shm"):
@@ -44,6 +48,20 @@ def open_database(store, migrate) -> None:
         log.warning("%s is not a readable database (%s): set aside as %s; rebuilding the job list from %s",
                     store.db_path, e, aside.name, store.runs)
         _init(store, migrate)
+
+
+def _init_when_free(store, migrate, timeout: float = 60.0) -> None:
+    """_init, waiting while other connections hold the lock: switching to WAL can answer "locked" at once instead of
+    waiting out the busy timeout when several stores open one new file together."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _init(store, migrate)
+        except sqlite3.OperationalError as e:
+            busy = "locked" in str(e) or "busy" in str(e)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _init(store, migrate) -> None:

@@ -76,10 +76,17 @@ def new_job_id() -> str:
 
 def migrate(con: sqlite3.Connection) -> None:
     con.executescript(_SCHEMA)
-    have = {r[1] for r in con.execute("PRAGMA table_info(jobs)")}
-    for column, decl in _ADDED_COLUMNS.items():
-        if column not in have:
-            con.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+    # Under the write lock, so that two stores opening an old file together do not both add a column.
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        have = {r[1] for r in con.execute("PRAGMA table_info(jobs)")}
+        for column, decl in _ADDED_COLUMNS.items():
+            if column not in have:
+                con.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 class JobStore:
@@ -181,10 +188,12 @@ class JobStore:
         text = spec_yaml(spec)
         run_dir = self._new_run_dir()
         try:
-            write_text_atomic(run_dir / rundir.JOB_YAML, text)
             with self._tx() as con:
                 con.execute("INSERT INTO jobs (id, name, config, state, created_at, run_dir, kind) "
                             "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (run_dir.name, name, text, time.time(), str(run_dir), kind))
+                # Written while the row's transaction holds the write lock: a run folder with a job.yaml always has
+                # its row, or is about to, so rebuilding the job list from the folders never races a submit.
+                write_text_atomic(run_dir / rundir.JOB_YAML, text)
         except BaseException as e:
             shutil.rmtree(run_dir, ignore_errors=True)  # a full disk or a failed insert leaves no orphan folder
             if isinstance(e, OSError):
