@@ -35,7 +35,8 @@ LR = 2e-4
 LADDER = [16384, 32768, 49152, 65536, 98304, 131072]  # the longest-sequence probe's lengths, tried in order
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """The versions of the libraries a benchmark result depends on (recorded beside every result)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -208,7 +209,7 @@ def run_job(job: dict) -> dict:
 
     torch.manual_seed(job.get("seed", 0))
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    result: dict = {"job": job, "versions": _versions(), "device": torch.cuda.get_device_name(device)
+    result: dict = {"job": job, "versions": versions(), "device": torch.cuda.get_device_name(device)
                     if device.type == "cuda" else "cpu"}
     if device.type == "cuda" and job.get("mem_limit_gib"):
         total = torch.cuda.get_device_properties(device).total_memory

@@ -159,10 +159,10 @@ def cuda_context(out: Path) -> None:
     (x @ x).sum().item()
     free, total = torch.cuda.mem_get_info()
     used_other = total - free - torch.cuda.memory_reserved()
-    from finetune.bench.arms import _versions
+    from finetune.bench.arms import versions
 
     (out / "context.json").write_text(json.dumps({"device": torch.cuda.get_device_name(0), "total_gib": total / 2**30,
-                                                  "context_gib": used_other / 2**30, "versions": _versions(),
+                                                  "context_gib": used_other / 2**30, "versions": versions(),
                                                   "python": sys.version.split()[0]}) + "\n")
 
 
