@@ -150,6 +150,14 @@ def histories(rows: list[dict], max_points: int = 2000) -> tuple[list[list], lis
     return _thin(loss, max_points), _thin(evl, max_points)
 
 
+def objective_metrics(rows: list[dict]) -> dict:
+    """The latest value of each objective's own metric (names with a '/': rewards/margins, distill/kl ...)."""
+    out: dict = {}
+    for r in rows:
+        out.update({k: v for k, v in r.items() if "/" in k and _number(v) is not None})
+    return out
+
+
 def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 65536) -> str:
     """The last lines of train.log, reading only its end. Progress-bar carriage returns keep their last frame."""
     try:
@@ -226,6 +234,7 @@ def view(row: dict, planned_steps: int | None = None, command: str | None = None
         "pid": row.get("pid"), "exit_code": row.get("exit_code"),
     }
     if detail:
+        out["objective_metrics"] = objective_metrics(rows)
         out["loss_history"], out["eval_history"] = histories(rows)
         out["log_tail"] = log_tail(run_dir)
     return out

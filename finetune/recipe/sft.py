@@ -22,6 +22,7 @@ from finetune.config import JobConfig
 from finetune.recipe import checkpoints as C
 from finetune.recipe import provenance as P
 from finetune.recipe.checkpoints import Progress, TrainError
+from finetune.recipe.references import init_adapter_path
 from finetune.recipe.tracker import RunTracker
 from finetune.rundir import CHECKPOINTS, JOB_YAML
 
@@ -142,7 +143,8 @@ class SFTRecipe:
         mc = self.config.model
         self.resolved = M.resolve_model(mc.name_or_path, mc.revision)
         model = M.load_model(mc, for_training=True)
-        self.model = M.apply_lora(model, self.config.lora, gradient_checkpointing=self.tc.gradient_checkpointing)
+        self.model = M.apply_lora(model, self.config.lora, gradient_checkpointing=self.tc.gradient_checkpointing,
+                                  init_adapter=init_adapter_path(self.config))
         self.speedups = patch_model_for_speed(self.model, self.tc)
         self.trainable, self.total_params = self.model.get_nb_trainable_parameters()
         log.info("LoRA: %d trainable of %d parameters (%.2f%%); speed-ups: %s", self.trainable, self.total_params,
@@ -190,6 +192,18 @@ class SFTRecipe:
         batch = D.collate(examples, self.tokenizer.pad_token_id, padding_free=self.padding_free)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
+    def count_items(self, batch: dict) -> int:
+        """What loss_step's sum is normalised by: the batch's label tokens (a pair objective counts pairs)."""
+        return count_label_tokens(batch)
+
+    def objective_record(self) -> dict:
+        """What studio.json says about the objective (and the other models it learned from)."""
+        return {"objective": "sft"}
+
+    def step_metrics(self) -> dict:
+        """The objective's own metrics for the steps since the last logged one (merged into its metrics row)."""
+        return {}
+
     def loss_step(self, batch: dict, num_items_in_batch: int):
         """The one place where forward and loss meet: the summed token loss over `num_items_in_batch` label tokens."""
         return self.model(**batch, num_items_in_batch=num_items_in_batch).loss
@@ -199,7 +213,7 @@ class SFTRecipe:
         acc = self.accelerator
         # Normalise by the label tokens of the whole step, not per micro-batch: the accumulated gradient then equals
         # that of one big batch, however the tokens fall across micro-batches.
-        n_labels = max(1, sum(count_label_tokens(b) for b in micro_batches))
+        n_labels = max(1, sum(self.count_items(b) for b in micro_batches))
         step_loss, tokens = 0.0, 0
         for j, batch in enumerate(micro_batches):
             sync = j == len(micro_batches) - 1
@@ -227,7 +241,7 @@ class SFTRecipe:
         with torch.no_grad():
             for i in range(0, len(self.validation_examples), bs):
                 batch = self.collate(self.validation_examples[i:i + bs])
-                n = count_label_tokens(batch)
+                n = self.count_items(batch)
                 if n == 0:
                     continue
                 total += float(self.loss_step(batch, n)) * n
@@ -261,7 +275,7 @@ class SFTRecipe:
         self.tracker.record(state, result.loss, result.tokens)
         step, last = state.global_step, state.global_step == self.total_steps
         if step % tc.logging_steps == 0 or last:
-            self.tracker.log_step(state, result.learning_rate, result.grad_norm)
+            self.tracker.log_step(state, result.learning_rate, result.grad_norm, self.step_metrics())
         if tc.eval_steps and step % tc.eval_steps == 0 and not last:
             self.tracker.log_eval_loss(step, self.evaluate_loss())
         if tc.save_steps and step % tc.save_steps == 0 and not last:
@@ -283,6 +297,7 @@ class SFTRecipe:
                    "speedups": self.speedups, "parameters": {"trainable": self.trainable, "total": self.total_params},
                    "run_dir": str(self.run_dir)}
             meta = P.adapter_metadata(self.config, base, self.tokenizer, self.data_stats, run, metrics)
+            meta.update(self.objective_record())
             P.publish_adapter(self.accelerator.unwrap_model(self.model), self.config, base, meta)
         self.accelerator.wait_for_everyone()
         return meta
