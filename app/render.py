@@ -298,6 +298,20 @@ def compare_html(a: dict | None, b: dict | None) -> str:
 
 
 # --- dataset preview -------------------------------------------------------------------------------------------
+def _segments_html(segs) -> str:
+    """Segments [{"text", "trained"}] or [(text, trained)] or plain text, the trained ones highlighted."""
+    if isinstance(segs, str):
+        segs = [{"text": segs, "trained": False}]
+    parts = []
+    for s in segs or []:
+        if isinstance(s, (list, tuple)):
+            s = {"text": s[0], "trained": bool(s[1])}
+        text = esc(s.get("text"))
+        parts.append(f'<span class="trained" title="trained on (labels)">{text}</span>' if s.get("trained") else
+                     f'<span class="context">{text}</span>')
+    return "".join(parts)
+
+
 def preview_html(preview: dict | None) -> str:
     """Rows rendered through the chat template; the trained (assistant) tokens highlighted.
     Accepts each row as a list of segments [{"text", "trained"}] or as {"segments": [...]}, or as plain text."""
@@ -306,22 +320,18 @@ def preview_html(preview: dict | None) -> str:
     items = []
     for i, row in enumerate(preview.get("rows") or preview.get("rendered") or []):
         segs = row.get("segments") if isinstance(row, dict) else row
-        if isinstance(segs, str):
-            segs = [{"text": segs, "trained": False}]
-        parts = []
-        for s in segs or []:
-            if isinstance(s, (list, tuple)):
-                s = {"text": s[0], "trained": bool(s[1])}
-            text = esc(s.get("text"))
-            parts.append(f'<span class="trained" title="trained on (labels)">{text}</span>' if s.get("trained") else
-                         f'<span class="context">{text}</span>')
+        body = f"<pre>{_segments_html(segs)}</pre>"
+        if isinstance(row, dict) and isinstance(row.get("rejected"), dict):  # a preference pair, side by side
+            body = ('<div class="pair" style="display:flex;gap:8px"><div style="flex:1"><div class="small">chosen</div>'
+                    f'{body}</div><div style="flex:1"><div class="small">rejected</div>'
+                    f'<pre>{_segments_html(row["rejected"].get("segments"))}</pre></div></div>')
         extra = ""
         if isinstance(row, dict):
             n_tok = row.get("num_tokens", row.get("tokens"))
             bits = [f"{n_tok} tokens" if n_tok is not None else "", "truncated" if row.get("truncated") else ""]
             extra = " · ".join(b for b in bits if b)
         items.append(f'<div class="preview-row"><div class="muted small">row {i + 1}'
-                     f'{" · " + esc(extra) if extra else ""}</div><pre>{"".join(parts)}</pre></div>')
+                     f'{" · " + esc(extra) if extra else ""}</div>{body}</div>')
     legend = ('<div class="small"><span class="trained">highlighted</span> = the tokens the model is trained to produce '
               '(assistant turns and their end-of-turn token); the rest is context only.</div>')
     return f'<div class="preview">{legend}{"".join(items)}</div>'

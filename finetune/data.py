@@ -657,7 +657,7 @@ def collate(examples: list[dict], pad_token_id: int, padding_free: bool = False)
 
 
 # --- the UI's view -------------------------------------------------------------------------------------------------
-def _segments(r: Rendered, labels: list[int]) -> list[tuple[str, bool]]:
+def preview_segments(r: Rendered, labels: list[int]) -> list[tuple[str, bool]]:
     """The rendered text, up to the truncation point, cut into (text, trained) pieces: exactly the tokens that carry
     a label (from their offsets), or the trained character spans for tokenizers without offsets."""
     if r.offsets is not None:
@@ -707,8 +707,13 @@ def preview(data_cfg, tokenizer, n: int = 5) -> dict:
         if i < n:
             labels = r.labels[:max_len]
             trained = sum(1 for l in labels if l != IGNORE_INDEX)
-            shown.append({"text": r.text, "segments": _segments(r, labels), "num_tokens": r.length,
+            shown.append({"text": r.text, "segments": preview_segments(r, labels), "num_tokens": r.length,
                           "trained_tokens": trained, "truncated": r.length > max_len})
+            if fmt == "preference":  # both sides as DPO trains them: only the last answer carries labels
+                from finetune.preference import preview_side
+
+                shown[-1].update(preview_side(tokenizer, sample[i], "chosen", data_cfg))
+                shown[-1]["rejected"] = preview_side(tokenizer, sample[i], "rejected", data_cfg)
     return {"format": fmt, "num_rows": len(records), "rows": shown,
             "length_histogram": histogram(lengths, max_len), "token_lengths": _summary(lengths),
             "truncated": sum(1 for x in lengths if x > max_len), "sampled_rows": len(sample),

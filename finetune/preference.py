@@ -99,9 +99,8 @@ def validate_pairs(records, system_prompt: str | None = None) -> list[Pair]:
     return out
 
 
-def tokenize_side(tokenizer, pair: Pair, side: str, max_len: int) -> dict | None:
-    """input_ids and labels of prompt + one answer, labels on the answer (and its end-of-turn token) only; None when
-    truncation leaves no answer token."""
+def _rendered(tokenizer, pair: Pair, side: str) -> tuple[D.Rendered, list[int]]:
+    """prompt + one answer rendered, and its labels: the answer (and its end-of-turn token) only."""
     r = D.render(tokenizer, pair.conversation(side), "chat")
     labels = list(r.labels)
     if r.offsets is not None:  # earlier assistant turns belong to the prompt: only the last answer is scored
@@ -109,10 +108,25 @@ def tokenize_side(tokenizer, pair: Pair, side: str, max_len: int) -> dict | None
         for j, (start, _) in enumerate(r.offsets):
             if start < prompt_len:
                 labels[j] = D.IGNORE_INDEX
+    return r, labels
+
+
+def tokenize_side(tokenizer, pair: Pair, side: str, max_len: int) -> dict | None:
+    """input_ids and labels of prompt + one answer; None when truncation leaves no answer token."""
+    r, labels = _rendered(tokenizer, pair, side)
     ids, labels = r.input_ids[:max_len], labels[:max_len]
     if all(l == D.IGNORE_INDEX for l in labels):
         return None
     return {"input_ids": ids, "labels": labels}
+
+
+def preview_side(tokenizer, record: dict, side: str, data_cfg) -> dict:
+    """One side of a pair as the dataset preview shows it: segments (text, trained) and token counts."""
+    r, labels = _rendered(tokenizer, to_pair(record, data_cfg.system_prompt), side)
+    labels = labels[:data_cfg.max_seq_length]
+    return {"segments": D.preview_segments(r, labels), "num_tokens": r.length,
+            "trained_tokens": sum(1 for l in labels if l != D.IGNORE_INDEX),
+            "truncated": r.length > data_cfg.max_seq_length}
 
 
 def tokenize_pairs(tokenizer, pairs: list[Pair], max_len: int) -> tuple[list[dict], int]:
