@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from finetune.config import ConfigError, JobConfig
 from finetune.jobs.launch import ALL_GPUS, ACCELERATE_YAML, accelerate_config, gpus_needed, train_command
+from finetune.jobs.process import host_gpus
 from finetune.jobs.scheduler import admit
 from finetune.jobs.store import JobStore
 from finetune.paths import adapters_dir
@@ -117,6 +118,9 @@ def test_launch_command_and_accelerate_config(tmp_path, chat_jsonl):
     assert fsdp["main_process_port"] and not fsdp["use_cpu"]
     with pytest.raises(ValueError, match="launch.strategy fsdp needs CUDA"):
         accelerate_config(cfg, 4, on_gpu=False)
+    if not host_gpus():  # a host without GPUs refuses an FSDP job at submission
+        with pytest.raises(ConfigError, match="launch.strategy fsdp needs CUDA"):
+            JobStore(tmp_path / "home").submit(cfg)
     ddp = accelerate_config(equal_batch_config(chat_jsonl, "cmd", 2, 2), 2, on_gpu=True)
     assert (ddp["distributed_type"], ddp["num_processes"]) == ("MULTI_GPU", 2)
     cfg.save(tmp_path / "job.yaml")
@@ -164,3 +168,40 @@ def test_two_machine_ranks_over_loopback(tmp_path, chat_jsonl, runs):
     assert not (tmp_path / "machine1" / "metrics.jsonl").exists()  # one writer: machine_rank 0
     nodes, ddp = adapter_weights("scale-nodes"), adapter_weights("scale-ddp2")
     assert max(float((nodes[k] - ddp[k]).abs().max()) for k in ddp) < WEIGHT_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def random_1b(tmp_path_factory):
+    from finetune.bench.models import build_model
+
+    return build_model("llama-3.2-1b", tmp_path_factory.mktemp("models"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_fsdp_job_on_one_gpu(tmp_path, random_1b, quantization):
+    """FSDP2 through the job queue on one GPU (the code path of a sharded run: wrapping, the adapter gathered from
+    its shards, a sharded checkpoint), LoRA and QLoRA on a random Llama-3.2-1B shape."""
+    from conftest import write_jsonl
+
+    rows = [{"text": " ".join(f"t{(i * 7 + j) % 500}" for j in range(48))} for i in range(32)]
+    data = write_jsonl(tmp_path / "text.jsonl", rows)
+    cfg = JobConfig.parse({
+        "adapter_name": f"fsdp-{quantization}", "model": {"name_or_path": str(random_1b), "quantization": quantization,
+                                                          "torch_dtype": "bfloat16"},
+        "data": {"path": str(data), "format": "text", "max_seq_length": 64, "validation_split": 0.0},
+        "training": {"max_steps": 3, "per_device_train_batch_size": 2, "save_steps": 2, "warmup_ratio": 0.0},
+        "evaluation": {"enabled": False}, "launch": {"num_processes": 1, "strategy": "fsdp"}})
+    assert cfg.model.bnb_4bit_quant_storage == ("bfloat16" if quantization == "4bit" else "uint8")
+    store = JobStore(tmp_path / "home")
+    row = store.wait(store.submit(cfg), timeout=600)
+    run_dir = Path(row["run_dir"])
+    log = (run_dir / "train.log").read_text()
+    assert row["state"] == "completed", log[-4000:]
+    assert yaml.safe_load((run_dir / ACCELERATE_YAML).read_text())["distributed_type"] == "FSDP"
+    assert "speed-ups: off under launch.strategy fsdp" in log
+    weights = adapter_weights(cfg.adapter_name)
+    assert weights and all(bool(t.isfinite().all()) for t in weights.values())
+    assert max(float(t.abs().max()) for k, t in weights.items() if "lora_B" in k) > 0  # trained
+    meta = json.loads((adapters_dir() / cfg.adapter_name / "studio.json").read_text())
+    assert meta["strategy"] == "fsdp" and meta["num_processes"] == 1 and meta["speedups"] == []

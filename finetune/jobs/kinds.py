@@ -26,7 +26,7 @@ from finetune import policy
 from finetune.store.adapters import check_writable
 from finetune.config import ConfigError, JobConfig, format_errors
 from finetune.errors import JobError
-from finetune.jobs.launch import gpus_needed, train_command
+from finetune.jobs.launch import check_host, gpus_needed, train_command
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -109,6 +109,7 @@ def absolute_data_paths(cfg: JobConfig) -> JobConfig:
 
 def prepare_training(cfg: JobConfig) -> JobConfig:
     cfg = absolute_data_paths(cfg)
+    check_host(cfg)
     if policy.confined():  # a client of the studio sent it: its paths and models must be ones the operator allows
         policy.check_job(cfg)
     check_writable()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.config import JobConfig, LaunchConfig
+from finetune.config import ConfigError, JobConfig, LaunchConfig
 
 ALL_GPUS = -1  # a job's GPU need meaning "every GPU of the host" (launch.num_processes auto)
 ACCELERATE_YAML = "accelerate.yaml"
@@ -81,21 +81,36 @@ def accelerate_config(cfg: JobConfig, processes_here: int, on_gpu: bool) -> dict
     return out
 
 
-def train_command(job_yaml: Path, run_dir: Path, resume: bool = False, gpus: int | None = None) -> list[str]:
-    """The exact command a training job runs (the UI shows it). gpus: the GPUs the scheduler admitted it with
-    (None: this host's visible GPUs, the count a job started now would get). Writes run_dir/accelerate.yaml."""
+def check_host(cfg: JobConfig) -> None:
+    """At submission: a job this host can never launch is refused with the field to change."""
     from finetune.jobs.process import host_gpus
 
-    cfg = JobConfig.load(job_yaml)
+    if cfg.launch.strategy == "fsdp" and not host_gpus():
+        raise ConfigError("launch.strategy fsdp needs CUDA GPUs and this host has none: use launch.strategy ddp")
+
+
+def write_accelerate_config(cfg: JobConfig, path: Path, gpus: int | None) -> None:
+    from finetune.jobs.process import host_gpus
+
     if gpus is None:
         need = gpus_needed(cfg)
         visible = len(host_gpus())
         gpus = visible if need == ALL_GPUS or not visible else need
-    processes = local_processes(cfg.launch, gpus)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = accelerate_config(cfg, local_processes(cfg.launch, gpus), gpus > 0)
+    path.write_text(yaml.safe_dump(content, sort_keys=False), encoding="utf-8")
+
+
+def train_command(job_yaml: Path, run_dir: Path, resume: bool = False, gpus: int | None = None) -> list[str]:
+    """The exact command a training job runs (the UI shows it). gpus: the GPUs the scheduler admitted it with
+    (None: this host's visible GPUs, the count a job started now would get). Writes run_dir/accelerate.yaml."""
     config_file = Path(run_dir) / ACCELERATE_YAML
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(yaml.safe_dump(accelerate_config(cfg, processes, gpus > 0), sort_keys=False),
-                           encoding="utf-8")
+    try:
+        cfg = JobConfig.load(job_yaml)
+    except ConfigError:
+        cfg = None  # the command still reads as it will run; the training process reports the unreadable job.yaml
+    if cfg is not None:
+        write_accelerate_config(cfg, config_file, gpus)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
            "-m", "finetune", "train", str(job_yaml), "--run-dir", str(run_dir)]
     return cmd + (["--resume"] if resume else [])
