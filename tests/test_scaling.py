@@ -100,7 +100,7 @@ def test_resume_with_another_world_size_is_refused(runs):
 def test_gpu_jobs_get_free_gpus_from_the_inventory(tmp_path, chat_jsonl):
     gpus = ["0", "1", "2", "3"]
     store = JobStore(tmp_path / "home", gpus=tuple(gpus))
-    ids = [store.submit(equal_batch_config(chat_jsonl, f"inv-{n}", n, 2)) for n in ("auto", 2, 1, 1)]
+    ids = [store.submit(equal_batch_config(chat_jsonl, f"inv-{i}", n, 2)) for i, n in enumerate(("auto", 2, 1, 1))]
     needs = [store.scheduler._need(store.get(i)) for i in ids]
     assert needs == [4, 2, 1, 1]  # auto: every GPU of the host, resolved at admission
     running = [("0",)]
