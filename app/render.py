@@ -94,7 +94,8 @@ def jobs_frame(views: list[dict]) -> pd.DataFrame:
         end = v.get("finished_at") or (time.time() if v["state"] == "running" else None)
         dur = fmt_duration(end - v["started_at"]) if v.get("started_at") and end else "–"
         adapter = v.get("adapter_name") if v["state"] == "completed" else None
-        out.append([v["id"], v["name"], v["state"], step, fmt_num(v.get("loss")), adapter or "–",
+        state = f"{v['state']} ({v['reason']})" if v.get("reason") else v["state"]
+        out.append([v["id"], v["name"], state, step, fmt_num(v.get("loss")), adapter or "–",
                     fmt_time(v["created_at"]), dur])
     return pd.DataFrame(out, columns=JOB_COLUMNS)
 

@@ -61,12 +61,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     command TEXT,                       -- the exact command line of the latest launch
     kind TEXT NOT NULL DEFAULT 'train', -- finetune.jobs.kinds: what the job runs
-    devices TEXT                        -- the GPUs the running job holds ("0,1"; "" or NULL: none)
+    devices TEXT,                       -- the GPUs the running job holds ("0,1"; "" or NULL: none)
+    parent TEXT,                        -- the job that submitted this one (a sweep's trials), else NULL
+    reason TEXT                         -- why a cancelled job was stopped when not by hand ("pruned")
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 """
 # Columns added since the first schema; a database from before gets them with their defaults.
-_ADDED_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'train'", "devices": "TEXT"}
+_ADDED_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'train'", "devices": "TEXT", "parent": "TEXT", "reason": "TEXT"}
 
 
 def new_job_id() -> str:
@@ -161,6 +163,13 @@ class JobStore:
             r.pop("config", None)
         return rows
 
+    def children(self, job_id: str) -> list[dict]:
+        """The jobs `job_id` submitted (a sweep's trials), oldest first, without the spec text."""
+        rows = self._select("WHERE parent=?", (job_id,))
+        for r in rows:
+            r.pop("config", None)
+        return rows
+
     def queued(self) -> list[dict]:
         return self._select("WHERE state='queued'")
 
@@ -179,8 +188,10 @@ class JobStore:
         return self.config(job_id)
 
     # --- operations ----------------------------------------------------------------------------------------------
-    def submit(self, spec: BaseModel | dict | str, name: str | None = None, kind: str = "train") -> str:
-        """Validate, write runs/<id>/job.yaml, queue. Raises ConfigError naming the bad field."""
+    def submit(self, spec: BaseModel | dict | str, name: str | None = None, kind: str = "train",
+               parent: str | None = None) -> str:
+        """Validate, write runs/<id>/job.yaml, queue. parent: the job submitting it (a sweep). Raises ConfigError
+        naming the bad field."""
         job_kind = get_kind(kind)
         spec = job_kind.prepare(parse_spec(job_kind, spec))
         label = str(job_kind.label(spec))
@@ -189,8 +200,9 @@ class JobStore:
         run_dir = self._new_run_dir()
         try:
             with self._tx() as con:
-                con.execute("INSERT INTO jobs (id, name, config, state, created_at, run_dir, kind) "
-                            "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (run_dir.name, name, text, time.time(), str(run_dir), kind))
+                con.execute("INSERT INTO jobs (id, name, config, state, created_at, run_dir, kind, parent) "
+                            "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                            (run_dir.name, name, text, time.time(), str(run_dir), kind, parent))
                 # Written while the row's transaction holds the write lock: a run folder with a job.yaml always has
                 # its row, or is about to, so rebuilding the job list from the folders never races a submit.
                 write_text_atomic(run_dir / rundir.JOB_YAML, text)
@@ -215,15 +227,16 @@ class JobStore:
                 raise JobError(f"cannot queue the job: {self.runs} is not writable ({e.strerror or e})") from None
         raise JobError("could not allocate a job id")
 
-    def cancel(self, job_id: str, grace_s: float = CANCEL_GRACE_S) -> dict:
+    def cancel(self, job_id: str, grace_s: float = CANCEL_GRACE_S, reason: str | None = None) -> dict:
         """Queued: cancelled at once. Running: SIGTERM to its process group, SIGKILL after grace_s, then cancelled.
-        Returns the job's row afterwards."""
+        reason: why, when not by hand ("pruned": its sweep stopped it). Returns the job's row afterwards."""
         with self.scheduling(), self._tx() as con:
             row = self._row(con, job_id)
             if row["state"] == "queued":
-                con.execute("UPDATE jobs SET state='cancelled', finished_at=? WHERE id=?", (time.time(), job_id))
+                con.execute("UPDATE jobs SET state='cancelled', finished_at=?, reason=? WHERE id=?",
+                            (time.time(), reason, job_id))
             elif row["state"] == "running":
-                con.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job_id,))
+                con.execute("UPDATE jobs SET cancel_requested=1, reason=? WHERE id=?", (reason, job_id))
             else:
                 raise JobError(f"job {job_id} is {row['state']}: only a queued or running job can be cancelled")
         if row["state"] == "running":  # outside the scheduling lock: the grace period must not stall the scheduler
@@ -271,6 +284,11 @@ class JobStore:
         watchers (the scheduler thread and a cancel, or two studios) agree on one outcome."""
         row = self.get(job_id)
         if row["state"] != "running":
+            return
+        if relaunch_lost(row):
+            with self._tx() as con:  # a driver killed from outside starts again and picks up where it was
+                con.execute("UPDATE jobs SET state='queued', resume=1, pid=NULL, pgid=NULL, devices=NULL "
+                            "WHERE id=? AND state='running'", (job_id,))
             return
         state, error, adapter = outcome(row, self._spec_or_none(row), returncode)
         with self._tx() as con:
@@ -326,6 +344,21 @@ class JobStore:
 
     def wait(self, job_id: str, timeout: float | None = None, on_change=None, schedule: bool = True) -> dict:
         return self.scheduler.wait(job_id, timeout, on_change, schedule)
+
+
+MAX_RELAUNCHES = 5
+
+
+def relaunch_lost(row: dict) -> bool:
+    """A job of a kind that restarts safely (a sweep driver) whose process vanished without saying it finished,
+    and that nobody cancelled: it is queued again (a few times at most) instead of failing."""
+    try:
+        kind = get_kind(row["kind"])
+    except JobError:
+        return False
+    phase = rundir.read_status(Path(row["run_dir"])).get("phase")
+    return (kind.relaunch and not row["cancel_requested"] and phase not in ("completed", "failed")
+            and (row["attempts"] or 0) <= MAX_RELAUNCHES)
 
 
 def outcome(row: dict, spec: BaseModel | None, returncode: int | None) -> tuple[str, str | None, str | None]:
