@@ -144,7 +144,7 @@ def sweep_status(job_id: str) -> str:
     the best trial so far, parameter importances and the best trial's job config."""
     from finetune import sweep
 
-    return to_json(sweep.status(store(), _job_id(job_id)))
+    return to_json(sweep.status_of(store(), _job_id(job_id)))
 
 
 def validate_config(config_yaml: str) -> str:

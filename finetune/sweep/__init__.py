@@ -28,7 +28,7 @@ def submit(store, sweep_yaml: str, source: str = "submitted sweep") -> str:
     return store.submit(SweepConfig.parse(data, source), kind="sweep")
 
 
-def status(store, job_id: str) -> dict:
+def status_of(store, job_id: str) -> dict:
     from finetune.sweep.status import sweep_status
 
     return sweep_status(store, job_id)
@@ -36,7 +36,7 @@ def status(store, job_id: str) -> dict:
 
 def train_best(store, job_id: str) -> str:
     """Queue the best trial's config as a training job of its own; returns the new job id."""
-    info = status(store, job_id)
+    info = status_of(store, job_id)
     if not info["best_config"]:
         raise ConfigError(f"sweep {job_id} has no completed trial yet: nothing to train")
     return store.submit(info["best_config"])

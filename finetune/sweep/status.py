@@ -46,7 +46,7 @@ def sweep_status(store: JobStore, job_id: str, with_importances: bool = True) ->
     status = rundir.read_status(Path(row["run_dir"]))
     out = {"job": store.live(job_id, detail=False), "objective": spec.objective, "direction": spec.direction,
            "n_trials": spec.n_trials, "study_name": status.get("study_name") or spec.study_name or job_id,
-           "trials": [], "best": None, "importances": {}, "best_config": None}
+           "trials": [], "finished": 0, "best": None, "importances": {}, "best_config": None}
     storage = S.storage_url(spec, Path(row["run_dir"]))
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         return out  # the driver has not created it yet
