@@ -165,10 +165,7 @@ class JobStore:
 
     def children(self, job_id: str) -> list[dict]:
         """The jobs `job_id` submitted (a sweep's trials), oldest first, without the spec text."""
-        rows = self._select("WHERE parent=?", (job_id,))
-        for r in rows:
-            r.pop("config", None)
-        return rows
+        return [{k: v for k, v in r.items() if k != "config"} for r in self._select("WHERE parent=?", (job_id,))]
 
     def queued(self) -> list[dict]:
         return self._select("WHERE state='queued'")
@@ -285,8 +282,8 @@ class JobStore:
         row = self.get(job_id)
         if row["state"] != "running":
             return
-        if relaunch_lost(row):
-            with self._tx() as con:  # a driver killed from outside starts again and picks up where it was
+        if relaunch_lost(row):  # a driver killed from outside starts again and picks up where it was
+            with self._tx() as con:
                 con.execute("UPDATE jobs SET state='queued', resume=1, pid=NULL, pgid=NULL, devices=NULL "
                             "WHERE id=? AND state='running'", (job_id,))
             return
