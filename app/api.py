@@ -85,7 +85,7 @@ def to_json(data) -> str:
 # --- jobs ------------------------------------------------------------------------------------------------------
 STATUS_KEYS = ("id", "name", "state", "phase", "step", "total_steps", "progress", "loss", "eval_loss",
                "tokens_per_second", "peak_memory_mb", "eta_seconds", "elapsed_seconds", "adapter_name", "error",
-               "attempts", "command")
+               "attempts", "command", "queue_position", "waiting_for")
 
 
 def _job_id(job_id: str) -> str:
@@ -148,17 +148,20 @@ def sweep_status(job_id: str) -> str:
 
 
 def validate_config(config_yaml: str) -> str:
-    """Check a job YAML without queueing it: {"valid": true, "config": normalised YAML} or
-    {"valid": false, "error": "... names each bad field ..."}."""
+    """Check a job YAML and the data it names without queueing it (the check /submit_job makes):
+    {"valid": true, "config": normalised YAML, "notes": [settings that cannot make sense for the data]} or
+    {"valid": false, "error": "... names each bad field, and each bad row by file and line ..."}."""
     from finetune import policy
+    from finetune.datacheck import check_job_data, setting_notes
 
     try:
         cfg = JobConfig.from_yaml(config_yaml or "", "config")
         if policy.confined():
             policy.check_job(cfg)
-    except ValueError as e:  # ConfigError, and what the operator did not allow
+        facts = check_job_data(cfg.data)
+    except ValueError as e:  # ConfigError, DataError, and what the operator did not allow
         return to_json({"valid": False, "error": str(e)})
-    return to_json({"valid": True, "config": cfg.to_yaml()})
+    return to_json({"valid": True, "config": cfg.to_yaml(), "notes": setting_notes(cfg, facts)})
 
 
 def plan_job(config_yaml: str, device_memory_gib: float = 0.0, device: str = "") -> str:

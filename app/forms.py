@@ -46,15 +46,16 @@ UPLOAD_TYPES = [".jsonl", ".json", ".csv", ".parquet"]
 
 
 def name_bounds_errors(number: gr.Number, field_path: str) -> gr.Number:
-    """Make gradio's out-of-range message ("Value 1.5 is greater than maximum value 1.0.") name the config field.
-    Wrapped on the instance: subclassing a gradio component makes gradio write a .pyi stub beside this module."""
+    """Let an out-of-range number through to the config's validation instead of gradio's toast: JobConfig has the
+    same bounds and reports every bad field at once, by name. Wrapped on the instance: subclassing a gradio
+    component makes gradio write a .pyi stub beside this module."""
     original = number.preprocess
 
     def preprocess(payload):
         try:
             return original(payload)
-        except gr.Error as e:
-            raise gr.Error(f"{field_path}: {e.message}") from None
+        except gr.Error:
+            return payload  # out of the widget's range: JobConfig names it with the other bad fields
 
     number.preprocess = preprocess
     return number

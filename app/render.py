@@ -91,11 +91,19 @@ def jobs_frame(views: list[dict]) -> pd.DataFrame:
         total = v.get("total_steps")
         started = v["state"] != "queued" or v.get("attempts")
         step = f"{v.get('step') or 0}/{total}" if total and started else ("–" if not started else str(v.get("step", "–")))
+        if v["state"] == "queued" and v.get("queue_position"):
+            step = f"queued #{v['queue_position']}"
         end = v.get("finished_at") or (time.time() if v["state"] == "running" else None)
         dur = fmt_duration(end - v["started_at"]) if v.get("started_at") and end else "–"
+<<<<<<< HEAD
         adapter = v.get("adapter_name") if v["state"] == "completed" else None
         state = f"{v['state']} ({v['reason']})" if v.get("reason") else v["state"]
         out.append([v["id"], v["name"], state, step, fmt_num(v.get("loss")), adapter or "–",
+=======
+        # the name it publishes (queued, running) or published; a failed or cancelled job published nothing
+        adapter = v.get("adapter_name") if v["state"] in ("queued", "running", "completed") else None
+        out.append([v["id"], v["name"], v["state"], step, fmt_num(v.get("loss")), adapter or "–",
+>>>>>>> main
                     fmt_time(v["created_at"]), dur])
     return pd.DataFrame(out, columns=JOB_COLUMNS)
 
@@ -116,6 +124,8 @@ def progress_html(live: dict | None) -> str:
         bits.append(f"ETA {fmt_duration(live.get('eta_seconds'))}" if live.get("eta_seconds") is not None else "ETA –")
     if live.get("elapsed_seconds") is not None:
         bits.append(f"elapsed {fmt_duration(live['elapsed_seconds'])}")
+    if state == "queued" and live.get("queue_position"):
+        bits.append(f"place {esc(live['queue_position'])} in the queue, waiting for {esc(live.get('waiting_for'))}")
     err = f'<div class="job-error">{esc(live["error"])}</div>' if live.get("error") else ""
     return (f'<div class="job-progress" data-state="{esc(state)}" data-step="{step}">'
             f'<div class="job-head">{state_badge(state)} <b>{esc(live.get("name"))}</b> '

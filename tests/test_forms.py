@@ -81,9 +81,14 @@ def test_errors_name_the_fields(form):
         form.to_config(values)
 
 
-def test_number_bounds_error_names_the_field(form):
-    with pytest.raises(gr.Error, match="lora.lora_dropout"):
-        form.fields["lora.lora_dropout"].preprocess(1.5)
+def test_out_of_range_numbers_are_all_named_together(form):
+    """The widgets' range checks do not stop at the first number: the config names every bad one at once."""
+    values = values_of(form, example_config())
+    for path, bad in (("lora.lora_dropout", 1.5), ("lora.r", 0), ("training.learning_rate", -0.1)):
+        values[form.fields[path]] = form.fields[path].preprocess(bad)
+    with pytest.raises(ConfigError) as e:
+        form.to_config(values)
+    assert all(p in str(e.value) for p in ("lora.lora_dropout", "lora.r", "training.learning_rate")), e.value
 
 
 def test_upload_is_kept_in_the_studio(tmp_path, monkeypatch):

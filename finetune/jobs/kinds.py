@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from finetune import policy
+from finetune.datacheck import check_job_data
 from finetune.store.adapters import check_writable
 from finetune.config import ConfigError, JobConfig, format_errors
 from finetune.errors import JobError
@@ -126,6 +127,7 @@ def prepare_training(cfg: JobConfig) -> JobConfig:
     if policy.confined():  # a client of the studio sent it: its paths and models must be ones the operator allows
         policy.check_job(cfg)
     check_writable()
+    check_job_data(cfg.data)  # never queue a job for data it cannot read
     return cfg
 
 

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
 from pydantic import BaseModel
 
 from finetune import rundir
@@ -39,6 +40,7 @@ STATES = ("queued", "running", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
 JOB_ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{4}$")
 CANCEL_GRACE_S = 10.0
+ADAPTER_LINE = re.compile(r"^adapter_name: (.*)$", re.MULTILINE)  # a training spec's YAML, as spec_yaml writes it
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -197,9 +199,15 @@ class JobStore:
         run_dir = self._new_run_dir()
         try:
             with self._tx() as con:
+<<<<<<< HEAD
                 con.execute("INSERT INTO jobs (id, name, config, state, created_at, run_dir, kind, parent) "
                             "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
                             (run_dir.name, name, text, time.time(), str(run_dir), kind, parent))
+=======
+                refuse_taken_adapter_name(con, spec if kind == "train" else None)
+                con.execute("INSERT INTO jobs (id, name, config, state, created_at, run_dir, kind) "
+                            "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (run_dir.name, name, text, time.time(), str(run_dir), kind))
+>>>>>>> main
                 # Written while the row's transaction holds the write lock: a run folder with a job.yaml always has
                 # its row, or is about to, so rebuilding the job list from the folders never races a submit.
                 write_text_atomic(run_dir / rundir.JOB_YAML, text)
@@ -300,12 +308,21 @@ class JobStore:
 
     # --- views -----------------------------------------------------------------------------------------------------
     def live(self, job_id: str, detail: bool = True) -> dict:
-        """Everything a client shows for one job (rundir.view), from the DB and the run folder."""
-        return self._view(self.get(job_id), detail)
+        """Everything a client shows for one job (rundir.view), from the DB and the run folder; a queued job also
+        says its place in the queue and what it waits for."""
+        view = self._view(self.get(job_id), detail)
+        if view["state"] == "queued":
+            view.update(queue_place(view["id"], self.queued(), len(self.running()), self.max_concurrent))
+        return view
 
     def views(self, limit: int = 500) -> list[dict]:
         """rundir.view, without curves and log, of every job, newest first (the job tables)."""
-        return [self._view(r, detail=False) for r in self._select(limit=limit, newest_first=True)]
+        views = [self._view(r, detail=False) for r in self._select(limit=limit, newest_first=True)]
+        queued = [v for v in reversed(views) if v["state"] == "queued"]
+        running = sum(v["state"] == "running" for v in views)
+        for v in queued:
+            v.update(queue_place(v["id"], queued, running, self.max_concurrent))
+        return views
 
     def _view(self, row: dict, detail: bool) -> dict:
         spec = self._spec_or_none(row)
@@ -343,6 +360,7 @@ class JobStore:
         return self.scheduler.wait(job_id, timeout, on_change, schedule)
 
 
+<<<<<<< HEAD
 MAX_RELAUNCHES = 5
 
 
@@ -356,6 +374,34 @@ def relaunch_lost(row: dict) -> bool:
     phase = rundir.read_status(Path(row["run_dir"])).get("phase")
     return (kind.relaunch and not row["cancel_requested"] and phase not in ("completed", "failed")
             and (row["attempts"] or 0) <= MAX_RELAUNCHES)
+=======
+def queue_place(job_id: str, queued: list[dict], running: int, slots: int) -> dict:
+    """{"queue_position": 1-based place among the queued jobs (oldest first), "waiting_for": in words}."""
+    ids = [q["id"] for q in queued]
+    pos = ids.index(job_id) + 1 if job_id in ids else None
+    if pos is None:
+        return {"queue_position": None, "waiting_for": None}
+    if pos > 1:
+        waiting = f"{pos - 1} job(s) queued before it (next to start: {ids[0]})"
+    elif running >= slots:
+        waiting = f"a free slot: {running} job(s) running, {slots} at a time"
+    else:
+        waiting = "the scheduler to start it (a slot is free)"
+    return {"queue_position": pos, "waiting_for": waiting}
+
+
+def refuse_taken_adapter_name(con: sqlite3.Connection, spec: BaseModel | None) -> None:
+    """Two jobs never publish under one name: a name a queued or running job will publish is refused at submit
+    (inside the submit's transaction, so two racing submits cannot both take it)."""
+    name = getattr(spec, "adapter_name", None)
+    if not name:
+        return
+    for row in con.execute("SELECT id, state, config FROM jobs WHERE kind='train' AND state IN ('queued','running')"):
+        line = ADAPTER_LINE.search(row["config"])
+        if line and yaml.safe_load(line.group(1)) == name:
+            raise ConfigError(f"adapter_name: job {row['id']} ({row['state']}) will publish an adapter named {name!r}: "
+                              "choose another name, or cancel that job first")
+>>>>>>> main
 
 
 def outcome(row: dict, spec: BaseModel | None, returncode: int | None) -> tuple[str, str | None, str | None]:

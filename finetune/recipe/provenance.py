@@ -17,11 +17,15 @@ from finetune.paths import model_cache_dir
 log = logging.getLogger(__name__)
 
 
-def library_versions() -> dict:
+TRAINING_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
+
+
+def library_versions(extra: tuple[str, ...] = ()) -> dict:
+    """Python's and each library's version (None where it is not installed): what a result depends on."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"):
+    for pkg in TRAINING_LIBRARIES + extra:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
