@@ -199,15 +199,10 @@ class JobStore:
         run_dir = self._new_run_dir()
         try:
             with self._tx() as con:
-<<<<<<< HEAD
+                refuse_taken_adapter_name(con, spec if kind == "train" else None)
                 con.execute("INSERT INTO jobs (id, name, config, state, created_at, run_dir, kind, parent) "
                             "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
                             (run_dir.name, name, text, time.time(), str(run_dir), kind, parent))
-=======
-                refuse_taken_adapter_name(con, spec if kind == "train" else None)
-                con.execute("INSERT INTO jobs (id, name, config, state, created_at, run_dir, kind) "
-                            "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (run_dir.name, name, text, time.time(), str(run_dir), kind))
->>>>>>> main
                 # Written while the row's transaction holds the write lock: a run folder with a job.yaml always has
                 # its row, or is about to, so rebuilding the job list from the folders never races a submit.
                 write_text_atomic(run_dir / rundir.JOB_YAML, text)
@@ -360,7 +355,6 @@ class JobStore:
         return self.scheduler.wait(job_id, timeout, on_change, schedule)
 
 
-<<<<<<< HEAD
 MAX_RELAUNCHES = 5
 
 
@@ -374,7 +368,8 @@ def relaunch_lost(row: dict) -> bool:
     phase = rundir.read_status(Path(row["run_dir"])).get("phase")
     return (kind.relaunch and not row["cancel_requested"] and phase not in ("completed", "failed")
             and (row["attempts"] or 0) <= MAX_RELAUNCHES)
-=======
+
+
 def queue_place(job_id: str, queued: list[dict], running: int, slots: int) -> dict:
     """{"queue_position": 1-based place among the queued jobs (oldest first), "waiting_for": in words}."""
     ids = [q["id"] for q in queued]
@@ -401,7 +396,6 @@ def refuse_taken_adapter_name(con: sqlite3.Connection, spec: BaseModel | None) -
         if line and yaml.safe_load(line.group(1)) == name:
             raise ConfigError(f"adapter_name: job {row['id']} ({row['state']}) will publish an adapter named {name!r}: "
                               "choose another name, or cancel that job first")
->>>>>>> main
 
 
 def outcome(row: dict, spec: BaseModel | None, returncode: int | None) -> tuple[str, str | None, str | None]:
