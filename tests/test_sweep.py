@@ -51,6 +51,7 @@ def test_sweep_through_the_queue_survives_a_studio_kill(tmp_path, data):
         os.kill(proc.pid, signal.SIGKILL)  # the studio dies, and the driver with it (a machine going down)
         proc.wait(timeout=10)
     from finetune.jobs.store import JobStore
+    from finetune.sweep.status import trial_jobs
 
     pgid = JobStore(home, reconcile=False).get(job)["pgid"]
     os.killpg(pgid, signal.SIGKILL)
@@ -62,7 +63,7 @@ def test_sweep_through_the_queue_survives_a_studio_kill(tmp_path, data):
     trials = final["trials"]
     assert [t["number"] for t in trials] == [0, 1, 2, 3]
     assert all(t["state"] == "completed" and isinstance(t["value"], float) for t in trials), trials
-    jobs = JobStore(home, reconcile=False).children(job)
+    jobs = trial_jobs(JobStore(home, reconcile=False), job)
     assert sorted(t["job_id"] for t in trials) == sorted(r["id"] for r in jobs)  # one job per trial: none repeated
     assert all(r["state"] == "completed" and r["kind"] == "train" for r in jobs)
     assert JobStore(home, reconcile=False).get(job)["attempts"] == 2  # the driver was started again, once
@@ -80,7 +81,7 @@ def run_cli(home: Path, spec: dict, path: Path) -> subprocess.Popen:
 
 def test_pruned_trial_shows_as_pruned(tmp_path, data):
     from finetune.jobs.store import JobStore
-    from finetune.sweep.status import sweep_status as status_of
+    from finetune.sweep.status import sweep_status as status_of, trial_jobs
 
     spec = sweep_spec(data, "pr", 1, pruner="threshold", prune_above=1e-3, report_every=1,
                       space={"max_steps": [40]})  # any validation loss is above 1e-3: stopped at its first report
@@ -89,7 +90,7 @@ def test_pruned_trial_shows_as_pruned(tmp_path, data):
     assert "pruned" in out, out
     store = JobStore(tmp_path / "home", reconcile=False)
     sweep_row = next(r for r in store.list_jobs() if r["kind"] == "sweep")
-    (trial_job,) = store.children(sweep_row["id"])
+    (trial_job,) = trial_jobs(store, sweep_row["id"])
     assert trial_job["state"] == "cancelled" and trial_job["reason"] == "pruned"
     view = store.live(trial_job["id"])
     assert view["phase"] == "pruned" and view["step"] < 40

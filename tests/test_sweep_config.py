@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import tiny_config
+from conftest import arithmetic_rows, tiny_config, write_jsonl
 from finetune.config import ConfigError
 from finetune.errors import StudioError
 from finetune.sweep.config import SweepConfig, space_values, with_params
 
 
 def spec(tmp_path, **over) -> dict:
-    base = tiny_config(tmp_path / "train.jsonl", "base").model_dump(mode="json")
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, arithmetic_rows(8))
+    base = tiny_config(data, "base").model_dump(mode="json")
     return {"base": base, "space": {"r": [4, 8]}, **over}
 
 
@@ -72,7 +75,7 @@ def test_a_sweep_driver_takes_no_slot(tmp_path):
 
     store = JobStore(tmp_path / "home", reconcile=False, max_concurrent=1, gpus=())
     sweep_id = store.submit(SweepConfig.parse(spec(tmp_path)), kind="sweep")
-    train_id = store.submit(tiny_config(tmp_path / "train.jsonl", "other"))
+    train_id = store.submit(tiny_config(tmp_path / "train.jsonl", "other", steps=1))
     assert store.scheduler._slot(store.get(sweep_id)) is False
     try:
         launched = store.tick()

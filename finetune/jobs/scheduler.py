@@ -162,7 +162,10 @@ class Scheduler:
             except TimeoutError:
                 return  # still alive after all: the next pass looks again
         self.children.pop(job_id)
-        self.store.record_outcome(job_id, returncode)
+        from finetune.jobs.store import relaunch_if_lost  # the store imports this module
+
+        if not relaunch_if_lost(self.store, job_id):
+            self.store.record_outcome(job_id, returncode)
 
     def stop_job(self, row: dict, grace_s: float) -> None:
         """Stop a running job's process group (SIGTERM, SIGKILL after grace_s) and record it."""

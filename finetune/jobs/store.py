@@ -165,10 +165,6 @@ class JobStore:
             r.pop("config", None)
         return rows
 
-    def children(self, job_id: str) -> list[dict]:
-        """The jobs `job_id` submitted (a sweep's trials), oldest first, without the spec text."""
-        return [{k: v for k, v in r.items() if k != "config"} for r in self._select("WHERE parent=?", (job_id,))]
-
     def queued(self) -> list[dict]:
         return self._select("WHERE state='queued'")
 
@@ -189,8 +185,7 @@ class JobStore:
     # --- operations ----------------------------------------------------------------------------------------------
     def submit(self, spec: BaseModel | dict | str, name: str | None = None, kind: str = "train",
                parent: str | None = None) -> str:
-        """Validate, write runs/<id>/job.yaml, queue. parent: the job submitting it (a sweep). Raises ConfigError
-        naming the bad field."""
+        """Validate, write runs/<id>/job.yaml, queue (parent: the sweep submitting it). Raises ConfigError naming the field."""
         job_kind = get_kind(kind)
         spec = job_kind.prepare(parse_spec(job_kind, spec))
         label = str(job_kind.label(spec))
@@ -285,11 +280,6 @@ class JobStore:
         row = self.get(job_id)
         if row["state"] != "running":
             return
-        if relaunch_lost(row):  # a driver killed from outside starts again and picks up where it was
-            with self._tx() as con:
-                con.execute("UPDATE jobs SET state='queued', resume=1, pid=NULL, pgid=NULL, devices=NULL "
-                            "WHERE id=? AND state='running'", (job_id,))
-            return
         state, error, adapter = outcome(row, self._spec_or_none(row), returncode)
         with self._tx() as con:
             con.execute("UPDATE jobs SET state=?, finished_at=?, error=?, exit_code=?, adapter_name=?, devices=NULL "
@@ -358,16 +348,23 @@ class JobStore:
 MAX_RELAUNCHES = 5
 
 
-def relaunch_lost(row: dict) -> bool:
-    """A job of a kind that restarts safely (a sweep driver) whose process vanished without saying it finished,
-    and that nobody cancelled: it is queued again (a few times at most) instead of failing."""
+def relaunch_if_lost(store: JobStore, job_id: str) -> bool:
+    """A running job of a kind that restarts safely (a sweep driver) whose process vanished without saying it
+    finished, and that nobody cancelled, is queued again (a few times at most) instead of failing: it picks up
+    where it was. Returns whether it was."""
+    row = store.get(job_id)
     try:
         kind = get_kind(row["kind"])
     except JobError:
         return False
     phase = rundir.read_status(Path(row["run_dir"])).get("phase")
-    return (kind.relaunch and not row["cancel_requested"] and phase not in ("completed", "failed")
-            and (row["attempts"] or 0) <= MAX_RELAUNCHES)
+    if (row["state"] != "running" or not kind.relaunch or row["cancel_requested"] or phase in ("completed", "failed")
+            or (row["attempts"] or 0) > MAX_RELAUNCHES):
+        return False
+    with store._tx() as con:
+        con.execute("UPDATE jobs SET state='queued', resume=1, pid=NULL, pgid=NULL, devices=NULL "
+                    "WHERE id=? AND state='running'", (job_id,))
+    return True
 
 
 def queue_place(job_id: str, queued: list[dict], running: int, slots: int) -> dict:

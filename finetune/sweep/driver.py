@@ -21,6 +21,7 @@ from finetune.jobs.store import FINISHED, JobStore
 from finetune.sweep import study as S
 from finetune.sweep.config import SweepConfig, with_params
 from finetune.sweep.objective import objective_value
+from finetune.sweep.status import summary, trial_jobs
 
 PRUNE_GRACE_S = 5.0
 
@@ -91,7 +92,7 @@ class Driver:
     def _job_for(self, number: int, params: dict) -> str:
         """The trial's job: the one already submitted for it (a restarted driver), else a new one."""
         name = self.trial_name(number)
-        for row in self.store.children(self.sweep_id):
+        for row in trial_jobs(self.store, self.sweep_id):
             if row["name"] == name:
                 return row["id"]
         return self.store.submit(self.trial_config(params, number), name=name, parent=self.sweep_id)
@@ -124,8 +125,6 @@ class Driver:
         return "pruned"
 
     def _status(self, phase: str) -> None:
-        from finetune.sweep.status import summary
-
         info = summary(self.study)
         write_json_atomic(self.run_dir / rundir.STATUS, {
             **rundir.read_status(self.run_dir), "phase": phase, "kind": "sweep", "adapter_name": "",

@@ -12,6 +12,11 @@ STATE_NAMES = {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "failed", "R
                "WAITING": "queued"}
 
 
+def trial_jobs(store: JobStore, sweep_id: str) -> list[dict]:
+    """The jobs a sweep submitted (its trials), newest first."""
+    return [r for r in store.list_jobs() if r.get("parent") == sweep_id]
+
+
 def trial_rows(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
