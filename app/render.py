@@ -97,7 +97,8 @@ def jobs_frame(views: list[dict]) -> pd.DataFrame:
         dur = fmt_duration(end - v["started_at"]) if v.get("started_at") and end else "–"
         # the name it publishes (queued, running) or published; a failed or cancelled job published nothing
         adapter = v.get("adapter_name") if v["state"] in ("queued", "running", "completed") else None
-        out.append([v["id"], v["name"], v["state"], step, fmt_num(v.get("loss")), adapter or "–",
+        state = f"{v['state']} ({v['reason']})" if v.get("reason") else v["state"]
+        out.append([v["id"], v["name"], state, step, fmt_num(v.get("loss")), adapter or "–",
                     fmt_time(v["created_at"]), dur])
     return pd.DataFrame(out, columns=JOB_COLUMNS)
 

@@ -218,8 +218,10 @@ def view(row: dict, planned_steps: int | None = None, command: str | None = None
         "peak_memory_mb": _number(status.get("peak_memory_mb")),
         "eta_seconds": _number(status.get("eta_seconds")) if state == "running" else (0.0 if state == "completed" else None),
         "elapsed_seconds": round(elapsed, 1) if elapsed is not None else None,
-        # launched but silent so far: it is loading (a phase never reads "running" before "loading")
-        "phase": str(status.get("phase") or ("loading" if state == "running" else state)),
+        # a job its sweep stopped early says so, whatever its process last wrote; launched but silent so far: it
+        # is loading (a phase never reads "running" before "loading")
+        "phase": "pruned" if row.get("reason") == "pruned" else str(status.get("phase") or ("loading" if state == "running" else state)),
+        "reason": row.get("reason"), "parent": row.get("parent"),
         "adapter_name": row.get("adapter_name") or label,
         "error": row.get("error"), "command": command or row.get("command"),
         "created_at": row["created_at"], "started_at": row.get("started_at"), "finished_at": row.get("finished_at"),

@@ -41,6 +41,8 @@ class JobKind:
     gpus: Callable[[BaseModel], int]                   # GPUs the job needs (0 = CPU only)
     label: Callable[[BaseModel], str]                  # what the job list shows (e.g. the adapter name)
     prepare: Callable[[BaseModel], BaseModel] = field(default=lambda spec: spec)  # pins the spec before it is queued
+    slot: bool = True       # takes a device (or CPU) slot; a driver that only submits and watches other jobs does not
+    relaunch: bool = False  # restarts safely: queued again (resumed) when its process is lost, instead of failing
 
 
 _KINDS: dict[str, JobKind] = {}

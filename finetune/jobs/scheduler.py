@@ -88,21 +88,32 @@ class Scheduler:
         """Reconcile, then start what fits (oldest first). Returns the ids launched."""
         with self.store.scheduling():
             self._reconcile_locked()
-            running = [tuple(r["devices"].split(",")) if r["devices"] else () for r in self.store.running()]
-            queue = []
+            running = [tuple(r["devices"].split(",")) if r["devices"] else () for r in self.store.running()
+                       if self._slot(r)]
+            queue, drivers = [], []
             for r in self.store.queued():
+                if not self._slot(r):  # a driver waits for its own jobs: it must never hold the slot they need
+                    drivers.append(Admission(r["id"], ()))
+                    continue
                 need = self._need(r)
                 if self.gpus and need > len(self.gpus):
                     self.store.launch_failed(r["id"], f"the job needs {need} GPUs; this host has {len(self.gpus)}")
                 else:
                     queue.append((r["id"], need))
             launched = []
-            for a in admit(queue, running, self.gpus, self.cpu_slots, self.max_jobs):
+            for a in drivers + admit(queue, running, self.gpus, self.cpu_slots, self.max_jobs):
                 row = self.store.claim(a.job_id, ",".join(a.devices))
                 if row is not None:
                     self._launch(row, a.devices)
                     launched.append(a.job_id)
             return launched
+
+    @staticmethod
+    def _slot(row: dict) -> bool:
+        try:
+            return get_kind(row["kind"]).slot
+        except Exception:  # an unknown kind fails at launch, with its reason
+            return True
 
     def _need(self, row: dict) -> int:
         try:
@@ -151,7 +162,10 @@ class Scheduler:
             except TimeoutError:
                 return  # still alive after all: the next pass looks again
         self.children.pop(job_id)
-        self.store.record_outcome(job_id, returncode)
+        from finetune.jobs.store import relaunch_if_lost  # the store imports this module
+
+        if not relaunch_if_lost(self.store, job_id):
+            self.store.record_outcome(job_id, returncode)
 
     def stop_job(self, row: dict, grace_s: float) -> None:
         """Stop a running job's process group (SIGTERM, SIGKILL after grace_s) and record it."""
