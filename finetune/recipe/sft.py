@@ -81,7 +81,30 @@ class StepResult:
     all_labels: int = 0   # label tokens of the step over every process (the loss's denominator)
 
 
-class SFTRecipe:
+class ObjectiveHooks:
+    """What an objective may override besides `_setup_data` and `loss_step` (the SFT answers here)."""
+
+    def collate(self, examples: list[dict]) -> dict:
+        """Examples -> one batch of tensors on the device (packed into one row on a GPU)."""
+        from finetune import data as D
+
+        batch = D.collate(examples, self.tokenizer.pad_token_id, padding_free=self.padding_free)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def count_items(self, batch: dict) -> int:
+        """What loss_step's sum is normalised by: the batch's label tokens (a pair objective counts pairs)."""
+        return count_label_tokens(batch)
+
+    def objective_record(self) -> dict:
+        """What studio.json says about the objective (and the other models it learned from)."""
+        return {"objective": "sft"}
+
+    def step_metrics(self) -> dict:
+        """The objective's own metrics for the steps since the last logged one (merged into its metrics row)."""
+        return {}
+
+
+class SFTRecipe(ObjectiveHooks):
     """LoRA supervised fine-tuning on the assistant tokens of chat-rendered examples."""
 
     def __init__(self, config: JobConfig, run_dir: str | Path | None = None):
@@ -193,24 +216,6 @@ class SFTRecipe:
                                 acc.process_index, acc.num_processes)
         return step_groups(batches, tc.gradient_accumulation_steps)
 
-    def collate(self, examples: list[dict]) -> dict:
-        """Examples -> one batch of tensors on the device (packed into one row on a GPU)."""
-        from finetune import data as D
-
-        batch = D.collate(examples, self.tokenizer.pad_token_id, padding_free=self.padding_free)
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
-
-    def count_items(self, batch: dict) -> int:
-        """What loss_step's sum is normalised by: the batch's label tokens (a pair objective counts pairs)."""
-        return count_label_tokens(batch)
-
-    def objective_record(self) -> dict:
-        """What studio.json says about the objective (and the other models it learned from)."""
-        return {"objective": "sft"}
-
-    def step_metrics(self) -> dict:
-        """The objective's own metrics for the steps since the last logged one (merged into its metrics row)."""
-        return {}
 
     def loss_step(self, batch: dict, num_items_in_batch: int):
         """The one place where forward and loss meet: the summed token loss over `num_items_in_batch` label tokens."""
