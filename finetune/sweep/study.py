@@ -48,7 +48,7 @@ def open_study(spec: SweepConfig, storage: str, study_name: str, attempts: int =
             storage_obj = optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
             return optuna.create_study(storage=storage_obj, study_name=study_name, direction=spec.direction,
                                        sampler=_sampler(spec), pruner=_pruner(spec), load_if_exists=True)
-        except sqlalchemy.exc.OperationalError:  # two workers creating the same new database's tables at once
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # two workers creating one new database
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5 + attempt)
