@@ -254,7 +254,7 @@ def start_job(form: Form, values, warned: str = "") -> tuple[str | None, str, st
     queued only when Start is pressed again for the same config, after the warning with the suggestions."""
     verdict = judge_form(form, values)
     if verdict.errors:
-        return None, problems_html(verdict.errors, verdict.notes), ""
+        return None, problems_html(verdict.errors, verdict.notes, refused=True), ""
     cfg = verdict.config
     plan = job_plan(cfg)
     key = cfg.to_yaml()
@@ -264,5 +264,5 @@ def start_job(form: Form, values, warned: str = "") -> tuple[str | None, str, st
     try:
         job_id = store().submit(cfg)  # checks the data again: the file may have changed since the verdict
     except StudioError as e:
-        return None, problems_html(split_problems(str(e))), ""
+        return None, problems_html(split_problems(str(e)), refused=True), ""
     return job_id, ok_html(f"Queued job <code>{render.esc(job_id)}</code> for adapter <code>{render.esc(cfg.adapter_name)}</code>.") + notes_html(verdict.notes), ""

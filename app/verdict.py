@@ -64,13 +64,14 @@ def judge(form, values, tokenizer_if_loaded=lambda model_cfg: None) -> Verdict:
     return v
 
 
-def problems_html(errors: list[str], notes: list[str] = ()) -> str:
-    """Every problem in one list, then the notes: shown in place of the previous verdict."""
+def problems_html(errors: list[str], notes: list[str] = (), refused: bool = False) -> str:
+    """Every problem in one list, then the notes: shown in place of the previous verdict. refused: Start was
+    pressed (and nothing was queued)."""
     out = ""
     if errors:
         items = "".join(f"<li>{render.esc(p)}</li>" for p in errors)
-        out += (f'<div class="msg error" id="verdict-errors"><b>The job has {len(errors)} problem(s); nothing was '
-                f'queued:</b><ul>{items}</ul></div>')
+        head = "Not queued: the job has" if refused else "The job has"
+        out += f'<div class="msg error"><b>{head} {len(errors)} problem(s):</b><ul>{items}</ul></div>'
     return out + notes_html(notes)
 
 
@@ -78,4 +79,4 @@ def notes_html(notes: list[str]) -> str:
     if not notes:
         return ""
     items = "".join(f"<li>{render.esc(n)}</li>" for n in notes)
-    return f'<div class="msg warn" id="verdict-notes"><b>Worth a look before it runs:</b><ul>{items}</ul></div>'
+    return f'<div class="msg warn"><b>Worth a look before it runs:</b><ul>{items}</ul></div>'

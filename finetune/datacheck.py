@@ -38,16 +38,11 @@ def _local(path: str | None) -> bool:
         not D.looks_like_hub_id(path)
 
 
-def _rows(records, data_cfg) -> tuple[list, str]:
-    """Every row as messages, or DataError listing the first bad ones and how many there are."""
+def _rows(records, data_cfg) -> tuple[list, str, list, int]:
+    """(every good row as messages, the format, the first bad rows' errors, how many rows are bad)."""
     fmt = data_cfg.format if data_cfg.format != "auto" else D.detect_format(records, getattr(records, "source", None))
     rows, errors, bad = D.row_problems(records, fmt, data_cfg.system_prompt, limit=MAX_LISTED)
-    if errors:
-        more = f" (and {bad - len(errors)} more bad rows)" if bad > len(errors) else ""
-        problem = D.DataError("; ".join(str(e) for e in errors) + more)
-        problem.path = errors[0].path
-        raise problem
-    return rows, fmt
+    return rows, fmt, errors, bad
 
 
 def check_job_data(data_cfg) -> DataFacts | None:
@@ -59,9 +54,16 @@ def check_job_data(data_cfg) -> DataFacts | None:
     train, val = D.split_records(records, data_cfg)
     if data_cfg.max_samples is not None and len(train) > data_cfg.max_samples:
         train = train.subset(list(range(data_cfg.max_samples)))
-    train_rows, fmt = _rows(train, data_cfg)
+    train_rows, fmt, errors, bad = _rows(train, data_cfg)
     if len(val):
-        _rows(val, data_cfg)
+        _, _, val_errors, val_bad = _rows(val, data_cfg)
+        errors, bad = errors + val_errors, bad + val_bad
+    if errors:
+        errors = sorted(errors, key=lambda e: (str(e.path), e.line or 0))[:MAX_LISTED]
+        more = f" (and {bad - len(errors)} more bad rows)" if bad > len(errors) else ""
+        problem = D.DataError("; ".join(str(e) for e in errors) + more)
+        problem.path = errors[0].path
+        raise problem
     return DataFacts(records.source, fmt, len(train_rows), len(val), train_rows[:SAMPLE_FOR_TOKENS])
 
 
