@@ -200,21 +200,24 @@ class SFTRecipe:
         # Normalise by the label tokens of the whole step, not per micro-batch: the accumulated gradient then equals
         # that of one big batch, however the tokens fall across micro-batches.
         n_labels = max(1, sum(count_label_tokens(b) for b in micro_batches))
-        step_loss, tokens = 0.0, 0
+        losses, tokens = [], 0
         for j, batch in enumerate(micro_batches):
             sync = j == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                 loss = self.loss_step(batch, n_labels)
                 acc.backward(loss)
-            step_loss += float(loss.detach())
+            losses.append(loss.detach())
             tokens += count_input_tokens(batch)
         max_norm = self.tc.max_grad_norm if self.tc.max_grad_norm > 0 else float("inf")
-        grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+        grad_norm = acc.clip_grad_norm_(self.params, max_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=step_loss, grad_norm=grad_norm, learning_rate=lr, tokens=tokens)
+        # Read back only now: a value read between backward and the optimizer step would make the host wait for
+        # the device there, leaving the device idle while the host then queues the clipping and the update.
+        return StepResult(loss=sum(float(x) for x in losses), grad_norm=float(grad_norm), learning_rate=lr,
+                          tokens=tokens)
 
     def evaluate_loss(self) -> float | None:
         """Token-weighted mean loss on the validation examples."""
