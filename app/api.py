@@ -84,8 +84,8 @@ def to_json(data) -> str:
 
 # --- jobs ------------------------------------------------------------------------------------------------------
 STATUS_KEYS = ("id", "name", "state", "phase", "step", "total_steps", "progress", "loss", "eval_loss",
-               "tokens_per_second", "peak_memory_mb", "eta_seconds", "elapsed_seconds", "adapter_name", "error",
-               "attempts", "command")
+               "tokens_per_second", "peak_memory_mb", "rank_peak_memory_mb", "eta_seconds", "elapsed_seconds",
+               "adapter_name", "error", "attempts", "command", "queue_position", "waiting_for")
 
 
 def _job_id(job_id: str) -> str:
@@ -129,18 +129,39 @@ def list_jobs() -> str:
     return to_json([{k: r.get(k) for k in keys} for r in store().list_jobs()])
 
 
+def submit_sweep(sweep_yaml: str) -> str:
+    """Queue a hyper-parameter sweep from its YAML text (base: the job config inline, space, n_trials, objective,
+    sampler, pruner; docs/sweeps.md). Returns the sweep's job id; its trials are training jobs of their own."""
+    from finetune import sweep
+
+    if not (sweep_yaml or "").strip():
+        raise gr.Error("sweep_yaml is empty: send a sweep config (examples/demo-sweep.yaml shows one)")
+    return sweep.submit(store(), sweep_yaml)
+
+
+def sweep_status(job_id: str) -> str:
+    """JSON: the sweep job's status, its trials (number, state incl. pruned, objective value, parameters, job id),
+    the best trial so far, parameter importances and the best trial's job config."""
+    from finetune import sweep
+
+    return to_json(sweep.status_of(store(), _job_id(job_id)))
+
+
 def validate_config(config_yaml: str) -> str:
-    """Check a job YAML without queueing it: {"valid": true, "config": normalised YAML} or
-    {"valid": false, "error": "... names each bad field ..."}."""
+    """Check a job YAML and the data it names without queueing it (the check /submit_job makes):
+    {"valid": true, "config": normalised YAML, "notes": [settings that cannot make sense for the data]} or
+    {"valid": false, "error": "... names each bad field, and each bad row by file and line ..."}."""
     from finetune import policy
+    from finetune.datacheck import check_job_data, setting_notes
 
     try:
         cfg = JobConfig.from_yaml(config_yaml or "", "config")
         if policy.confined():
             policy.check_job(cfg)
-    except ValueError as e:  # ConfigError, and what the operator did not allow
+        facts = check_job_data(cfg.data)
+    except ValueError as e:  # ConfigError, DataError, and what the operator did not allow
         return to_json({"valid": False, "error": str(e)})
-    return to_json({"valid": True, "config": cfg.to_yaml()})
+    return to_json({"valid": True, "config": cfg.to_yaml(), "notes": setting_notes(cfg, facts)})
 
 
 def plan_job(config_yaml: str, device_memory_gib: float = 0.0, device: str = "") -> str:
@@ -288,7 +309,7 @@ def evaluate(adapter: str, data_path: str = "", max_examples: int = 0, max_new_t
 ENDPOINTS = [
     (submit_job, {}), (job_status, {}), (cancel_job, {}), (resume_job, {}), (list_jobs, {}),
     (validate_config, {}), (plan_job, {}), (list_adapters, {}), (delete_adapter, {}), (export_adapter, {}),
-    (list_exports, {}),
+    (list_exports, {}), (submit_sweep, {}), (sweep_status, {}),
     (generate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
     (evaluate, {"concurrency_limit": 1, "concurrency_id": MODEL_GROUP}),
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app import adapters_tab, api, jobs_tab, playground_tab, render, train_tab
+from app import adapters_tab, api, jobs_tab, playground_tab, render, train_tab, url_state
 from app.api import friendly
 
 TITLE = "PEFT Studio"
@@ -83,6 +83,7 @@ def build_app() -> gr.Blocks:
                 playground = playground_tab.build()
         jobs.timer.render()
         api.register()
+        url_state.keep_in_url(demo, tabs, jobs.job)
 
         undocumented = dict(api_visibility="undocumented")
 

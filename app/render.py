@@ -91,10 +91,14 @@ def jobs_frame(views: list[dict]) -> pd.DataFrame:
         total = v.get("total_steps")
         started = v["state"] != "queued" or v.get("attempts")
         step = f"{v.get('step') or 0}/{total}" if total and started else ("–" if not started else str(v.get("step", "–")))
+        if v["state"] == "queued" and v.get("queue_position"):
+            step = f"queued #{v['queue_position']}"
         end = v.get("finished_at") or (time.time() if v["state"] == "running" else None)
         dur = fmt_duration(end - v["started_at"]) if v.get("started_at") and end else "–"
-        adapter = v.get("adapter_name") if v["state"] == "completed" else None
-        out.append([v["id"], v["name"], v["state"], step, fmt_num(v.get("loss")), adapter or "–",
+        # the name it publishes (queued, running) or published; a failed or cancelled job published nothing
+        adapter = v.get("adapter_name") if v["state"] in ("queued", "running", "completed") else None
+        state = f"{v['state']} ({v['reason']})" if v.get("reason") else v["state"]
+        out.append([v["id"], v["name"], state, step, fmt_num(v.get("loss")), adapter or "–",
                     fmt_time(v["created_at"]), dur])
     return pd.DataFrame(out, columns=JOB_COLUMNS)
 
@@ -115,6 +119,8 @@ def progress_html(live: dict | None) -> str:
         bits.append(f"ETA {fmt_duration(live.get('eta_seconds'))}" if live.get("eta_seconds") is not None else "ETA –")
     if live.get("elapsed_seconds") is not None:
         bits.append(f"elapsed {fmt_duration(live['elapsed_seconds'])}")
+    if state == "queued" and live.get("queue_position"):
+        bits.append(f"place {esc(live['queue_position'])} in the queue, waiting for {esc(live.get('waiting_for'))}")
     err = f'<div class="job-error">{esc(live["error"])}</div>' if live.get("error") else ""
     return (f'<div class="job-progress" data-state="{esc(state)}" data-step="{step}">'
             f'<div class="job-head">{state_badge(state)} <b>{esc(live.get("name"))}</b> '
@@ -124,13 +130,21 @@ def progress_html(live: dict | None) -> str:
             f'<div class="muted">{" · ".join(bits)}</div>{err}</div>')
 
 
+def rank_memory_cells(ranks) -> list[tuple[str, str]]:
+    """Peak memory of each process of a job run over several (GPU ranks, or CPU processes)."""
+    if not isinstance(ranks, list) or len(ranks) < 2:
+        return []
+    values = " / ".join(f"{m:,.0f}" if num(m) else "–" for m in ranks[:64])
+    return [(f"peak memory per rank ({len(ranks)})", f"{esc(values)} MB")]
+
+
 def stats_html(live: dict | None) -> str:
     if not live:
         return ""
     mem = num(live.get("peak_memory_mb"))
     cells = [("train loss", fmt_num(live.get("loss"))), ("eval loss", fmt_num(live.get("eval_loss"))),
              ("tokens/s", fmt_num(live.get("tokens_per_second"), 3)),
-             ("peak memory", f"{mem:,.0f} MB" if mem else "–"),
+             ("peak memory", f"{mem:,.0f} MB" if mem else "–"), *rank_memory_cells(live.get("rank_peak_memory_mb")),
              ("adapter", esc(live.get("adapter_name") or "–")), ("attempts", esc(live.get("attempts") or 0))]
     return '<div class="stat-grid">' + "".join(
         f'<div class="stat"><div class="k">{k}</div><div class="v">{v}</div></div>' for k, v in cells) + "</div>"

@@ -11,7 +11,9 @@ import gradio as gr
 from app import render
 from app.api import friendly, store
 from app.forms import GROUPS, Form
+from app.verdict import Verdict, forget_rejected_upload, judge, notes_html, problems_html, split_problems
 from finetune.config import ConfigError, JobConfig, ModelConfig, example_config
+from finetune.errors import StudioError
 
 _tokenizers: dict[tuple, object] = {}
 _tok_lock = threading.Lock()
@@ -29,11 +31,24 @@ def _tokenizer(model_cfg: ModelConfig):
         return _tokenizers[key]
 
 
+def loaded_tokenizer(model_cfg: ModelConfig):
+    """The preview's tokenizer when it is already loaded, else None (a verdict never waits for a model)."""
+    with _tok_lock:
+        return _tokenizers.get((model_cfg.name_or_path, model_cfg.revision))
+
+
+def judge_form(form: Form, values) -> Verdict:
+    """Every problem of the form and its data at once (app.verdict), the stored-adapter rule included."""
+    verdict = judge(form, values, loaded_tokenizer)
+    if verdict.config is not None and existing_adapter(verdict.config.adapter_name):
+        verdict.errors.append(f"adapter_name: an adapter named {verdict.config.adapter_name!r} is already in the "
+                              "store: choose another name, or delete that adapter in the Adapters tab first")
+    return verdict
+
+
 def errors_html(message: str) -> str:
     """A ConfigError ("form: a.b: msg; c.d: msg") as a list, one bad field per line."""
-    body = message.split(": ", 1)[1] if message.startswith(("form: ", "submitted config: ")) else message
-    items = "".join(f"<li>{render.esc(p)}</li>" for p in body.split("; "))
-    return f'<div class="msg error"><b>The job config has problems:</b><ul>{items}</ul></div>'
+    return problems_html(split_problems(message))
 
 
 def ok_html(text: str) -> str:
@@ -64,6 +79,7 @@ def _components(default: JobConfig) -> SimpleNamespace:
                 _group(ui.form, default, "Quantization", columns=1)
             _group(ui.form, default, "LoRA", columns=3)
             _group(ui.form, default, "Training")
+            _group(ui.form, default, "Processes and GPUs")
             _group(ui.form, default, "Evaluation after training", columns=3)
     with gr.Accordion("YAML and command line", open=False, elem_id="yaml-accordion"):
         with gr.Row():
@@ -98,16 +114,13 @@ def _wire_config(ui: SimpleNamespace) -> None:
 
     @friendly
     def on_validate(values):
-        try:
-            cfg = form.to_config(values)
-        except ConfigError as e:
-            return errors_html(str(e))
-        if existing_adapter(cfg.adapter_name):
-            return errors_html(f"adapter_name: an adapter named {cfg.adapter_name!r} is already in the store: "
-                               "choose another name (or delete it in the Adapters tab)")
+        verdict = judge_form(form, values)
+        if verdict.errors:
+            return problems_html(verdict.errors, verdict.notes)
+        cfg = verdict.config
         return ok_html(f"Valid: <code>{render.esc(cfg.adapter_name)}</code> trains "
                        f"{render.esc(cfg.model.name_or_path)} ({cfg.model.quantization}) on "
-                       f"<code>{render.esc(cfg.data.path)}</code>.")
+                       f"<code>{render.esc(cfg.data.path)}</code>.") + notes_html(verdict.notes)
 
     @friendly
     def on_show_yaml(values):
@@ -147,6 +160,8 @@ def _wire_preview(ui: SimpleNamespace) -> None:
             cfg = ui.form.to_config(values, sections=("model", "data"))
             pv = D.preview(cfg.data, _tokenizer(cfg.model), n=5)
         except (ConfigError, D.DataError) as e:
+            if isinstance(e, D.DataError):
+                forget_rejected_upload(cfg.data.path)
             return f'<div class="msg error">{render.esc(e)}</div>', gr.update(visible=False), ""
         hist = render.histogram_frame(pv)
         return (preview_summary_html(pv), gr.update(value=hist, sort=list(hist["tokens"]), visible=True),
@@ -238,17 +253,17 @@ def start_job(form: Form, values, warned: str = "") -> tuple[str | None, str, st
     """Validate and queue; returns (job id or None, message HTML, the config warned about). The form never replaces
     a stored adapter by accident (a script may, through /submit_job). A job whose memory plan does not fit is
     queued only when Start is pressed again for the same config, after the warning with the suggestions."""
-    try:
-        cfg = form.to_config(values)
-    except ConfigError as e:
-        return None, errors_html(str(e)), ""
-    if existing_adapter(cfg.adapter_name):
-        return None, errors_html(f"adapter_name: an adapter named {cfg.adapter_name!r} is already in the store: "
-                                 "choose another name, or delete that adapter in the Adapters tab first"), ""
+    verdict = judge_form(form, values)
+    if verdict.errors:
+        return None, problems_html(verdict.errors, verdict.notes, refused=True), ""
+    cfg = verdict.config
     plan = job_plan(cfg)
     key = cfg.to_yaml()
     if plan is not None and not plan["fits"] and warned != key:
         return None, (render.plan_warning_html(plan) + '<div class="msg warn">Press <b>Start training</b> again to '
                       'queue it anyway.</div>'), key
-    job_id = store().submit(cfg)
-    return job_id, ok_html(f"Queued job <code>{render.esc(job_id)}</code> for adapter <code>{render.esc(cfg.adapter_name)}</code>."), ""
+    try:
+        job_id = store().submit(cfg)  # checks the data again: the file may have changed since the verdict
+    except StudioError as e:
+        return None, problems_html(split_problems(str(e)), refused=True), ""
+    return job_id, ok_html(f"Queued job <code>{render.esc(job_id)}</code> for adapter <code>{render.esc(cfg.adapter_name)}</code>.") + notes_html(verdict.notes), ""

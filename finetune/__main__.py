@@ -13,6 +13,8 @@ COMMANDS = {
     "plan": ("finetune.plan", "estimate a job's peak memory before launching it (JSON: fits, breakdown, suggestions)"),
     "export": ("finetune.export.cli", "export an adapter merged (hf) or as GGUF for llama.cpp/Ollama, print JSON"),
     "export-job": ("finetune.export.job", "run an export job's spec (what the job runner launches)"),
+    "sweep": ("finetune.sweep.cli", "hyper-parameter search: trials are studio train jobs; prints the best config"),
+    "sweep-job": ("finetune.sweep.job", "run a sweep job's driver (what the job runner launches)"),
     "bench": ("finetune.bench.harness", "GPU/CPU training speed and memory benchmark"),
 }
 

@@ -101,7 +101,7 @@ def load_records(path: str, split: str = "train", field: str = "data.path") -> R
                             path=path)
         rows = {"jsonl": _load_jsonl, "json": _load_json, "csv": _load_csv, "tsv": _load_csv,
                 "parquet": _load_parquet}[kind](p)
-    elif _looks_like_hub_id(path):
+    elif looks_like_hub_id(path):
         rows = _load_hub(path, split)
     else:
         raise DataError("file not found", path=path)
@@ -133,7 +133,7 @@ def _check_sizes(records: Records) -> None:
                                 path=source, line=line, field=str(key)[:100], unit=unit)
 
 
-def _looks_like_hub_id(path: str) -> bool:
+def looks_like_hub_id(path: str) -> bool:
     return bool(HUB_ID.match(path)) and Path(path).suffix.lower() not in FILE_TYPES and not path.startswith(".")
 
 
@@ -198,7 +198,10 @@ def _load_json(p: Path) -> Records:
 def _load_csv(p: Path) -> Records:
     text = _read_text(p)
     csv.field_size_limit(limits.MAX_DATA_FIELD_CHARS + 1)  # one past ours: _check_sizes names the column
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+    # strict: a quote that is never closed is an error, not one huge field that swallows the rest of the file
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",",
+                        strict=True)
+    start = 1
     try:
         header = next(reader, None)
         if header is None:
@@ -218,6 +221,8 @@ def _load_csv(p: Path) -> Records:
         if "field limit" in str(e):
             raise DataError(f"a value longer than {limits.MAX_DATA_FIELD_CHARS} characters (the limit)", path=str(p),
                             line=reader.line_num) from None
+        if "unexpected end of data" in str(e):
+            raise DataError("broken CSV: a quote opened in this row is never closed", path=str(p), line=start) from None
         raise DataError(f"broken CSV ({e})", path=str(p), line=reader.line_num) from None
     return Records(rows, str(p), lines, "line")
 
@@ -365,18 +370,26 @@ def _describe(value: Any) -> str:
     return "an empty list" if value == [] else type(value).__name__
 
 
-def validate_rows(records, fmt: str, system_prompt: str | None = None, source: str | None = None) -> list[list[dict]]:
-    """Every row as messages; the first bad row raises, with the count of the other bad rows."""
-    out, first, bad = [], None, 0
+def row_problems(records, fmt: str, system_prompt: str | None = None, source: str | None = None,
+                 limit: int = 5) -> tuple[list[list[dict]], list[DataError], int]:
+    """(every good row as messages, the first `limit` bad rows' errors located by file and line, how many are bad)."""
+    out, errors, bad = [], [], 0
     for i, rec in enumerate(records):
         try:
             out.append(to_messages(rec, fmt, system_prompt))
         except DataError as e:
             bad += 1
-            if first is None:
+            if len(errors) < limit:
                 path, line, unit = _where(records, i)
-                first = e.at(source or path, line, unit)
-    if first is not None:
+                errors.append(e.at(source or path, line, unit))
+    return out, errors, bad
+
+
+def validate_rows(records, fmt: str, system_prompt: str | None = None, source: str | None = None) -> list[list[dict]]:
+    """Every row as messages; the first bad row raises, with the count of the other bad rows."""
+    out, errors, bad = row_problems(records, fmt, system_prompt, source, limit=1)
+    if errors:
+        first = errors[0]
         if bad > 1:
             first = DataError(f"{first.reason} (and {bad - 1} more bad rows)", first.path, first.line, first.field,
                               first.unit)
@@ -552,7 +565,7 @@ def histogram(lengths: list[int], max_seq_length: int, bins: int = 10) -> dict:
     return {"edges": edges, "counts": counts}
 
 
-def _summary(lengths: list[int]) -> dict:
+def length_summary(lengths: list[int]) -> dict:
     if not lengths:
         return {"min": 0, "mean": 0.0, "p50": 0, "p95": 0, "max": 0}
     s = sorted(lengths)
@@ -601,7 +614,7 @@ def prepare(data_cfg, tokenizer) -> Prepared:
         "truncated": t_trunc + v_trunc,
         "dropped": t_drop + v_drop,
         "max_seq_length": max_len,
-        "token_lengths": _summary(lengths),
+        "token_lengths": length_summary(lengths),
         "length_histogram": histogram(lengths, max_len),
         "trainable_tokens": sum(sum(1 for l in ex["labels"] if l != IGNORE_INDEX) for ex in train),
         "total_tokens": sum(len(ex["input_ids"]) for ex in train),
@@ -698,6 +711,6 @@ def preview(data_cfg, tokenizer, n: int = 5) -> dict:
             shown.append({"text": r.text, "segments": _segments(r, labels), "num_tokens": r.length,
                           "trained_tokens": trained, "truncated": r.length > max_len})
     return {"format": fmt, "num_rows": len(records), "rows": shown,
-            "length_histogram": histogram(lengths, max_len), "token_lengths": _summary(lengths),
+            "length_histogram": histogram(lengths, max_len), "token_lengths": length_summary(lengths),
             "truncated": sum(1 for x in lengths if x > max_len), "sampled_rows": len(sample),
             "max_seq_length": max_len, "source": records.source}

@@ -5,14 +5,19 @@ temporary file in the same folder and renamed into place."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["write_text_atomic", "write_json_atomic", "sha256_file", "file_lock"]
+__all__ = ["write_text_atomic", "write_json_atomic", "sha256_file", "file_lock", "swap_into_place",
+           "restore_orphans"]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:
@@ -75,3 +80,55 @@ def file_lock(path: str | os.PathLike):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_into_place(src: Path, target: Path) -> Path | None:
+    """Put the folder `src` at `target` (same filesystem). A previous `target` is moved aside to a hidden
+    .old-<name>-<hex> beside it and returned, for the caller to remove once its lock is released.
+
+    Readers see the old folder or the new one, never neither: one renameat2 exchange where the system offers it,
+    else two renames, whose only possible leftover after a crash is the .old- folder that restore_orphans puts
+    back. Call both under the same lock."""
+    if not target.exists():
+        os.replace(src, target)
+        return None
+    old = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")
+    if _exchange(src, target):
+        os.replace(src, old)  # src now holds the previous version
+        return old
+    os.replace(target, old)
+    try:
+        os.replace(src, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    return old
+
+
+def restore_orphans(folder: Path, valid_name: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """Put back every folder in `folder` that a crash in swap_into_place left only as .old-<name>-<hex> (its
+    <name> missing). Returns the names restored. Only under the lock swap_into_place runs under is a .old-
+    folder certainly an orphan."""
+    restored = []
+    for p in folder.glob(".old-*-*"):
+        name = p.name[len(".old-"):].rsplit("-", 1)[0]
+        target = folder / name
+        if valid_name(name) and p.is_dir() and not p.is_symlink() and not target.exists():
+            os.replace(p, target)
+            restored.append(name)
+    return restored

@@ -10,8 +10,10 @@ import pytest
 from finetune.config import ConfigError, JobConfig, choices, example_config
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = sorted(p for d in ("examples", "configs") for p in (ROOT / d).rglob("*.yaml")) if any(
+ALL_SHIPPED = sorted(p for d in ("examples", "configs") for p in (ROOT / d).rglob("*.yaml")) if any(
     (ROOT / d).is_dir() for d in ("examples", "configs")) else []
+SHIPPED = [p for p in ALL_SHIPPED if "sweep" not in p.name]
+SWEEPS = [p for p in ALL_SHIPPED if "sweep" in p.name]
 
 
 def test_example_config_validates_and_round_trips():
@@ -26,6 +28,15 @@ def test_example_config_validates_and_round_trips():
 def test_every_shipped_yaml_validates(path):
     cfg = JobConfig.load(path)
     assert JobConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[str(p.relative_to(ROOT)) for p in SWEEPS])
+def test_every_shipped_sweep_validates(path):
+    from finetune.sweep.config import SweepConfig, space_values
+
+    spec = SweepConfig.load(path)
+    assert space_values(spec.space), f"{path}: the sweep searches nothing"
+    assert spec.base_config().adapter_name
 
 
 def test_cli_example_prints_a_config_that_loads(tmp_path):

@@ -59,14 +59,13 @@ def test_disk_full_during_save_fails_with_that_reason(tmp_path, tiny_disk, chat_
 
 
 WRITER = r"""
-import sys, itertools
+import os, sys, itertools
 from finetune.jobs import JobStore
 from finetune.config import JobConfig
 store = JobStore(home=sys.argv[1], reconcile=False)
-cfg = JobConfig(adapter_name="w")
 print("ready", flush=True)
 for i in itertools.count():
-    store.submit(cfg, name=f"job-{i}")
+    store.submit(JobConfig(adapter_name=f"w-{os.getpid()}-{i}"), name=f"job-{i}")  # one name per queued job
 """
 
 
@@ -88,4 +87,4 @@ def test_sqlite_store_survives_sigkill_mid_write(tmp_path):
     assert len(jobs) > 5
     for job in jobs:  # every committed job is whole: its row and its job.yaml agree
         assert job["state"] == "queued"
-        assert JobConfig.load(Path(job["run_dir"]) / "job.yaml").adapter_name == "w"
+        assert JobConfig.load(Path(job["run_dir"]) / "job.yaml").adapter_name.startswith("w-")

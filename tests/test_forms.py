@@ -34,7 +34,7 @@ def values_of(form: forms.Form, cfg: JobConfig) -> dict:
 
 
 def test_every_config_field_has_one_widget(form):
-    paths = {f"{s}.{n}" for s in ("model", "lora", "data", "training", "evaluation")
+    paths = {f"{s}.{n}" for s in ("model", "lora", "data", "training", "evaluation", "launch")
              for n in JobConfig.model_fields[s].annotation.model_fields}
     assert set(form.fields) == paths - forms.PICKED
 
@@ -60,6 +60,21 @@ def test_round_trip_through_the_form(form, tmp_path):
     assert back == cfg
 
 
+def test_processes_and_strategy_in_the_form(form):
+    w = form.fields["launch.num_processes"]
+    assert isinstance(w, gr.Dropdown) and w.value == "auto" and w.allow_custom_value
+    assert [c[0] for c in form.fields["launch.strategy"].choices] == ["ddp", "fsdp"]
+    cfg = example_config().with_overrides(["launch.num_processes=3", "model.quantization=none",
+                                           "launch.strategy=fsdp"])
+    values = values_of(form, cfg)
+    assert values[w] == "3" and form.to_config(values) == cfg
+    values[w] = "two"
+    with pytest.raises(ConfigError, match="launch.num_processes 'two'"):
+        form.to_config(values)
+    cells = render.stats_html({"peak_memory_mb": 1900.0, "rank_peak_memory_mb": [1875.3, 1900.0]})
+    assert "peak memory per rank (2)" in cells and "1,875 / 1,900 MB" in cells
+
+
 def test_demo_dataset_and_empty_optionals(form):
     cfg = example_config()
     values = values_of(form, cfg)
@@ -81,9 +96,14 @@ def test_errors_name_the_fields(form):
         form.to_config(values)
 
 
-def test_number_bounds_error_names_the_field(form):
-    with pytest.raises(gr.Error, match="lora.lora_dropout"):
-        form.fields["lora.lora_dropout"].preprocess(1.5)
+def test_out_of_range_numbers_are_all_named_together(form):
+    """The widgets' range checks do not stop at the first number: the config names every bad one at once."""
+    values = values_of(form, example_config())
+    for path, bad in (("lora.lora_dropout", 1.5), ("lora.r", 0), ("training.learning_rate", -0.1)):
+        values[form.fields[path]] = form.fields[path].preprocess(bad)
+    with pytest.raises(ConfigError) as e:
+        form.to_config(values)
+    assert all(p in str(e.value) for p in ("lora.lora_dropout", "lora.r", "training.learning_rate")), e.value
 
 
 def test_upload_is_kept_in_the_studio(tmp_path, monkeypatch):

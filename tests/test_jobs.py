@@ -94,18 +94,17 @@ def test_cancel_queued_resume_and_bad_transitions(home, chat_jsonl):
 
 def test_concurrent_submits_from_threads_and_stores(home, chat_jsonl):
     """Gradio calls from many threads, each with its own connection: no lost or duplicated jobs."""
-    cfg = tiny_config(chat_jsonl, "a3")
     ids, errors = [], []
 
-    def worker():
+    def worker(w: int):
         store = JobStore(home, reconcile=False)
         try:
-            for _ in range(5):
-                ids.append(store.submit(cfg))
+            for i in range(5):  # one adapter name per job: a name a queued job will publish is taken
+                ids.append(store.submit(tiny_config(chat_jsonl, f"a3-{w}-{i}")))
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -312,7 +311,7 @@ def test_two_jobs_run_one_after_the_other(stores, chat_jsonl):
         info = store.live(job_id)
         assert info["adapter_name"] == name and info["step"] == info["total_steps"] == 2 and info["progress"] == 1.0
         assert [s for s, _ in info["loss_history"]] == [1, 2] and info["exit_code"] == 0
-        assert info["command"].split()[1:4] == ["-m", "accelerate.commands.launch", "--cpu"]
+        assert info["command"].split()[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
         assert (Path(os.environ["STUDIO_ADAPTERS_DIR"]) / name / "adapter_model.safetensors").is_file()
 
 
@@ -391,23 +390,18 @@ def test_cancel_running_job_then_resume_from_checkpoint(stores, chat_jsonl):
     assert resumed_steps[-(6 - first_after + 1):] == list(range(first_after, 7))
 
 
-def test_bad_data_job_fails_naming_file_and_line(stores, chat_jsonl, tmp_path, home):
+def test_data_broken_after_submit_fails_naming_file_and_line(stores, chat_jsonl, tmp_path, home):
+    """Broken data is refused at submit (tests/test_datacheck.py); data that breaks while the job waits in the queue
+    fails the job with the file and line, never a traceback."""
     rows = chat_jsonl.read_text().splitlines()
-    bad = tmp_path / "broken.jsonl"
-    bad.write_text("\n".join(rows[:2] + ['{"messages": [{"role": "user", "content": "hi"}'] + rows[2:]) + "\n")
-    job_file = tmp_path / "bad-job.yaml"
-    tiny_config(bad, "bad-data").save(job_file)
-    # through the CLI a script would use: submit --wait schedules in the foreground, exit 1 when the job fails
-    env = dict(os.environ, STUDIO_HOME=str(home))
-    done = subprocess.run([sys.executable, "-m", "finetune", "jobs", "submit", str(job_file), "--wait"], env=env,
-                          capture_output=True, text=True, timeout=RUN_DEADLINE)
-    assert done.returncode == 1, done.stdout + done.stderr
-    job_id = done.stdout.splitlines()[0]
-    row = stores().get(job_id)
+    data = tmp_path / "later-broken.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    job_id = stores(reconcile=False).submit(tiny_config(data, "bad-data"))  # no scheduler yet: it waits
+    data.write_text("\n".join(rows[:2] + ['{"messages": [{"role": "user", "content": "hi"}'] + rows[2:]) + "\n")
+    row = stores().wait(job_id, timeout=RUN_DEADLINE)
     assert row["state"] == "failed"
-    assert "broken.jsonl" in row["error"] and "line 3" in row["error"], row["error"]
+    assert "later-broken.jsonl" in row["error"] and "line 3" in row["error"], row["error"]
     assert "Traceback" not in row["error"]
-    assert row["error"] in done.stderr
 
 
 def test_sigkill_at_random_points_then_resume(stores, chat_jsonl):

@@ -105,6 +105,8 @@ def test_stacked_qkv_agrees_with_one_node_per_projection(monkeypatch):
     speed.fuse_lora(stacked)
     groups = {m._studio_group for m in stacked.modules() if getattr(m, "_studio_group", None) is not None}
     assert sorted(g.stacked for g in groups) == [False, False, True, True]  # q/k/v stacked, gate/up grouped
+    assert speed.fused_pieces(stacked) == ["fused_proj", "grouped_proj", "stacked_qkv"]  # dense weights: no 4-bit
+    assert speed.fused_pieces(single) == ["fused_proj"]
     batch = D.collate(examples(), 0, padding_free=False)
     l_single, g_single = loss_and_grads(single, batch)
     l_stacked, g_stacked = loss_and_grads(stacked, batch)

@@ -37,16 +37,10 @@ LADDER = [16384, 32768, 49152, 65536, 98304, 131072]  # the longest-sequence pro
 
 def versions() -> dict:
     """The versions of the libraries a benchmark result depends on (recorded beside every result)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from finetune.recipe.provenance import library_versions
 
-    out = {}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth", "unsloth_zoo", "triton",
-                "accelerate"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+    found = library_versions(("liger-kernel", "unsloth", "unsloth_zoo", "triton"))
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def _padded(examples, pad_id, device):

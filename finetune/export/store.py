@@ -10,12 +10,11 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from finetune.config import check_name
 from finetune.errors import StudioError
-from finetune.fsutil import sha256_file, write_json_atomic
+from finetune.fsutil import file_lock, restore_orphans, sha256_file, swap_into_place, write_json_atomic
 from finetune.paths import studio_home
 
 MANIFEST = "manifest.json"
@@ -60,25 +59,17 @@ def export_path(adapter: str, fmt: str, quant: str) -> Path:
 
 
 # --- staging and publishing ---------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_staging() -> list[str]:
     """Remove staging folders whose exporter process is gone (killed mid-export). Returns what was removed."""
+    from finetune.jobs.process import pid_alive  # here: the jobs package registers the export kind from this package
+
     removed = []
     for p in exports_dir().glob(".tmp-*"):
         try:
             pid = int(p.name.split("-")[1])
         except (IndexError, ValueError):
             pid = 0
-        if p.is_dir() and not p.is_symlink() and (pid <= 0 or not _pid_alive(pid)):
+        if p.is_dir() and not p.is_symlink() and not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed
@@ -101,22 +92,27 @@ def write_manifest(folder: Path, info: dict) -> dict:
     return manifest
 
 
+def _lock():
+    return file_lock(exports_dir() / ".lock")
+
+
 def publish(staged: Path, target: Path) -> Path:
-    """Rename the finished staging folder to `target`, replacing an older export of the same kind."""
+    """Move the finished staging folder to `target`, replacing an older export of the same kind; readers see the
+    old export or the new one, never neither (see fsutil.swap_into_place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    try:
-        os.replace(staged, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
+    with _lock():
+        old = swap_into_place(staged, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def restore_interrupted() -> None:
+    """Put back every export whose replacement was killed between its two renames."""
+    with _lock():
+        for a in exports_dir().iterdir():
+            if a.is_dir() and not a.is_symlink() and not a.name.startswith("."):
+                restore_orphans(a, lambda name: name.partition("-")[0] in FORMATS)
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
@@ -130,6 +126,7 @@ def read_manifest(folder: Path) -> dict | None:
 def list_exports(adapter: str | None = None) -> list[dict]:
     """Published exports (those with a manifest), newest first: adapter, format, quant, path, files, total_bytes."""
     sweep_staging()
+    restore_interrupted()
     rows = []
     for a in sorted(exports_dir().iterdir()):
         if a.name.startswith(".") or not a.is_dir() or a.is_symlink() or (adapter and a.name != adapter):

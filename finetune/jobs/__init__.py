@@ -13,6 +13,7 @@ from finetune.jobs.store import (FINISHED, JOB_ID_RE, STATES, JobStore, get_stor
                                  stop_scheduler)
 from finetune.jobs.cli import cli  # noqa: E402  (after the store it drives)
 import finetune.export.job  # noqa: E402,F401  (registers the "export" kind)
+import finetune.sweep.job  # noqa: E402,F401  (registers the "sweep" kind)
 
 
 __all__ = ["FINISHED", "JOB_ID_RE", "STATES", "JobError", "JobKind", "JobStore", "cli", "get_kind", "get_store", "process",

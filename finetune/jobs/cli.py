@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from finetune.config import ConfigError, JobConfig
-from finetune.errors import JobError
+from finetune.errors import StudioError
 from finetune.jobs.kinds import get_kind, kind_names, spec_yaml
 from finetune.jobs.store import JobStore
 
@@ -134,6 +134,6 @@ def cli(argv: list[str]) -> int:
     a = _parser().parse_args(argv)
     try:
         return _dispatch(JobStore(), a)
-    except (ConfigError, JobError) as e:
+    except StudioError as e:  # a bad config, bad data, an unknown job: one plain line
         print(f"error: {e}", file=sys.stderr)
         return 2

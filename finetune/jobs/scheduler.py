@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 from finetune import rundir
 from finetune.jobs import process
 from finetune.jobs.kinds import get_kind
+from finetune.jobs.launch import ALL_GPUS
 
 if TYPE_CHECKING:
     from finetune.jobs.store import JobStore
@@ -88,26 +89,38 @@ class Scheduler:
         """Reconcile, then start what fits (oldest first). Returns the ids launched."""
         with self.store.scheduling():
             self._reconcile_locked()
-            running = [tuple(r["devices"].split(",")) if r["devices"] else () for r in self.store.running()]
-            queue = []
+            running = [tuple(r["devices"].split(",")) if r["devices"] else () for r in self.store.running()
+                       if self._slot(r)]
+            queue, drivers = [], []
             for r in self.store.queued():
+                if not self._slot(r):  # a driver waits for its own jobs: it must never hold the slot they need
+                    drivers.append(Admission(r["id"], ()))
+                    continue
                 need = self._need(r)
                 if self.gpus and need > len(self.gpus):
                     self.store.launch_failed(r["id"], f"the job needs {need} GPUs; this host has {len(self.gpus)}")
                 else:
                     queue.append((r["id"], need))
             launched = []
-            for a in admit(queue, running, self.gpus, self.cpu_slots, self.max_jobs):
+            for a in drivers + admit(queue, running, self.gpus, self.cpu_slots, self.max_jobs):
                 row = self.store.claim(a.job_id, ",".join(a.devices))
                 if row is not None:
                     self._launch(row, a.devices)
                     launched.append(a.job_id)
             return launched
 
+    @staticmethod
+    def _slot(row: dict) -> bool:
+        try:
+            return get_kind(row["kind"]).slot
+        except Exception:  # an unknown kind fails at launch, with its reason
+            return True
+
     def _need(self, row: dict) -> int:
         try:
             kind = get_kind(row["kind"])
-            return int(kind.gpus(self.store.spec_of(row)))
+            need = int(kind.gpus(self.store.spec_of(row)))
+            return len(self.gpus) if need == ALL_GPUS else need
         except Exception:  # an unknown kind or a spec that no longer validates fails at launch, with its reason
             return 0
 
@@ -116,7 +129,8 @@ class Scheduler:
         checkpoint = rundir.latest_checkpoint(run_dir) if row["resume"] else None
         try:
             kind = get_kind(row["kind"])
-            cmd = kind.command(run_dir / rundir.JOB_YAML, run_dir, bool(checkpoint))
+            sized = {"gpus": len(devices) if self.gpus else 0} if kind.sized else {}
+            cmd = kind.command(run_dir / rundir.JOB_YAML, run_dir, bool(checkpoint), **sized)
             line = process.command_string(cmd)
             rundir.begin_attempt(run_dir, row["attempts"], checkpoint, line, row["config"])
             proc = process.launch(cmd, run_dir, job_id, self.store.home, devices if self.gpus else None)
@@ -151,7 +165,10 @@ class Scheduler:
             except TimeoutError:
                 return  # still alive after all: the next pass looks again
         self.children.pop(job_id)
-        self.store.record_outcome(job_id, returncode)
+        from finetune.jobs.store import relaunch_if_lost  # the store imports this module
+
+        if not relaunch_if_lost(self.store, job_id):
+            self.store.record_outcome(job_id, returncode)
 
     def stop_job(self, row: dict, grace_s: float) -> None:
         """Stop a running job's process group (SIGTERM, SIGKILL after grace_s) and record it."""

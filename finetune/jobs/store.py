@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
 from pydantic import BaseModel
 
 from finetune import rundir
@@ -39,6 +40,7 @@ STATES = ("queued", "running", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
 JOB_ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{4}$")
 CANCEL_GRACE_S = 10.0
+ADAPTER_LINE = re.compile(r"^adapter_name: (.*)$", re.MULTILINE)  # a training spec's YAML, as spec_yaml writes it
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -61,12 +63,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     command TEXT,                       -- the exact command line of the latest launch
     kind TEXT NOT NULL DEFAULT 'train', -- finetune.jobs.kinds: what the job runs
-    devices TEXT                        -- the GPUs the running job holds ("0,1"; "" or NULL: none)
+    devices TEXT,                       -- the GPUs the running job holds ("0,1"; "" or NULL: none)
+    parent TEXT,                        -- the job that submitted this one (a sweep's trials), else NULL
+    reason TEXT                         -- why a cancelled job was stopped when not by hand ("pruned")
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 """
 # Columns added since the first schema; a database from before gets them with their defaults.
-_ADDED_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'train'", "devices": "TEXT"}
+_ADDED_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'train'", "devices": "TEXT", "parent": "TEXT", "reason": "TEXT"}
 
 
 def new_job_id() -> str:
@@ -179,8 +183,9 @@ class JobStore:
         return self.config(job_id)
 
     # --- operations ----------------------------------------------------------------------------------------------
-    def submit(self, spec: BaseModel | dict | str, name: str | None = None, kind: str = "train") -> str:
-        """Validate, write runs/<id>/job.yaml, queue. Raises ConfigError naming the bad field."""
+    def submit(self, spec: BaseModel | dict | str, name: str | None = None, kind: str = "train",
+               parent: str | None = None) -> str:
+        """Validate, write runs/<id>/job.yaml, queue (parent: the sweep submitting it). Raises ConfigError naming the field."""
         job_kind = get_kind(kind)
         spec = job_kind.prepare(parse_spec(job_kind, spec))
         label = str(job_kind.label(spec))
@@ -189,8 +194,10 @@ class JobStore:
         run_dir = self._new_run_dir()
         try:
             with self._tx() as con:
-                con.execute("INSERT INTO jobs (id, name, config, state, created_at, run_dir, kind) "
-                            "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (run_dir.name, name, text, time.time(), str(run_dir), kind))
+                refuse_taken_adapter_name(con, spec if kind == "train" else None)
+                con.execute("INSERT INTO jobs (id, name, config, state, created_at, run_dir, kind, parent) "
+                            "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                            (run_dir.name, name, text, time.time(), str(run_dir), kind, parent))
                 # Written while the row's transaction holds the write lock: a run folder with a job.yaml always has
                 # its row, or is about to, so rebuilding the job list from the folders never races a submit.
                 write_text_atomic(run_dir / rundir.JOB_YAML, text)
@@ -215,15 +222,16 @@ class JobStore:
                 raise JobError(f"cannot queue the job: {self.runs} is not writable ({e.strerror or e})") from None
         raise JobError("could not allocate a job id")
 
-    def cancel(self, job_id: str, grace_s: float = CANCEL_GRACE_S) -> dict:
+    def cancel(self, job_id: str, grace_s: float = CANCEL_GRACE_S, reason: str | None = None) -> dict:
         """Queued: cancelled at once. Running: SIGTERM to its process group, SIGKILL after grace_s, then cancelled.
-        Returns the job's row afterwards."""
+        reason: why, when not by hand ("pruned": its sweep stopped it). Returns the job's row afterwards."""
         with self.scheduling(), self._tx() as con:
             row = self._row(con, job_id)
             if row["state"] == "queued":
-                con.execute("UPDATE jobs SET state='cancelled', finished_at=? WHERE id=?", (time.time(), job_id))
+                con.execute("UPDATE jobs SET state='cancelled', finished_at=?, reason=? WHERE id=?",
+                            (time.time(), reason, job_id))
             elif row["state"] == "running":
-                con.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job_id,))
+                con.execute("UPDATE jobs SET cancel_requested=1, reason=? WHERE id=?", (reason, job_id))
             else:
                 raise JobError(f"job {job_id} is {row['state']}: only a queued or running job can be cancelled")
         if row["state"] == "running":  # outside the scheduling lock: the grace period must not stall the scheduler
@@ -285,12 +293,21 @@ class JobStore:
 
     # --- views -----------------------------------------------------------------------------------------------------
     def live(self, job_id: str, detail: bool = True) -> dict:
-        """Everything a client shows for one job (rundir.view), from the DB and the run folder."""
-        return self._view(self.get(job_id), detail)
+        """Everything a client shows for one job (rundir.view), from the DB and the run folder; a queued job also
+        says its place in the queue and what it waits for."""
+        view = self._view(self.get(job_id), detail)
+        if view["state"] == "queued":
+            view.update(queue_place(view["id"], self.queued(), len(self.running()), self.max_concurrent))
+        return view
 
     def views(self, limit: int = 500) -> list[dict]:
         """rundir.view, without curves and log, of every job, newest first (the job tables)."""
-        return [self._view(r, detail=False) for r in self._select(limit=limit, newest_first=True)]
+        views = [self._view(r, detail=False) for r in self._select(limit=limit, newest_first=True)]
+        queued = [v for v in reversed(views) if v["state"] == "queued"]
+        running = sum(v["state"] == "running" for v in views)
+        for v in queued:
+            v.update(queue_place(v["id"], queued, running, self.max_concurrent))
+        return views
 
     def _view(self, row: dict, detail: bool) -> dict:
         spec = self._spec_or_none(row)
@@ -326,6 +343,56 @@ class JobStore:
 
     def wait(self, job_id: str, timeout: float | None = None, on_change=None, schedule: bool = True) -> dict:
         return self.scheduler.wait(job_id, timeout, on_change, schedule)
+
+
+MAX_RELAUNCHES = 5
+
+
+def relaunch_if_lost(store: JobStore, job_id: str) -> bool:
+    """A running job of a kind that restarts safely (a sweep driver) whose process vanished without saying it
+    finished, and that nobody cancelled, is queued again (a few times at most) instead of failing: it picks up
+    where it was. Returns whether it was."""
+    row = store.get(job_id)
+    try:
+        kind = get_kind(row["kind"])
+    except JobError:
+        return False
+    phase = rundir.read_status(Path(row["run_dir"])).get("phase")
+    if (row["state"] != "running" or not kind.relaunch or row["cancel_requested"] or phase in ("completed", "failed")
+            or (row["attempts"] or 0) > MAX_RELAUNCHES):
+        return False
+    with store._tx() as con:
+        con.execute("UPDATE jobs SET state='queued', resume=1, pid=NULL, pgid=NULL, devices=NULL "
+                    "WHERE id=? AND state='running'", (job_id,))
+    return True
+
+
+def queue_place(job_id: str, queued: list[dict], running: int, slots: int) -> dict:
+    """{"queue_position": 1-based place among the queued jobs (oldest first), "waiting_for": in words}."""
+    ids = [q["id"] for q in queued]
+    pos = ids.index(job_id) + 1 if job_id in ids else None
+    if pos is None:
+        return {"queue_position": None, "waiting_for": None}
+    if pos > 1:
+        waiting = f"{pos - 1} job(s) queued before it (next to start: {ids[0]})"
+    elif running >= slots:
+        waiting = f"a free slot: {running} job(s) running, {slots} at a time"
+    else:
+        waiting = "the scheduler to start it (a slot is free)"
+    return {"queue_position": pos, "waiting_for": waiting}
+
+
+def refuse_taken_adapter_name(con: sqlite3.Connection, spec: BaseModel | None) -> None:
+    """Two jobs never publish under one name: a name a queued or running job will publish is refused at submit
+    (inside the submit's transaction, so two racing submits cannot both take it)."""
+    name = getattr(spec, "adapter_name", None)
+    if not name:
+        return
+    for row in con.execute("SELECT id, state, config FROM jobs WHERE kind='train' AND state IN ('queued','running')"):
+        line = ADAPTER_LINE.search(row["config"])
+        if line and yaml.safe_load(line.group(1)) == name:
+            raise ConfigError(f"adapter_name: job {row['id']} ({row['state']}) will publish an adapter named {name!r}: "
+                              "choose another name, or cancel that job first")
 
 
 def outcome(row: dict, spec: BaseModel | None, returncode: int | None) -> tuple[str, str | None, str | None]:

@@ -327,3 +327,13 @@ def fuse_lora(model) -> int:
     if n and wanted("fused_proj") and wanted("group"):
         group_projections(model)
     return n
+
+
+def fused_pieces(model) -> list[str]:
+    """The names of the projection paths fuse_lora set up on `model` (for the log and studio.json)."""
+    mods = [m for m in model.modules() if hasattr(m, "_studio_peft_forward")]
+    found = {"fused_proj": any(m._studio_weight is not None for m in mods),
+             "grouped_proj": any(m._studio_group is not None for m in mods),
+             "stacked_qkv": any(m._studio_group is not None and m._studio_group.stacked for m in mods),
+             "lean_dequant": any(getattr(m._studio_weight, "stacks", False) for m in mods)}
+    return [name for name, on in found.items() if on]

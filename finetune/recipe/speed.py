@@ -43,7 +43,7 @@ import logging
 import os
 import sys
 
-from finetune.recipe.lora_fused import fuse_lora
+from finetune.recipe.lora_fused import fuse_lora, fused_pieces
 from finetune.recipe.speed_switches import switches as _switches
 from finetune.recipe.speed_switches import wanted as _wanted
 
@@ -424,7 +424,7 @@ def patch_model_for_speed(model, training_cfg) -> list[str]:
     if getattr(training_cfg, "use_liger_kernel", True) and _wanted("liger"):
         applied += apply_liger(model)
     if _wanted("fused_lora") and fuse_lora(model):
-        applied.append("fused_lora")
+        applied += ["fused_lora"] + fused_pieces(model)
     if getattr(training_cfg, "padding_free", True) and _wanted("varlen") and use_varlen_attention(model):
         applied.append("varlen_attention" if varlen_usable("cuda") else "packed_sdpa_attention")
     if getattr(training_cfg, "gradient_checkpointing", False):

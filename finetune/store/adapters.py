@@ -11,8 +11,6 @@ CLI: python -m finetune adapters list | show NAME | delete NAME | export NAME
 from __future__ import annotations
 
 import argparse
-import ctypes
-import errno
 import json
 import os
 import shutil
@@ -25,7 +23,7 @@ from pathlib import Path
 
 from finetune.config import check_name
 from finetune.errors import StudioError
-from finetune.fsutil import file_lock, write_json_atomic
+from finetune.fsutil import file_lock, restore_orphans, swap_into_place, write_json_atomic
 from finetune.paths import adapters_dir, studio_home
 
 META = "studio.json"
@@ -90,14 +88,15 @@ def _restore_orphans() -> None:
     """Put back an adapter whose publish was killed between its two renames (only .old-<name>-<hex> is left).
     Under the store lock, which publish holds across both renames, such a folder is always an orphan."""
     with _store_lock():
-        for p in adapters_dir().glob(".old-*-*"):
-            name = p.name[len(".old-"):].rsplit("-", 1)[0]
-            try:
-                target = adapter_path(name)
-            except AdapterError:
-                continue
-            if p.is_dir() and not p.is_symlink() and not target.exists():
-                os.replace(p, target)
+        restore_orphans(adapters_dir(), _valid_name)
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        adapter_path(name)
+    except AdapterError:
+        return False
+    return True
 
 
 def _sweep_leftovers(max_age_s: float = 3600) -> None:
@@ -195,21 +194,6 @@ def list_adapters() -> list[dict]:
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
 def publish(src_dir: str | Path, name: str, replace: bool = True) -> Path:
     """Move a finished adapter folder into the store as <name>, replacing an older adapter of that name (or, with
     replace=False, refusing if one exists: checked under the store lock, so of two racing publishes one wins).
@@ -225,22 +209,9 @@ def publish(src_dir: str | Path, name: str, replace: bool = True) -> Path:
         holder = staging_dir(name)
         src = Path(shutil.move(str(src), holder / "adapter"))
     with _store_lock():
-        old = None
-        if target.exists():
-            if not replace:
-                raise AdapterError(f"adapter {name!r} already exists in the store; delete it or choose another name")
-            old = target.with_name(f".old-{name}-{uuid.uuid4().hex[:8]}")
-            if _exchange(src, target):
-                os.replace(src, old)  # src now holds the previous version
-            else:
-                os.replace(target, old)
-                try:
-                    os.replace(src, target)
-                except BaseException:
-                    os.replace(old, target)
-                    raise
-        else:
-            os.replace(src, target)
+        if target.exists() and not replace:
+            raise AdapterError(f"adapter {name!r} already exists in the store; delete it or choose another name")
+        old = swap_into_place(src, target)
     for leftover in (old, holder):
         if leftover is not None:
             shutil.rmtree(leftover, ignore_errors=True)
