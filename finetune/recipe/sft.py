@@ -225,8 +225,7 @@ class SFTRecipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # Read back only now: a value read between backward and the optimizer step would make the host wait for
-        # the device there, leaving the device idle while the host then queues the clipping and the update.
+        # Read back only now: a read before the update would idle the device while the host queues clip and update.
         return StepResult(loss=sum(float(x) for x in losses), grad_norm=float(grad_norm), learning_rate=lr,
                           tokens=tokens, labels=n_labels, all_labels=all_labels)
 
