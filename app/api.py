@@ -84,8 +84,8 @@ def to_json(data) -> str:
 
 # --- jobs ------------------------------------------------------------------------------------------------------
 STATUS_KEYS = ("id", "name", "state", "phase", "step", "total_steps", "progress", "loss", "eval_loss",
-               "tokens_per_second", "peak_memory_mb", "eta_seconds", "elapsed_seconds", "adapter_name", "error",
-               "attempts", "command", "queue_position", "waiting_for")
+               "tokens_per_second", "peak_memory_mb", "rank_peak_memory_mb", "eta_seconds", "elapsed_seconds",
+               "adapter_name", "error", "attempts", "command", "queue_position", "waiting_for")
 
 
 def _job_id(job_id: str) -> str:

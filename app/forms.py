@@ -32,7 +32,10 @@ GROUPS: list[tuple[str, str, list[str]]] = [
     ("Data", "data", ["format", "max_seq_length"]),
     ("Training", "training", ["max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size"]),
     ("Evaluation after training", "evaluation", ["enabled", "max_examples", "max_new_tokens"]),
+    ("Processes and GPUs", "launch", ["num_processes", "strategy"]),
 ]
+# A count that may also be "auto" (launch.num_processes): a dropdown of common counts that takes any other number.
+COUNT_CHOICES = ["auto", "1", "2", "4", "8"]
 # Model fields that belong to the Quantization group rather than the Model group.
 QUANT_FIELDS = ["quantization", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant"]
 # data.path is set by the dataset picker, not by a field widget.
@@ -61,6 +64,16 @@ def name_bounds_errors(number: gr.Number, field_path: str) -> gr.Number:
     return number
 
 
+def _host_note(path: str) -> str:
+    """What 'auto' means on this studio's host, beside launch.num_processes."""
+    if path != "launch.num_processes":
+        return ""
+    from finetune.jobs.process import host_gpus
+
+    n = len(host_gpus())
+    return f" This host: {n} GPU{'s' if n != 1 else ''}." if n else " This host has no GPU."
+
+
 # --- field introspection ----------------------------------------------------------------------------------------
 def _section_class(section: str):
     return JobConfig.model_fields[section].annotation
@@ -78,6 +91,9 @@ def _kind(tp) -> str:
     base, _ = _strip_optional(tp)
     if typing.get_origin(base) is Literal:
         return "choice"
+    members = [typing.get_origin(a) or a for a in typing.get_args(base)]
+    if typing.get_origin(base) in (typing.Union, types.UnionType) and set(members) == {int, Literal}:
+        return "count"
     if base is bool:
         return "bool"
     if base is int:
@@ -112,6 +128,8 @@ def _step(default, kind: str) -> float:
 
 
 def _to_widget_value(value, kind: str):
+    if kind == "count":
+        return str(value)
     if kind == "list_or_str":
         return ", ".join(value) if isinstance(value, list) else (value or "")
     if kind == "str":
@@ -150,12 +168,14 @@ class Form:
         kind = _kind(info.annotation)
         _, optional = _strip_optional(info.annotation)
         value = getattr(getattr(default_cfg, section), name)
-        common = dict(label=name, info=info.description, elem_id=f"field-{section}-{name}")
+        common = dict(label=name, info=info.description + _host_note(path), elem_id=f"field-{section}-{name}")
         if kind == "choice":
             base, _ = _strip_optional(info.annotation)
             w = gr.Dropdown(choices=choices(base), value=value, **common)
         elif kind == "bool":
             w = gr.Checkbox(value=bool(value), **common)
+        elif kind == "count":
+            w = gr.Dropdown(choices=COUNT_CHOICES, value=str(value), allow_custom_value=True, **common)
         elif kind in ("int", "float"):
             lo, hi = _bounds(info, kind)
             if path == "training.max_steps":

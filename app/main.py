@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app import adapters_tab, api, jobs_tab, playground_tab, render, train_tab, url_state
+from app import adapters_tab, api, jobs_tab, playground_tab, render, sweep_panel, train_tab, url_state
 from app.api import friendly
 
 TITLE = "PEFT Studio"
@@ -76,6 +76,7 @@ def build_app() -> gr.Blocks:
         with gr.Tabs(selected="train", elem_id="main-tabs") as tabs:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build()
+                sweep_panel.build(train.form)
             with gr.Tab("Jobs", id="jobs", elem_id="tab-jobs"):
                 jobs = jobs_tab.build()
             with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters") as adapters_tab_:

@@ -131,6 +131,14 @@ def progress_html(live: dict | None) -> str:
             f'<div class="muted">{" · ".join(bits)}</div>{err}</div>')
 
 
+def rank_memory_cells(ranks) -> list[tuple[str, str]]:
+    """Peak memory of each process of a job run over several (GPU ranks, or CPU processes)."""
+    if not isinstance(ranks, list) or len(ranks) < 2:
+        return []
+    values = " / ".join(f"{m:,.0f}" if num(m) else "–" for m in ranks[:64])
+    return [(f"peak memory per rank ({len(ranks)})", f"{esc(values)} MB")]
+
+
 def stats_html(live: dict | None) -> str:
     if not live:
         return ""
@@ -139,7 +147,7 @@ def stats_html(live: dict | None) -> str:
              (FINAL_LOSS_LABEL + ("" if live.get("state") == "completed" else ", so far"), fmt_num(live.get("final_loss"))),
              ("eval loss, validation rows", fmt_num(live.get("eval_loss"))),
              ("tokens/s, last logged steps", fmt_num(live.get("tokens_per_second"), 3)),
-             ("peak memory", f"{mem:,.0f} MB" if mem else "–"),
+             ("peak memory", f"{mem:,.0f} MB" if mem else "–"), *rank_memory_cells(live.get("rank_peak_memory_mb")),
              ("adapter", esc(live.get("adapter_name") or "–")), ("attempts", esc(live.get("attempts") or 0))]
     return '<div class="stat-grid">' + "".join(
         f'<div class="stat"><div class="k">{k}</div><div class="v">{v}</div></div>' for k, v in cells) + "</div>"

@@ -94,6 +94,7 @@ def _components(default: JobConfig) -> SimpleNamespace:
                 _group(ui.form, default, "Quantization", columns=1)
             _group(ui.form, default, "LoRA", columns=3)
             _group(ui.form, default, "Training")
+            _group(ui.form, default, "Processes and GPUs")
             _group(ui.form, default, "Evaluation after training", columns=3)
     with gr.Accordion("YAML and command line", open=False, elem_id="yaml-accordion"):
         with gr.Row():

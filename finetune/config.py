@@ -29,6 +29,8 @@ Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
 Objective = Literal["sft"]
 Bias = Literal["none", "all", "lora_only"]
+Strategy = Literal["ddp", "fsdp"]
+QuantStorage = Literal["uint8", "bfloat16", "float16", "float32"]
 
 
 def choices(literal: Any) -> list[str]:
@@ -57,6 +59,9 @@ class ModelConfig(_Section):
     bnb_4bit_quant_type: QuantType = Field("nf4", description="4-bit data type; NF4 is the QLoRA paper's choice.")
     bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param saved).")
     torch_dtype: DType = Field("auto", description="Compute dtype; auto picks bf16 where the device supports it.")
+    bnb_4bit_quant_storage: QuantStorage = Field(
+        "uint8", description="dtype the packed 4-bit weights are stored in; FSDP can only shard a float dtype, so "
+                             "launch.strategy fsdp with 4-bit sets bfloat16 by itself.")
     trust_remote_code: bool = Field(False, description="Run model code from the model's repository. Only for models you trust.")
 
     @field_validator("name_or_path")
@@ -133,6 +138,73 @@ class EvaluationConfig(_Section):
     max_new_tokens: int = Field(64, gt=0, le=limits.MAX_EVAL_NEW_TOKENS, description="Generation budget per held-out answer.")
 
 
+class LaunchConfig(_Section):
+    """How many processes train one job, and how they share the work (accelerate launch)."""
+    num_processes: int | Literal["auto"] = Field(
+        "auto", description="Training processes in all, one per GPU: 'auto' = every GPU this host lets the job see "
+                            "(times num_machines), or 1 process on a CPU host. On a CPU host N > 1 runs N CPU "
+                            "processes (gloo).")
+    strategy: Strategy = Field("ddp", description="ddp: every process holds the whole model and LoRA gradients are "
+                                                  "averaged; fsdp: the model is sharded across the GPUs (for a model "
+                                                  "that does not fit one GPU).")
+    num_machines: int = Field(1, ge=1, le=1024, description="Machines taking part; each runs the same command with "
+                                                            "its own machine_rank.")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank: 0 on the main machine (the one that writes "
+                                                   "metrics, checkpoints and the adapter).")
+    main_process_ip: str | None = Field(None, description="Address of the machine_rank 0 machine; needed when "
+                                                          "num_machines > 1.")
+    main_process_port: int | None = Field(None, ge=1, le=65535, description="Free TCP port on the main machine "
+                                                                           "(default 29500).")
+
+    @field_validator("num_processes", mode="before")
+    @classmethod
+    def _processes(cls, v):
+        text = str(v).strip().lower() if isinstance(v, (int, str)) and not isinstance(v, bool) else ""
+        if text == "auto":
+            return "auto"
+        if not text.isdigit() or not 1 <= int(text) <= 4096:
+            raise ValueError(f"launch.num_processes {v!r}: give 'auto' or a whole number from 1 to 4096")
+        return int(text)
+
+    @model_validator(mode="after")
+    def _machines(self) -> "LaunchConfig":
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"launch.machine_rank {self.machine_rank} must be below launch.num_machines "
+                             f"({self.num_machines})")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("launch.main_process_ip is needed when launch.num_machines > 1")
+        if isinstance(self.num_processes, int) and self.num_processes % self.num_machines:
+            raise ValueError(f"launch.num_processes ({self.num_processes}) must be a multiple of "
+                             f"launch.num_machines ({self.num_machines}): each machine runs the same number")
+        return self
+
+
+def _fsdp_quantization(data: Any) -> Any:
+    """4-bit weights under FSDP must be stored in a float dtype it can shard: set bfloat16 when left at uint8."""
+    if not isinstance(data, dict):
+        return data
+    launch, model = data.get("launch"), data.get("model", {})
+    quantization = model.get("quantization", ModelConfig.model_fields["quantization"].default) \
+        if isinstance(model, dict) else None
+    if (isinstance(launch, dict) and launch.get("strategy") == "fsdp" and quantization == "4bit"
+            and model.get("bnb_4bit_quant_storage", "uint8") == "uint8"):
+        data = {**data, "model": {**model, "bnb_4bit_quant_storage": "bfloat16"}}
+    return data
+
+
+def _check_launch(cfg: "JobConfig") -> None:
+    if cfg.launch.strategy != "fsdp":
+        return
+    if cfg.model.quantization == "8bit":
+        raise ValueError("launch.strategy fsdp cannot shard 8-bit weights: use model.quantization 4bit or none, "
+                         "or launch.strategy ddp")
+    if cfg.model.quantization == "4bit" and cfg.model.bnb_4bit_quant_storage == "uint8":
+        raise ValueError("model.bnb_4bit_quant_storage uint8 cannot be sharded by launch.strategy fsdp: use bfloat16")
+    if cfg.training.optim == "paged_adamw_8bit":
+        raise ValueError("training.optim paged_adamw_8bit does not work on FSDP's sharded parameters: use "
+                         "adamw_torch or adamw_8bit")
+
+
 class JobConfig(_Section):
     adapter_name: str = Field("my-adapter", description="Folder name of the adapter in the store.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -140,6 +212,9 @@ class JobConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    _fsdp_storage = model_validator(mode="before")(_fsdp_quantization)
 
     @field_validator("adapter_name")
     @classmethod
@@ -154,6 +229,7 @@ class JobConfig(_Section):
             raise ValueError(f"{field} needs bitsandbytes, which is not installed: pip install bitsandbytes")
         if self.model.quantization != "none" and self.model.torch_dtype == "float16" and self.lora.use_dora:
             raise ValueError("lora.use_dora with a quantized float16 base is unstable: use torch_dtype bfloat16 or auto")
+        _check_launch(self)
         return self
 
     # --- YAML round trip -------------------------------------------------------------------------

@@ -222,6 +222,7 @@ def load_tokenizer(model_cfg: ModelConfig):
 def quantization_config(model_cfg: ModelConfig):
     if model_cfg.quantization == "none":
         return None
+    import torch
     from transformers import BitsAndBytesConfig
 
     if model_cfg.quantization == "8bit":
@@ -231,6 +232,7 @@ def quantization_config(model_cfg: ModelConfig):
         bnb_4bit_quant_type=model_cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=model_cfg.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype(model_cfg),
+        bnb_4bit_quant_storage=getattr(torch, model_cfg.bnb_4bit_quant_storage),
     )
 
 

@@ -498,6 +498,9 @@ def estimate(config: JobConfig, device: Device | None = None, *, suggest: bool =
             lambda n: _fits(config, device, shape, **{"training.per_device_train_batch_size": n}), 1, 1024)
         if not plan.fits:
             plan.suggestions = suggestions(config, device, shape, source, plan)
+    if not plan.fits and device.kind == "cuda" and len(device.gpus) > 1 and config.launch.strategy == "ddp":
+        plan.notes.append(f"does not fit one GPU: launch.strategy fsdp shards the model across the "
+                          f"{len(device.gpus)} GPUs (this plan is for one GPU holding all of it)")
     return plan
 
 

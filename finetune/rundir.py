@@ -206,6 +206,13 @@ def _numbers(status: dict, rows: list[dict], key: str):
     return next((r[key] for r in reversed(rows) if _number(r.get(key)) is not None), None)
 
 
+def _rank_numbers(value) -> list | None:
+    """A per-process list from status.json (several processes only), each entry a number or None."""
+    if not isinstance(value, list) or len(value) < 2:
+        return None
+    return [_number(v) for v in value[:4096]]
+
+
 def view(row: dict, planned_steps: int | None = None, command: str | None = None, label: str | None = None,
          detail: bool = True) -> dict:
     """What every client shows for a job (the Jobs tab, /job_status, `jobs show` and `jobs list`): the store's row
@@ -225,6 +232,7 @@ def view(row: dict, planned_steps: int | None = None, command: str | None = None
         "loss": _numbers(status, rows, "loss"), "eval_loss": _numbers(status, rows, "eval_loss"),
         "tokens_per_second": _numbers(status, rows, "tokens_per_second"),
         "peak_memory_mb": _number(status.get("peak_memory_mb")),
+        "rank_peak_memory_mb": _rank_numbers(status.get("rank_peak_memory_mb")),
         "eta_seconds": _number(status.get("eta_seconds")) if state == "running" else (0.0 if state == "completed" else None),
         "elapsed_seconds": round(elapsed, 1) if elapsed is not None else None,
         # a job its sweep stopped early says so, whatever its process last wrote; launched but silent so far: it

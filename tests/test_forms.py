@@ -34,7 +34,7 @@ def values_of(form: forms.Form, cfg: JobConfig) -> dict:
 
 
 def test_every_config_field_has_one_widget(form):
-    paths = {f"{s}.{n}" for s in ("model", "lora", "data", "training", "evaluation")
+    paths = {f"{s}.{n}" for s in ("model", "lora", "data", "training", "evaluation", "launch")
              for n in JobConfig.model_fields[s].annotation.model_fields}
     assert set(form.fields) == paths - forms.PICKED
 
@@ -58,6 +58,21 @@ def test_round_trip_through_the_form(form, tmp_path):
                                            f"data.path={tmp_path / 'x.jsonl'}", "data.max_samples=10"])
     back = form.to_config(values_of(form, cfg))
     assert back == cfg
+
+
+def test_processes_and_strategy_in_the_form(form):
+    w = form.fields["launch.num_processes"]
+    assert isinstance(w, gr.Dropdown) and w.value == "auto" and w.allow_custom_value
+    assert [c[0] for c in form.fields["launch.strategy"].choices] == ["ddp", "fsdp"]
+    cfg = example_config().with_overrides(["launch.num_processes=3", "model.quantization=none",
+                                           "launch.strategy=fsdp"])
+    values = values_of(form, cfg)
+    assert values[w] == "3" and form.to_config(values) == cfg
+    values[w] = "two"
+    with pytest.raises(ConfigError, match="launch.num_processes 'two'"):
+        form.to_config(values)
+    cells = render.stats_html({"peak_memory_mb": 1900.0, "rank_peak_memory_mb": [1875.3, 1900.0]})
+    assert "peak memory per rank (2)" in cells and "1,875 / 1,900 MB" in cells
 
 
 def test_demo_dataset_and_empty_optionals(form):

@@ -311,7 +311,7 @@ def test_two_jobs_run_one_after_the_other(stores, chat_jsonl):
         info = store.live(job_id)
         assert info["adapter_name"] == name and info["step"] == info["total_steps"] == 2 and info["progress"] == 1.0
         assert [s for s, _ in info["loss_history"]] == [1, 2] and info["exit_code"] == 0
-        assert info["command"].split()[1:4] == ["-m", "accelerate.commands.launch", "--cpu"]
+        assert info["command"].split()[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
         assert (Path(os.environ["STUDIO_ADAPTERS_DIR"]) / name / "adapter_model.safetensors").is_file()
 
 

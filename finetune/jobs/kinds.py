@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +27,7 @@ from finetune.datacheck import check_job_data
 from finetune.store.adapters import check_writable
 from finetune.config import ConfigError, JobConfig, format_errors
 from finetune.errors import JobError
-from finetune.jobs.process import cuda_available
+from finetune.jobs.launch import check_host, gpus_needed, train_command
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -43,6 +42,8 @@ class JobKind:
     prepare: Callable[[BaseModel], BaseModel] = field(default=lambda spec: spec)  # pins the spec before it is queued
     slot: bool = True       # takes a device (or CPU) slot; a driver that only submits and watches other jobs does not
     relaunch: bool = False  # restarts safely: queued again (resumed) when its process is lost, instead of failing
+    # the command sizes its launch by the GPUs admitted: called with gpus=<count>; gpus() may return ALL_GPUS
+    sized: bool = False
 
 
 _KINDS: dict[str, JobKind] = {}
@@ -94,19 +95,6 @@ def spec_yaml(spec: BaseModel) -> str:
 
 
 # --- training ---------------------------------------------------------------------------------------------------
-def train_command(job_yaml: Path, run_dir: Path, resume: bool = False) -> list[str]:
-    """The exact command a training job runs; the UI shows it so a user can run the same thing by hand."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if not cuda_available():
-        cmd.append("--cpu")
-    # mixed precision is the trainer's choice (bf16 where supported), not the launcher's.
-    cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "finetune", "train", str(job_yaml), "--run-dir", str(run_dir)]
-    if resume:
-        cmd.append("--resume")
-    return cmd
-
-
 def absolute_data_paths(cfg: JobConfig) -> JobConfig:
     """The training process runs from the project root: a data file named relative to the submitter's
     working directory is pinned to its absolute path (hub ids and builtin: sources are left alone)."""
@@ -124,6 +112,7 @@ def absolute_data_paths(cfg: JobConfig) -> JobConfig:
 
 def prepare_training(cfg: JobConfig) -> JobConfig:
     cfg = absolute_data_paths(cfg)
+    check_host(cfg)
     if policy.confined():  # a client of the studio sent it: its paths and models must be ones the operator allows
         policy.check_job(cfg)
     check_writable()
@@ -131,5 +120,5 @@ def prepare_training(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
-TRAIN = register_kind(JobKind(name="train", spec=JobConfig, command=train_command, gpus=lambda spec: 1,
-                              label=lambda spec: spec.adapter_name, prepare=prepare_training))
+TRAIN = register_kind(JobKind(name="train", spec=JobConfig, command=train_command, gpus=gpus_needed,
+                              label=lambda spec: spec.adapter_name, prepare=prepare_training, sized=True))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 from finetune import rundir
 from finetune.jobs import process
 from finetune.jobs.kinds import get_kind
+from finetune.jobs.launch import ALL_GPUS
 
 if TYPE_CHECKING:
     from finetune.jobs.store import JobStore
@@ -118,7 +119,8 @@ class Scheduler:
     def _need(self, row: dict) -> int:
         try:
             kind = get_kind(row["kind"])
-            return int(kind.gpus(self.store.spec_of(row)))
+            need = int(kind.gpus(self.store.spec_of(row)))
+            return len(self.gpus) if need == ALL_GPUS else need
         except Exception:  # an unknown kind or a spec that no longer validates fails at launch, with its reason
             return 0
 
@@ -127,7 +129,8 @@ class Scheduler:
         checkpoint = rundir.latest_checkpoint(run_dir) if row["resume"] else None
         try:
             kind = get_kind(row["kind"])
-            cmd = kind.command(run_dir / rundir.JOB_YAML, run_dir, bool(checkpoint))
+            sized = {"gpus": len(devices) if self.gpus else 0} if kind.sized else {}
+            cmd = kind.command(run_dir / rundir.JOB_YAML, run_dir, bool(checkpoint), **sized)
             line = process.command_string(cmd)
             rundir.begin_attempt(run_dir, row["attempts"], checkpoint, line, row["config"])
             proc = process.launch(cmd, run_dir, job_id, self.store.home, devices if self.gpus else None)

@@ -30,6 +30,7 @@ class Progress:
     train_tokens: int = 0
     elapsed_s: float = 0.0
     losses: list = field(default_factory=list)  # (step, loss) of the last few steps, for the final loss
+    num_processes: int = 1  # the world size that trained it: a checkpoint resumes only with the same
 
 
 def install_lora_only_checkpoints(accelerator) -> None:
@@ -87,6 +88,15 @@ def load_latest(accelerator, run_dir: Path) -> tuple[Progress, Path] | None:
     if not found:
         return None
     _, path = found[-1]
-    accelerator.load_state(str(path))
     saved = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    check_world_size(saved.get("num_processes", 1), accelerator.num_processes, path)
+    accelerator.load_state(str(path))
     return Progress(**{k: v for k, v in saved.items() if k in Progress.__dataclass_fields__}), path
+
+
+def check_world_size(saved: int, current: int, path: Path) -> None:
+    """A checkpoint resumes only with the world size that wrote it: the data split, the optimizer state and (under
+    FSDP) the shards all depend on it."""
+    if saved != current:
+        raise TrainError(f"checkpoint {path.name} was written by {saved} processes and this run has {current}: "
+                         f"resume with launch.num_processes {saved}, or start a new job")

@@ -93,7 +93,7 @@ The full job config, library versions and dataset statistics are in `studio.json
 
 
 def adapter_metadata(config: JobConfig, base: dict, tokenizer, data_stats: dict, run: dict, metrics: dict) -> dict:
-    """studio.json. run: device, num_processes, speedups and parameters (trainable, total) of the training run."""
+    """studio.json. run: device, num_processes, strategy, speedups and parameters (trainable, total) of the training run."""
     from finetune import model as M
 
     return {
@@ -110,6 +110,7 @@ def adapter_metadata(config: JobConfig, base: dict, tokenizer, data_stats: dict,
         "versions": library_versions(),
         "device": run["device"],
         "num_processes": run["num_processes"],
+        "strategy": run.get("strategy", "ddp"),
         "speedups": run["speedups"],
         "parameters": run["parameters"],
         "metrics": metrics,
@@ -118,9 +119,9 @@ def adapter_metadata(config: JobConfig, base: dict, tokenizer, data_stats: dict,
     }
 
 
-def publish_adapter(peft_model, config: JobConfig, base: dict, meta: dict) -> Path:
+def publish_adapter(peft_model, config: JobConfig, base: dict, meta: dict, state_dict: dict | None = None) -> Path:
     """Write the adapter, studio.json (`meta`) and the model card into a hidden staging folder of the store, then
-    rename it into place."""
+    rename it into place. state_dict: the adapter's tensors when the model cannot give them itself (FSDP shards)."""
     from finetune.store import adapters
 
     # adapter_config.json names a base that also exists outside this machine where there is one.
@@ -130,7 +131,7 @@ def publish_adapter(peft_model, config: JobConfig, base: dict, meta: dict) -> Pa
     try:
         # save_embedding_layers=False: LoRA never trains whole embeddings here, and "auto" would look the
         # base up on the hub (offline: a warning and a delay) to check for a resized vocabulary.
-        peft_model.save_pretrained(str(staging), save_embedding_layers=False)
+        peft_model.save_pretrained(str(staging), save_embedding_layers=False, state_dict=state_dict)
         write_json_atomic(staging / adapters.META, meta)
         (staging / "README.md").write_text(model_card(meta), encoding="utf-8")
         for f in staging.iterdir():

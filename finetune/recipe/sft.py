@@ -20,9 +20,10 @@ from pathlib import Path
 
 from finetune.config import JobConfig
 from finetune.recipe import checkpoints as C
+from finetune.recipe import distributed as D
 from finetune.recipe import provenance as P
 from finetune.recipe.checkpoints import Progress, TrainError
-from finetune.recipe.tracker import RunTracker
+from finetune.recipe.tracker import RunTracker, memory_mb
 from finetune.rundir import CHECKPOINTS, JOB_YAML
 
 log = logging.getLogger("finetune.train")
@@ -75,24 +76,28 @@ class StepResult:
     grad_norm: float      # before clipping
     learning_rate: float  # the rate this step used
     tokens: int           # input tokens (padding excluded) of its micro-batches
+    labels: int = 0       # label tokens of this process's micro-batches
+    all_labels: int = 0   # label tokens of the step over every process (the loss's denominator)
 
 
 class SFTRecipe:
     """LoRA supervised fine-tuning on the assistant tokens of chat-rendered examples."""
 
     def __init__(self, config: JobConfig, run_dir: str | Path | None = None):
+        import torch
         from accelerate import Accelerator
 
         self.config, self.tc = config, config.training
         self.run_dir = Path(run_dir).resolve() if run_dir is not None else None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.accelerator = Accelerator()
+        # cpu=True without CUDA: processes started by torchrun then join over gloo (MULTI_CPU), see jobs/launch.py
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.main = self.accelerator.is_main_process
         # Without a run folder (the benchmark) nothing is written.
         self.tracker = RunTracker(self.run_dir, config.adapter_name, enabled=self.writes_run_folder)
         self.status = self.tracker.status
-        self.progress = Progress()
+        self.progress = Progress(num_processes=self.accelerator.num_processes)
         self.train_examples: list = []
         self.validation_examples: list = []
         self.data_stats: dict = {}
@@ -143,7 +148,8 @@ class SFTRecipe:
         self.resolved = M.resolve_model(mc.name_or_path, mc.revision)
         model = M.load_model(mc, for_training=True)
         self.model = M.apply_lora(model, self.config.lora, gradient_checkpointing=self.tc.gradient_checkpointing)
-        self.speedups = patch_model_for_speed(self.model, self.tc)
+        fsdp = D.skip_fast_path_under_fsdp(self.accelerator, mc)
+        self.speedups = [] if fsdp else patch_model_for_speed(self.model, self.tc)
         self.trainable, self.total_params = self.model.get_nb_trainable_parameters()
         log.info("LoRA: %d trainable of %d parameters (%.2f%%); speed-ups: %s", self.trainable, self.total_params,
                  100 * self.trainable / self.total_params, ", ".join(self.speedups) or "none")
@@ -161,9 +167,11 @@ class SFTRecipe:
         self.scheduler = get_scheduler(tc.lr_scheduler_type, optimizer, num_training_steps=self.total_steps,
                                        num_warmup_steps=math.ceil(tc.warmup_ratio * self.total_steps))
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP swaps them for sharded ones
         acc.register_for_checkpointing(self.scheduler)
         C.install_lora_only_checkpoints(acc)
-        self.padding_free = tc.padding_free and acc.device.type == "cuda"  # packed rows need GPU attention kernels
+        # packed rows need the fast path's attention kernels (a GPU, and no FSDP)
+        self.padding_free = tc.padding_free and acc.device.type == "cuda" and not D.is_fsdp(acc)
 
     def _resume(self) -> None:
         loaded = C.load_latest(self.accelerator, self.run_dir)
@@ -199,22 +207,27 @@ class SFTRecipe:
         acc = self.accelerator
         # Normalise by the label tokens of the whole step, not per micro-batch: the accumulated gradient then equals
         # that of one big batch, however the tokens fall across micro-batches.
-        n_labels = max(1, sum(count_label_tokens(b) for b in micro_batches))
-        step_loss, tokens = 0.0, 0
+        # Over several processes, by the label tokens of all of them: DDP and FSDP average the gradients over the
+        # ranks, so each rank's loss is scaled by the world size to make that average the one-process gradient.
+        n_labels = sum(count_label_tokens(b) for b in micro_batches)
+        all_labels = max(1, D.global_sum(acc, n_labels))
+        losses, tokens = [], 0
         for j, batch in enumerate(micro_batches):
             sync = j == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                loss = self.loss_step(batch, n_labels)
-                acc.backward(loss)
-            step_loss += float(loss.detach())
+                loss = self.loss_step(batch, all_labels)
+                acc.backward(loss * acc.num_processes if acc.num_processes > 1 else loss)
+            losses.append(loss.detach())
             tokens += count_input_tokens(batch)
         max_norm = self.tc.max_grad_norm if self.tc.max_grad_norm > 0 else float("inf")
-        grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+        grad_norm = acc.clip_grad_norm_(self.params, max_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=step_loss, grad_norm=grad_norm, learning_rate=lr, tokens=tokens)
+        # Read back only now: a read before the update would idle the device while the host queues clip and update.
+        return StepResult(loss=sum(float(x) for x in losses), grad_norm=float(grad_norm), learning_rate=lr,
+                          tokens=tokens, labels=n_labels, all_labels=all_labels)
 
     def evaluate_loss(self) -> float | None:
         """Token-weighted mean loss on the validation examples."""
@@ -258,7 +271,9 @@ class SFTRecipe:
         state, tc = self.progress, self.tc
         state.global_step += 1
         state.groups_done_in_epoch += 1
-        self.tracker.record(state, result.loss, result.tokens)
+        ranks = D.gather_step(self.accelerator, result.loss, result.labels, result.all_labels, result.tokens,
+                              memory_mb())
+        self.tracker.record(state, ranks.loss, ranks.tokens, ranks)
         step, last = state.global_step, state.global_step == self.total_steps
         if step % tc.logging_steps == 0 or last:
             self.tracker.log_step(state, result.learning_rate, result.grad_norm)
@@ -276,14 +291,16 @@ class SFTRecipe:
         self.status.update(phase="saving", step=self.progress.global_step,
                            eval_loss=round(self.eval_loss, 6) if self.eval_loss is not None else None)
         self.accelerator.wait_for_everyone()
+        weights = D.adapter_state_dict(self.accelerator, self.model)
         meta: dict = {}
         if self.main:
             base = P.base_model_record(self.config, self.resolved)
             run = {"device": self.accelerator.device.type, "num_processes": self.accelerator.num_processes,
+                   "strategy": self.config.launch.strategy,
                    "speedups": self.speedups, "parameters": {"trainable": self.trainable, "total": self.total_params},
                    "run_dir": str(self.run_dir)}
             meta = P.adapter_metadata(self.config, base, self.tokenizer, self.data_stats, run, metrics)
-            P.publish_adapter(self.accelerator.unwrap_model(self.model), self.config, base, meta)
+            P.publish_adapter(self.accelerator.unwrap_model(self.model), self.config, base, meta, state_dict=weights)
         self.accelerator.wait_for_everyone()
         return meta
 

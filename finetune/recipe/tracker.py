@@ -35,6 +35,7 @@ class RunTracker:
         self.status = Status(run_dir or Path("."), adapter_name, enabled=enabled)
         self.metrics = Metrics(run_dir or Path("."), enabled=enabled)
         self.enabled = enabled
+        self.rank_peaks: list | None = None  # each process's peak memory, when there are several
 
     def start(self, state: Progress, total_steps: int, steps_per_epoch: int) -> None:
         from tqdm.auto import tqdm
@@ -49,14 +50,17 @@ class RunTracker:
         self.session_start, self.session_start_step = time.time(), state.global_step
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.time()}
 
-    def record(self, state: Progress, loss: float, tokens: int) -> None:
-        """One optimizer step done (state already advanced)."""
+    def record(self, state: Progress, loss: float, tokens: int, ranks=None) -> None:
+        """One optimizer step done (state already advanced). loss: over every process; tokens: summed over them;
+        ranks: the step's per-process numbers (recipe.distributed.RankStep), shown when there are several."""
         if state.first_loss is None:
             state.first_loss = loss
         state.losses = (state.losses + [[state.global_step, loss]])[-20:]
         self.window["loss"] += loss
         self.window["steps"] += 1
         self.window["tokens"] += tokens
+        if ranks is not None and len(ranks.rank_loss) > 1:
+            self.window["ranks"] = self.window.get("ranks", []) + [ranks]
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}")
 
@@ -71,10 +75,17 @@ class RunTracker:
                "learning_rate": learning_rate, "grad_norm": round(grad_norm, 6),
                "tokens_per_second": round(tps, 2), "memory_mb": round(mem, 1) if mem else None,
                "elapsed_s": round(state.elapsed_s + now - self.session_start, 2)}
+        per_rank = rank_columns(w.get("ranks", []))
+        if per_rank:
+            row.update(per_rank)
+            row["memory_mb"] = max((m for m in per_rank["rank_memory_mb"] if m is not None), default=None)
+            self.rank_peaks = per_rank["rank_peak_memory_mb"]
+            peak = max((m for m in self.rank_peaks if m is not None), default=peak)
         self.metrics.write(row)
         self.status.update(step=state.global_step, epoch=round(state.global_step / self.steps_per_epoch, 4),
                            loss=row["loss"], tokens_per_second=row["tokens_per_second"],
                            peak_memory_mb=round(peak, 1) if peak else None,
+                           rank_peak_memory_mb=per_rank.get("rank_peak_memory_mb"),
                            eta_seconds=round(per_step * (self.total_steps - state.global_step), 1))
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": now}
 
@@ -102,6 +113,9 @@ class RunTracker:
 
         runtime = self.elapsed(state)
         _, peak = memory_mb()
+        rank_peaks = self.rank_peaks
+        if rank_peaks:
+            peak = max((m for m in rank_peaks if m is not None), default=peak)
         # from the logged rows, as the Jobs view computes it, so the two tabs show the same number
         logged = histories(read_metrics(self.run_dir))[0] if self.run_dir else []
         return {
@@ -117,4 +131,21 @@ class RunTracker:
             "seconds_per_step": round(runtime / max(1, state.global_step), 3),
             "peak_memory_mb": round(peak, 1) if peak else None,
             "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "process_rss",
+            "rank_peak_memory_mb": rank_peaks,
         }
+
+
+def rank_columns(steps: list) -> dict:
+    """metrics.jsonl's per-process columns for the steps since the last row (RankStep each): each rank's mean loss
+    and label tokens over those steps, and its memory at the last one. Empty for one process."""
+    if not steps:
+        return {}
+    n = len(steps)
+    losses = [[s.rank_loss[r] for s in steps] for r in range(len(steps[0].rank_loss))]
+    return {
+        "rank_loss": [round(sum(v) / n, 6) if None not in v else None for v in losses],
+        "rank_label_tokens": [sum(s.rank_label_tokens[r] for s in steps) for r in range(len(losses))],
+        "rank_memory_mb": steps[-1].rank_memory_mb,
+        "rank_peak_memory_mb": steps[-1].rank_peak_memory_mb,
+        "num_processes": len(losses),
+    }
