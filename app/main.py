@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app import adapters_tab, api, jobs_tab, playground_tab, render, train_tab, url_state
+from app import adapters_tab, api, jobs_tab, playground_tab, render, sweep_panel, train_tab, url_state
 from app.api import friendly
 
 TITLE = "PEFT Studio"
@@ -59,6 +59,7 @@ CSS = """
 .mem-key i { display: inline-block; width: .8em; height: .8em; border-radius: 2px; margin-right: .25em; vertical-align: -1px; }
 .mem-warn ol { margin: .25rem 0 0 1.2rem; }
 .gen-stats { font-size: .85rem; color: #374151; padding: .2rem 0; }
+#side-out-a .bubble-wrap, #side-out-b .bubble-wrap { padding-top: 2.2rem; }
 """
 
 HEADER = (
@@ -75,6 +76,7 @@ def build_app() -> gr.Blocks:
         with gr.Tabs(selected="train", elem_id="main-tabs") as tabs:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build()
+                sweep_panel.build(train.form)
             with gr.Tab("Jobs", id="jobs", elem_id="tab-jobs"):
                 jobs = jobs_tab.build()
             with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters") as adapters_tab_:

@@ -51,7 +51,7 @@ def short(x) -> str:
     return repr(x)[:80]
 
 
-@pytest.mark.parametrize("api_name", ["/job_status", "/cancel_job", "/resume_job"])
+@pytest.mark.parametrize("api_name", ["/job_status", "/cancel_job", "/resume_job", "/sweep_status"])
 def test_job_ids(studio, api_name):
     client, _ = studio
     for value in HOSTILE:
@@ -98,3 +98,15 @@ def test_imports(studio, tmp_path):
     for name in HOSTILE:
         assert answer(client, handle_file(str(junk)), name, api_name="/import_adapter")[0] == "error", short(name)
     assert as_json(client.predict(api_name="/list_adapters")) == []
+
+
+def test_sweep_configs(studio):
+    """No hostile string is a sweep (a sweep needs a base job), and a base that names a file outside the allowed
+    folders is refused without saying whether the file exists."""
+    client, _ = studio
+    before = as_json(client.predict(api_name="/list_jobs"))
+    for value in HOSTILE_YAML + ["base: /etc/passwd\n", "base: ../../../etc/shadow\nspace: {r: [8]}\n"]:
+        kind, out = answer(client, value, api_name="/submit_sweep")
+        assert kind == "error", f"/submit_sweep({short(value)}) answered {short(out)}"
+        assert "root:" not in out
+    assert as_json(client.predict(api_name="/list_jobs")) == before

@@ -18,7 +18,7 @@ from gradio_client import Client  # noqa: E402
 
 ENDPOINTS = ("/submit_job", "/job_status", "/cancel_job", "/resume_job", "/list_jobs", "/validate_config",
              "/list_adapters", "/download_adapter", "/import_adapter", "/delete_adapter", "/generate", "/evaluate",
-             "/export_adapter", "/list_exports")
+             "/export_adapter", "/list_exports", "/submit_sweep", "/sweep_status")
 FINISHED = ("completed", "failed", "cancelled")
 
 

@@ -84,3 +84,23 @@ def test_a_sweep_driver_takes_no_slot(tmp_path):
         for job_id in (sweep_id, train_id):
             if store.get(job_id)["state"] in ("queued", "running"):
                 store.cancel(job_id, grace_s=5)
+
+
+def test_a_lost_driver_is_queued_again_and_a_lost_trainer_is_not(tmp_path):
+    import subprocess
+
+    from finetune.jobs.store import JobStore
+
+    store = JobStore(tmp_path / "home", reconcile=False, gpus=())
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid whose process has ended: the job's process is lost
+    ids = {"sweep": store.submit(SweepConfig.parse(spec(tmp_path)), kind="sweep"),
+           "train": store.submit(tiny_config(tmp_path / "train.jsonl", "lost", steps=1))}
+    for job_id in ids.values():
+        store.claim(job_id, "")
+        store.launched(job_id, gone.pid, gone.pid, "lost", None)
+    store.reconcile()
+    sweep_row, train_row = store.get(ids["sweep"]), store.get(ids["train"])
+    assert (sweep_row["state"], sweep_row["resume"]) == ("queued", 1)
+    assert train_row["state"] == "failed"
+    store.cancel(ids["sweep"])

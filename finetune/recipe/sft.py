@@ -230,22 +230,23 @@ class SFTRecipe(ObjectiveHooks):
         # ranks, so each rank's loss is scaled by the world size to make that average the one-process gradient.
         n_labels = sum(self.count_items(b) for b in micro_batches)
         all_labels = max(1, D.global_sum(acc, n_labels))
-        step_loss, tokens = 0.0, 0
+        losses, tokens = [], 0
         for j, batch in enumerate(micro_batches):
             sync = j == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                 loss = self.loss_step(batch, all_labels)
                 acc.backward(loss * acc.num_processes if acc.num_processes > 1 else loss)
-            step_loss += float(loss.detach())
+            losses.append(loss.detach())
             tokens += count_input_tokens(batch)
         max_norm = self.tc.max_grad_norm if self.tc.max_grad_norm > 0 else float("inf")
-        grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+        grad_norm = acc.clip_grad_norm_(self.params, max_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=step_loss, grad_norm=grad_norm, learning_rate=lr, tokens=tokens, labels=n_labels,
-                          all_labels=all_labels)
+        # Read back only now: a read before the update would idle the device while the host queues clip and update.
+        return StepResult(loss=sum(float(x) for x in losses), grad_norm=float(grad_norm), learning_rate=lr,
+                          tokens=tokens, labels=n_labels, all_labels=all_labels)
 
     def evaluate_loss(self) -> float | None:
         """Token-weighted mean loss on the validation examples."""

@@ -32,7 +32,7 @@ class Driver:
         self.spec, self.store, self.sweep_id, self.run_dir = spec, store, sweep_id, Path(run_dir)
         self.poll_s, self.log = poll_s, log
         self.study_name = spec.study_name or sweep_id
-        self.study = S.open_study(spec, S.storage_url(spec, run_dir), self.study_name)
+        self.study = S.open_study(spec, S.storage_url(spec, run_dir), self.study_name, sweep_id)
         self.base = spec.base_config()
         self.stopping = False
         if "started_at" not in self.study.user_attrs:

@@ -5,6 +5,7 @@ Optuna is imported inside these functions: the studio UI imports the sweep packa
 from __future__ import annotations
 
 import time
+import zlib
 from pathlib import Path
 
 from finetune.sweep.config import LogRange, Space, SweepConfig
@@ -17,12 +18,14 @@ def storage_url(spec: SweepConfig, run_dir: Path) -> str:
     return spec.storage or f"sqlite:///{Path(run_dir).resolve() / 'study.db'}"
 
 
-def _sampler(spec: SweepConfig):
+def _sampler(spec: SweepConfig, offset: int = 0):
+    """offset moves the seed: a restarted driver or a second worker must not draw the first trials' values again."""
     import optuna
 
+    seed = None if spec.seed is None else spec.seed + offset
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(4, spec.n_trials))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, spec.n_trials))
 
 
 def _pruner(spec: SweepConfig):
@@ -37,8 +40,9 @@ def _pruner(spec: SweepConfig):
     return optuna.pruners.NopPruner()
 
 
-def open_study(spec: SweepConfig, storage: str, study_name: str, attempts: int = 10):
-    """Create the study, or load it when it exists (a restarted sweep, another worker)."""
+def open_study(spec: SweepConfig, storage: str, study_name: str, worker: str = "", attempts: int = 10):
+    """Create the study, or load it when it exists (a restarted sweep, another worker). The sampler's seed is moved
+    by the trials already in the study and, in a study named for sharing, by the worker."""
     import optuna
     import sqlalchemy.exc
 
@@ -46,9 +50,13 @@ def open_study(spec: SweepConfig, storage: str, study_name: str, attempts: int =
     for attempt in range(attempts):
         try:
             storage_obj = optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
-            return optuna.create_study(storage=storage_obj, study_name=study_name, direction=spec.direction,
-                                       sampler=_sampler(spec), pruner=_pruner(spec), load_if_exists=True)
-        except sqlalchemy.exc.OperationalError:  # two workers creating the same new database's tables at once
+            study = optuna.create_study(storage=storage_obj, study_name=study_name, direction=spec.direction,
+                                        sampler=_sampler(spec), pruner=_pruner(spec), load_if_exists=True)
+            offset = len(study.get_trials(deepcopy=False)) + (zlib.crc32(worker.encode()) if spec.study_name else 0)
+            if offset:
+                study.sampler = _sampler(spec, offset)
+            return study
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # two workers creating one new database
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5 + attempt)

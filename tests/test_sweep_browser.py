@@ -1,0 +1,57 @@
+"""The Sweep panel in Debian's Chromium: a sweep queued through /submit_sweep shows its trials live (state, objective,
+best so far) in the Train tab's accordion, and "Train the best config" queues the best trial's job."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+from gradio_client import Client
+
+from conftest import arithmetic_rows, tiny_config, wait_for, write_jsonl
+from studio_server import ROOT, as_json, running_studio
+
+pytestmark = pytest.mark.browser
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM:
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"]
+
+
+def test_sweep_panel_shows_trials_and_trains_the_best(tmp_path):
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", arithmetic_rows(24))
+    base = tiny_config(data, "ui", steps=2, eval_steps=1)
+    base.data.validation_split = 0.25
+    spec = {"name": "ui", "base": base.model_dump(mode="json"), "n_trials": 1, "pruner": "none",
+            "space": {"learning_rate": {"low": 1e-4, "high": 1e-3}}}
+    home = tmp_path / "home"
+    with running_studio(home, "--allow-path", str(data.parent)) as (url, proc, _):
+        client = Client(url, verbose=False)
+        job = str(client.predict(yaml.safe_dump(spec), api_name="/submit_sweep")).strip()
+        wait_for(lambda: as_json(client.predict(job, api_name="/sweep_status"))["job"]["state"] == "completed",
+                 1200, "the one-trial sweep to finish")
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.locator("#sweep-accordion").get_by_text("Hyper-parameter sweep").click()
+            page.locator("#sweep-select").click()
+            page.get_by_role("option", name=job, exact=False).click()
+            page.wait_for_selector("#sweep-summary .sweep-summary[data-state='completed']")
+            assert "Best so far: trial 0" in page.locator("#sweep-summary").inner_text()
+            table = page.locator("#sweep-trials").inner_text()
+            assert "completed" in table and "★" in table and "learning_rate" in table
+            page.locator("#sweep-trials").scroll_into_view_if_needed()
+            page.screenshot(path=str(ROOT / "docs" / "screenshots" / "sweep.png"), full_page=False)
+            page.locator("#sweep-train-best-btn").click()
+            page.wait_for_selector("#sweep-message .msg.ok")
+            browser.close()
+        from finetune.jobs.store import JobStore
+
+        store = JobStore(home, reconcile=False)
+        best = [r for r in store.list_jobs() if r["name"] == "ui-best"]
+        assert len(best) == 1 and best[0]["kind"] == "train"
+        if best[0]["state"] in ("queued", "running"):
+            store.cancel(best[0]["id"], grace_s=5)
