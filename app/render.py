@@ -139,6 +139,13 @@ def rank_memory_cells(ranks) -> list[tuple[str, str]]:
     return [(f"peak memory per rank ({len(ranks)})", f"{esc(values)} MB")]
 
 
+def objective_cells(metrics) -> list[tuple[str, str]]:
+    """An objective's own metrics at the last logged step (DPO rewards and log-probs, distillation CE and KL)."""
+    if not isinstance(metrics, dict):
+        return []
+    return [(f"{esc(k)}, last logged step", fmt_num(v)) for k, v in list(metrics.items())[:12]]
+
+
 def stats_html(live: dict | None) -> str:
     if not live:
         return ""
@@ -148,6 +155,7 @@ def stats_html(live: dict | None) -> str:
              ("eval loss, validation rows", fmt_num(live.get("eval_loss"))),
              ("tokens/s, last logged steps", fmt_num(live.get("tokens_per_second"), 3)),
              ("peak memory", f"{mem:,.0f} MB" if mem else "–"), *rank_memory_cells(live.get("rank_peak_memory_mb")),
+             *objective_cells(live.get("objective_metrics")),
              ("adapter", esc(live.get("adapter_name") or "–")), ("attempts", esc(live.get("attempts") or 0))]
     return '<div class="stat-grid">' + "".join(
         f'<div class="stat"><div class="k">{k}</div><div class="v">{v}</div></div>' for k, v in cells) + "</div>"
@@ -555,3 +563,24 @@ def plan_warning_html(plan: dict) -> str:
                      f'{num(s.get("needed_gib")) or 0:.2f} GiB{" (fits)" if s.get("fits") else " (still too much)"}</li>')
     return (f'<div class="msg warn mem-warn"><b>This job does not fit the device\'s memory.</b> Changes that lower '
             f'it, best first:<ol>{"".join(items)}</ol></div>')
+
+
+# --- distillation: teacher, student and base side by side -------------------------------------------------------
+DISTILL_COLUMNS = [("rouge_l_vs_teacher", "ROUGE-L vs teacher's answers"), ("kl_to_teacher", "KL(teacher ‖ model) per token"),
+                   ("tokens_per_second", "tokens/s"), ("latency_s", "latency (s)"), ("peak_memory_mb", "peak memory (MB)")]
+
+
+def distill_eval_html(result: dict | None) -> str:
+    """studio.json's distill_eval as a table: one row per model (teacher, student, base), quality and cost."""
+    models = obj(obj(result).get("models"))
+    if not models:
+        return ""
+    head = "<tr><th>model</th>" + "".join(f"<th>{esc(label)}</th>" for _, label in DISTILL_COLUMNS) + "</tr>"
+    rows = []
+    for side in ("teacher", "student", "base"):
+        m = obj(models.get(side))
+        cells = "".join(f'<td class="num">{fmt_num(m.get(key))}</td>' for key, _ in DISTILL_COLUMNS)
+        rows.append(f"<tr><td>{esc(side)}: {esc(m.get('model'))}</td>{cells}</tr>")
+    n = obj(result.get("data")).get("examples")
+    return (f'<div class="distill-eval"><b>Teacher, student and base on {esc(n)} held-out prompts</b>'
+            f'<table class="eval-table"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>')

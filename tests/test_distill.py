@@ -87,8 +87,16 @@ def test_student_ends_closer_to_the_teacher_than_the_base(store, teacher, chat_j
     assert models["teacher"]["kl_to_teacher"] == 0 and models["teacher"]["rouge_l_vs_teacher"] == 1
     assert models["student"]["kl_to_teacher"] < models["base"]["kl_to_teacher"]
     assert models["student"]["rouge_l_vs_teacher"] > models["base"]["rouge_l_vs_teacher"]
+    assert set(meta["eval"]["metrics"]) == {"base", "adapter"}  # the usual base-vs-adapter evaluation too
     for side in ("teacher", "student", "base"):
         assert models[side]["tokens_per_second"] > 0 and models[side]["latency_s"] > 0
+    # the Adapters tab shows the three side by side (escaped)
+    from app import adapters_tab, render
+
+    html = adapters_tab.provenance_html(meta)
+    assert f"teacher: {TEACHER}" in html and "student: distill-student4" in html and "adapter:" in html
+    hostile = {"models": {"teacher": {"model": "<script>x</script>", "tokens_per_second": 1.0}}, "data": {}}
+    assert "<script>" not in render.distill_eval_html(hostile)
     rows = [r for r in json.loads("[" + ",".join(open(f"{row['run_dir']}/metrics.jsonl")) + "]") if "loss" in r]
     assert all(r["distill/kl"] >= 0 for r in rows) and len(rows) == 6
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
+from app import render
 from conftest import preference_rows, tiny_config, wait_for, write_jsonl
 from finetune import data as D
 from finetune import preference
@@ -16,7 +18,7 @@ from finetune.jobs import process
 from finetune.jobs.store import JobStore
 from finetune.paths import adapters_dir
 from finetune.recipe.dpo import dpo_loss
-from finetune.rundir import read_metrics, read_status
+from finetune.rundir import read_metrics
 
 DEADLINE = 600
 
@@ -105,6 +107,13 @@ def test_dpo_raises_reward_accuracy_and_margin(store, pref_jsonl):
     assert meta["dpo"]["beta"] == 0.1 and meta["dataset"]["format"] == "preference"
     live = store.live(row["id"])
     assert live["objective_metrics"]["rewards/accuracies"] == last["rewards/accuracies"]
+    assert "rewards/margins, last logged step" in render.stats_html(live)  # the Jobs tab's numbers
+    # evaluation reads preference rows as their chosen conversations
+    from finetune.evaluation.evaluate import evaluate
+
+    result = evaluate("dpo-arith", data_path=str(pref_jsonl), split="train", max_examples=2, max_new_tokens=8,
+                      use_cache=False)
+    assert set(result["metrics"]) == {"base", "adapter"} and len(result["examples"]) == 2
 
 
 def test_dpo_continues_an_sft_adapter(store, pref_jsonl, chat_jsonl):
@@ -123,14 +132,19 @@ def test_dpo_continues_an_sft_adapter(store, pref_jsonl, chat_jsonl):
 
 
 def test_pair_missing_rejected_is_refused_before_training(store, tmp_path):
+    from finetune.config import ModelConfig
+    from finetune.model import load_tokenizer
+
     rows = preference_rows(4)
     del rows[2]["rejected"]
     path = write_jsonl(tmp_path / "broken.jsonl", rows)
-    row = run_job(store, dpo_config(path, "dpo-broken", steps=2))
-    assert row["state"] == "failed"
-    assert f"{path}, line 3: rejected: missing column 'rejected'" in row["error"], row["error"]
-    assert read_status(row["run_dir"]).get("step") in (None, 0)
-    assert not [r for r in read_metrics(row["run_dir"]) if "loss" in r]
+    expected = f"{path}, line 3: rejected: missing column 'rejected'"
+    cfg = dpo_config(path, "dpo-broken", steps=2)
+    with pytest.raises(D.DataError, match=re.escape(expected)):  # the queue refuses it
+        store.submit(cfg)
+    with pytest.raises(D.DataError, match=re.escape(expected)):  # and so does the recipe's own data step
+        preference.prepare(cfg.data, load_tokenizer(ModelConfig(quantization="none")))
+    assert not (adapters_dir() / "dpo-broken").exists()
 
 
 def test_missing_init_adapter_is_refused_at_submit(store, pref_jsonl):

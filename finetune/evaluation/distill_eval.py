@@ -107,3 +107,24 @@ def record_comparison(config, meta: dict) -> None:
         return
     adapters.update_metadata(config.adapter_name, "distill_eval", result)
     meta["distill_eval"] = result
+
+
+def cli(argv: list[str]) -> int:
+    import argparse
+    import json
+
+    from finetune.errors import plain_message
+
+    p = argparse.ArgumentParser(prog="python -m finetune eval-distill", description=__doc__.split("\n\n")[0])
+    p.add_argument("adapter", help="a distilled adapter in the store")
+    p.add_argument("--data", help="held-out file (default: the adapter's own validation rows)")
+    p.add_argument("--max-examples", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    a = p.parse_args(argv)
+    try:
+        result = compare(a.adapter, a.data, max_examples=a.max_examples, max_new_tokens=a.max_new_tokens)
+    except Exception as e:
+        print(f"error: {plain_message(e)}")
+        return 1
+    print(json.dumps(result, indent=1))
+    return 0

@@ -91,6 +91,9 @@ class DistillRecipe(SFTRecipe):
         """The teacher, frozen, after checking that it shares the student's tokenizer (before any training)."""
         from finetune import model as M
 
+        if self.accelerator.num_processes > 1:
+            raise TrainError("launch.num_processes: distillation runs in one training process (its loss calls the "
+                             f"model's body and head outside DDP's wrapper); this run has {self.accelerator.num_processes}")
         self.teacher_ref = ref = resolve_teacher(self.config)
         self.status.update(phase="loading_teacher")
         differs = same_vocabulary(self.tokenizer, M.load_tokenizer(ref.model))
