@@ -59,6 +59,7 @@ CSS = """
 .mem-key i { display: inline-block; width: .8em; height: .8em; border-radius: 2px; margin-right: .25em; vertical-align: -1px; }
 .mem-warn ol { margin: .25rem 0 0 1.2rem; }
 .gen-stats { font-size: .85rem; color: #374151; padding: .2rem 0; }
+#side-out-a .bubble-wrap, #side-out-b .bubble-wrap { padding-top: 2.2rem; }
 """
 
 HEADER = (

@@ -13,6 +13,7 @@ import time
 import pandas as pd
 
 from finetune.evaluation.metrics import METRICS, SORTABLE, metric_for_example_key
+from finetune.rundir import FINAL_LOSS_LABEL
 
 STATE_COLORS = {"queued": "#6b7280", "running": "#2563eb", "completed": "#16a34a", "failed": "#dc2626",
                 "cancelled": "#9ca3af"}
@@ -81,7 +82,7 @@ def state_badge(state: str) -> str:
 
 
 # --- jobs ------------------------------------------------------------------------------------------------------
-JOB_COLUMNS = ["job id", "name", "state", "step", "loss", "adapter", "created", "duration"]
+JOB_COLUMNS = ["job id", "name", "state", "step", "loss (last logged step)", "adapter", "created", "duration"]
 
 
 def jobs_frame(views: list[dict]) -> pd.DataFrame:
@@ -142,8 +143,10 @@ def stats_html(live: dict | None) -> str:
     if not live:
         return ""
     mem = num(live.get("peak_memory_mb"))
-    cells = [("train loss", fmt_num(live.get("loss"))), ("eval loss", fmt_num(live.get("eval_loss"))),
-             ("tokens/s", fmt_num(live.get("tokens_per_second"), 3)),
+    cells = [("train loss, last logged step", fmt_num(live.get("loss"))),
+             (FINAL_LOSS_LABEL + ("" if live.get("state") == "completed" else ", so far"), fmt_num(live.get("final_loss"))),
+             ("eval loss, validation rows", fmt_num(live.get("eval_loss"))),
+             ("tokens/s, last logged steps", fmt_num(live.get("tokens_per_second"), 3)),
              ("peak memory", f"{mem:,.0f} MB" if mem else "–"), *rank_memory_cells(live.get("rank_peak_memory_mb")),
              ("adapter", esc(live.get("adapter_name") or "–")), ("attempts", esc(live.get("attempts") or 0))]
     return '<div class="stat-grid">' + "".join(
@@ -162,11 +165,22 @@ def _points(hist, key: str):
 
 
 # --- adapters --------------------------------------------------------------------------------------------------
-ADAPTER_COLUMNS = ["name", "base model", "quant", "dataset", "steps", "final loss", "ROUGE-L Δ [95% CI]", "created", "MB"]
+ADAPTER_COLUMNS = ["name", "base model", "quant", "dataset", "steps", FINAL_LOSS_LABEL,
+                   "ROUGE-L Δ vs base [95% CI], latest evaluation: data, examples used", "created", "MB"]
 
 
 def eval_delta(summary: dict | None, metric: str = "rouge_l") -> str:
-    return diff_ci(obj(obj(summary).get("paired")).get(metric))
+    """The difference with its interval, and on which data and how many examples it was measured."""
+    delta = diff_ci(obj(obj(summary).get("paired")).get(metric))
+    return delta if delta == "–" else f"{delta} · {eval_data_label(obj(summary).get('data'))}"
+
+
+def eval_data_label(data: dict | None) -> str:
+    """'heldout.jsonl (held-out file), 16 of 120 examples'."""
+    d = obj(data)
+    name = str(d.get("path") or "–").rsplit("/", 1)[-1]
+    of = f" of {d['available']}" if d.get("available") not in (None, d.get("n")) else ""
+    return f"{name} ({d.get('split') or '–'}), {d.get('n', '–')}{of} examples"
 
 
 def adapters_frame(rows: list[dict]) -> pd.DataFrame:
@@ -225,7 +239,7 @@ def eval_chart_html(result: dict | None) -> str:
     base, adapter, paired, data = obj(metrics.get("base")), obj(metrics.get("adapter")), obj(result.get("paired")), obj(result.get("data"))
     head = (f'<div class="eval-head"><b>{esc(result.get("adapter"))}</b> vs its base '
             f'<span class="muted">{esc(result.get("base_model"))} ({esc(result.get("quantization"))})</span> on '
-            f'{esc(data.get("n"))} examples of <code>{esc(data.get("path"))}</code> ({esc(data.get("split"))})</div>')
+            f'{esc(eval_data_label(data))}: <code>{esc(data.get("path"))}</code></div>')
     rows = []
     for key, label, higher, unit in EVAL_METRICS:
         b, a = num(base.get(key)), num(adapter.get(key))
@@ -380,8 +394,10 @@ def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[
 
 
 def line_chart_svg(series: dict[str, list], title: str = "", x_label: str = "step", y_label: str = "loss",
-                   empty: str = "No points yet: the first one appears after the first logged step.") -> str:
-    """Several named series of (x, y) points as one SVG chart with axes, markers, hover titles and a legend."""
+                   empty: str = "No points yet: the first one appears after the first logged step.",
+                   faint: tuple[str, ...] = ()) -> str:
+    """Several named series of (x, y) points as one SVG chart with axes, markers, hover titles and a legend.
+    Series named in `faint` are drawn thin and pale (the raw values behind a smoothed line)."""
     pts = {k: [(float(x), float(y)) for x, y in v if math.isfinite(float(y))] for k, v in series.items()}
     pts = {k: v for k, v in pts.items() if v}
     if not pts:
@@ -422,7 +438,8 @@ def line_chart_svg(series: dict[str, list], title: str = "", x_label: str = "ste
         color = PALETTE[i % len(PALETTE)]
         v = sorted(v)
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in v)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2.2" '
+        look = 'stroke-width="1.2" stroke-opacity="0.35"' if name in faint else 'stroke-width="2.2"'
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" {look} '
                    f'stroke-linejoin="round" data-series="{esc(name)}" data-points="{len(v)}"/>')
         marks = v if len(v) <= 60 else [v[-1]]
         for x, y in marks:
@@ -435,11 +452,26 @@ def line_chart_svg(series: dict[str, list], title: str = "", x_label: str = "ste
 def loss_chart(live: dict | None) -> str:
     if not live:
         return line_chart_svg({}, "Loss", empty="Select a job to see its loss curve.")
-    series = {"train loss": list(_points(live.get("loss_history"), "loss")),
-              "eval loss": list(_points(live.get("eval_history"), "eval_loss"))}
+    raw = list(_points(live.get("loss_history"), "loss"))
+    series = {"train loss": raw, "eval loss": list(_points(live.get("eval_history"), "eval_loss"))}
+    if len(raw) >= SMOOTH_FROM:
+        series["train loss, smoothed"] = smoothed(raw)
     empty = ("Waiting for the first logged step (the model is loading or the data is being prepared)."
              if live.get("state") in ("queued", "running") else "This job logged no loss.")
-    return line_chart_svg(series, "Loss", "optimizer step", "loss", empty=empty)
+    return line_chart_svg(series, "Loss (raw train loss faint)", "optimizer step", "loss", empty=empty,
+                          faint=("train loss",) if len(raw) >= SMOOTH_FROM else ())
+
+
+SMOOTH_FROM = 4  # points before a smoothed line says more than the raw one
+
+
+def smoothed(points: list, weight: float = 0.8) -> list:
+    """Exponential moving average of (x, y) points, bias-corrected so the line starts at the first value."""
+    out, avg = [], 0.0
+    for i, (x, y) in enumerate(sorted(points), start=1):
+        avg = weight * avg + (1 - weight) * y
+        out.append((x, avg / (1 - weight ** i)))
+    return out
 
 
 def overlay_chart(lives: list[dict]) -> str:

@@ -31,6 +31,21 @@ def _tokenizer(model_cfg: ModelConfig):
         return _tokenizers[key]
 
 
+def waits_for_conversion(model_cfg: ModelConfig) -> bool:
+    """The embedded model's first use converts it (tens of seconds): the page says so instead of a bare spinner."""
+    from finetune.model import default_ready, is_embedded
+
+    return is_embedded(model_cfg.name_or_path) and not default_ready()
+
+
+def preparing_html() -> str:
+    from finetune.paths import model_cache_dir
+
+    return ('<div class="msg warn">Preparing the embedded model for its first use: converting SmolLM2 from its '
+            f'GGUF file into <code>{render.esc(model_cache_dir())}</code> (once per machine, about a minute). '
+            'The preview follows.</div>')
+
+
 def loaded_tokenizer(model_cfg: ModelConfig):
     """The preview's tokenizer when it is already loaded, else None (a verdict never waits for a model)."""
     with _tok_lock:
@@ -158,14 +173,17 @@ def _wire_preview(ui: SimpleNamespace) -> None:
 
         try:
             cfg = ui.form.to_config(values, sections=("model", "data"))
+            if waits_for_conversion(cfg.model):
+                yield preparing_html(), gr.skip(), gr.skip()
             pv = D.preview(cfg.data, _tokenizer(cfg.model), n=5)
         except (ConfigError, D.DataError) as e:
             if isinstance(e, D.DataError):
                 forget_rejected_upload(cfg.data.path)
-            return f'<div class="msg error">{render.esc(e)}</div>', gr.update(visible=False), ""
+            yield f'<div class="msg error">{render.esc(e)}</div>', gr.update(visible=False), ""
+            return
         hist = render.histogram_frame(pv)
-        return (preview_summary_html(pv), gr.update(value=hist, sort=list(hist["tokens"]), visible=True),
-                render.preview_html(pv))
+        yield (preview_summary_html(pv), gr.update(value=hist, sort=list(hist["tokens"]), visible=True),
+               render.preview_html(pv))
 
     outputs = [ui.preview_summary, ui.preview_plot, ui.preview_rows]
     ui.preview_btn.click(on_preview, ui.inputs, outputs, **UNDOCUMENTED)

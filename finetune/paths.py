@@ -31,8 +31,10 @@ def runs_dir() -> Path:
 
 
 def model_cache_dir() -> Path:
-    """STUDIO_MODEL_CACHE (default STUDIO_HOME/models): converted embedded model, so tests can share one."""
-    p = Path(os.environ.get("STUDIO_MODEL_CACHE") or studio_home() / "models").resolve()
+    """STUDIO_MODEL_CACHE, else the user's cache (~/.cache/peft-studio/models): the converted embedded model,
+    shared by every studio home of the user (a new STUDIO_HOME does not convert it again)."""
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peft-studio" / "models"
+    p = Path(os.environ.get("STUDIO_MODEL_CACHE") or user_cache).resolve()
     p.mkdir(parents=True, exist_ok=True)
     return p
 

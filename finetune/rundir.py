@@ -28,6 +28,9 @@ TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 ATTEMPT_HEADER = "=== studio: attempt"
 LOG_TAIL_LINES = 40
+# The one definition of a run's final training loss, used by the Jobs view, studio.json and so the Adapters tab.
+FINAL_LOSS_WINDOW = 5
+FINAL_LOSS_LABEL = f"final loss (mean of the last {FINAL_LOSS_WINDOW} logged steps)"
 
 
 # --- writers --------------------------------------------------------------------------------------------------
@@ -150,6 +153,12 @@ def histories(rows: list[dict], max_points: int = 2000) -> tuple[list[list], lis
     return _thin(loss, max_points), _thin(evl, max_points)
 
 
+def final_loss(loss_history: list[list]) -> float | None:
+    """Mean training loss of the last FINAL_LOSS_WINDOW logged steps ([[step, loss], ...]), rounded as logged."""
+    last = [loss for _, loss in loss_history[-FINAL_LOSS_WINDOW:]]
+    return round(sum(last) / len(last), 6) if last else None
+
+
 def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 65536) -> str:
     """The last lines of train.log, reading only its end. Progress-bar carriage returns keep their last frame."""
     try:
@@ -238,5 +247,6 @@ def view(row: dict, planned_steps: int | None = None, command: str | None = None
     }
     if detail:
         out["loss_history"], out["eval_history"] = histories(rows)
+        out["final_loss"] = final_loss(out["loss_history"])
         out["log_tail"] = log_tail(run_dir)
     return out

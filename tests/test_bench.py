@@ -30,6 +30,7 @@ def test_bench_cli_tiny_cpu(tmp_path):
     assert set(arms) == {"naive", "naive@1", "studio"} and all(r["ok"] for r in arms.values())
     for r in arms.values():
         assert len(r["losses"]) == 3 and r["tokens_per_s"] > 0 and r["device"] == "cpu"
+        assert r["slowest_vs_median"] >= 1.0  # the slowest measured step against the median one
     # The tiny model's config and tokenizer were built once, with a pad token that is not EOS.
     tok = json.loads((tmp_path / "models" / "tiny" / "tokenizer_config.json").read_text())
     assert tok["pad_token"] != tok["eos_token"]
@@ -41,6 +42,7 @@ def test_bench_cli_tiny_cpu(tmp_path):
     text = out.read_text()
     assert "notes kept" in text and "more notes" in text and "old" not in text
     assert "| naive | " in text and "| studio | " in text and "tiny lora seq=48 batch=2" in text
+    assert "slowest / median step" in text
 
 
 def test_shapes_match_the_published_parameter_counts():
@@ -106,3 +108,4 @@ def test_recipe_arm_runs_the_real_training_job(tmp_path):
     assert result["tokens_per_s"] > 0 and result["device"] == "cpu"
     assert [r["step"] for r in result["steps"]] == [1, 2, 3]
     assert all(0 < loss < 20 for loss in result["losses"])
+    assert result["slowest_vs_median"] >= 1.0

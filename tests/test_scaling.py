@@ -97,6 +97,27 @@ def test_resume_with_another_world_size_is_refused(runs):
         load_latest(Accelerator(cpu=True), dirs["ddp"])
 
 
+def test_resume_with_the_same_world_size_continues_exactly(runs, tmp_path):
+    """The 2-process run's checkpoint of step 1, resumed by 2 processes: step 2 and the adapter as without the stop."""
+    import os
+    import shutil
+
+    dirs, _ = runs
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(dirs["ddp"] / "checkpoints" / "checkpoint-1", run_dir / "checkpoints" / "checkpoint-1")
+    cfg = JobConfig.load(dirs["ddp"] / "job.yaml")
+    cfg.adapter_name = "scale-ddp2-resumed"
+    cfg.save(run_dir / "job.yaml")
+    proc = subprocess.run(train_command(run_dir / "job.yaml", run_dir, resume=True, gpus=0), env=dict(os.environ),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resumed from checkpoint-1" in proc.stderr
+    (again,), first = metric_rows(run_dir), metric_rows(dirs["ddp"])
+    assert again["step"] == 2 and abs(again["loss"] - first[1]["loss"]) < LOSS_TOLERANCE
+    resumed, straight = adapter_weights("scale-ddp2-resumed"), adapter_weights("scale-ddp2")
+    assert max(float((resumed[k] - straight[k]).abs().max()) for k in straight) < WEIGHT_TOLERANCE
+
+
 def test_gpu_jobs_get_free_gpus_from_the_inventory(tmp_path, chat_jsonl):
     gpus = ["0", "1", "2", "3"]
     store = JobStore(tmp_path / "home", gpus=tuple(gpus))
@@ -205,3 +226,14 @@ def test_fsdp_job_on_one_gpu(tmp_path, random_1b, quantization):
     assert max(float(t.abs().max()) for k, t in weights.items() if "lora_B" in k) > 0  # trained
     meta = json.loads((adapters_dir() / cfg.adapter_name / "studio.json").read_text())
     assert meta["strategy"] == "fsdp" and meta["num_processes"] == 1 and meta["speedups"] == []
+
+
+def test_memory_plan_suggests_fsdp_when_one_gpu_is_too_small():
+    from finetune.plan import Device, estimate
+
+    small = 2**28  # 256 MiB GPUs: SmolLM2-135M in fp32 with its optimizer does not fit one
+    cfg = JobConfig.parse({"model": {"quantization": "none"}})
+    notes = estimate(cfg, Device(kind="cuda", memory_bytes=small, name="small", gpus=(small, small)), suggest=False).notes
+    assert any("launch.strategy fsdp shards the model across the 2 GPUs" in n for n in notes)
+    one = estimate(cfg, Device(kind="cuda", memory_bytes=small, name="small", gpus=(small,)), suggest=False).notes
+    assert not any("fsdp" in n for n in one)  # nothing to shard across

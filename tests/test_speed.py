@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from finetune import data as D  # noqa: E402
-from finetune.recipe import speed  # noqa: E402
+from finetune.recipe import lora_weights, speed  # noqa: E402
 
 
 def tiny_peft(seed: int = 0, dropout: float = 0.0, checkpointing: bool = False):
@@ -96,6 +96,24 @@ def test_grouped_and_single_projections_agree(monkeypatch):
     assert_grads_close(g_single, g_grouped, rtol=1e-5)
 
 
+def test_stacked_qkv_agrees_with_one_node_per_projection(monkeypatch):
+    """q/k/v as one stacked product (one weight matrix, block-diagonal LoRA B) against one node per projection."""
+    single, stacked = twins(checkpointing=True)
+    monkeypatch.setenv("STUDIO_SPEED", "-group")
+    speed.fuse_lora(single)
+    monkeypatch.setenv("STUDIO_SPEED", "+stack")
+    speed.fuse_lora(stacked)
+    groups = {m._studio_group for m in stacked.modules() if getattr(m, "_studio_group", None) is not None}
+    assert sorted(g.stacked for g in groups) == [False, False, True, True]  # q/k/v stacked, gate/up grouped
+    assert speed.fused_pieces(stacked) == ["fused_proj", "grouped_proj", "stacked_qkv"]  # dense weights: no 4-bit
+    assert speed.fused_pieces(single) == ["fused_proj"]
+    batch = D.collate(examples(), 0, padding_free=False)
+    l_single, g_single = loss_and_grads(single, batch)
+    l_stacked, g_stacked = loss_and_grads(stacked, batch)
+    assert l_stacked == pytest.approx(l_single, rel=1e-6)
+    assert_grads_close(g_single, g_stacked, rtol=1e-5)
+
+
 def test_padding_free_batch_has_no_cross_contamination():
     """Each example's logits in the packed row equal those of the example run alone (and differ from a plain
     causal pass over the whole row, which would let examples attend to each other)."""
@@ -124,6 +142,16 @@ def test_custom_checkpoint_matches_torch_checkpoint_with_dropout():
     lb, gb = loss_and_grads(b, batch)
     assert la == pytest.approx(lb, rel=1e-6)
     assert_grads_close(ga, gb)
+
+
+def test_checkpoint_keeps_random_state_only_for_layers_that_draw_random_numbers():
+    with_dropout, without = tiny_peft(dropout=0.1), tiny_peft(dropout=0.0)
+    layer = speed.inner_model(with_dropout).model.layers[0]
+    assert speed.draws_random_numbers(layer)
+    assert not speed.draws_random_numbers(speed.inner_model(without).model.layers[0])
+    layer = speed.inner_model(without).model.layers[0]
+    layer.self_attn.attention_dropout = 0.1  # attention dropout is a number on the module, not a Dropout
+    assert speed.draws_random_numbers(layer)
 
 
 def test_fused_lora_falls_back_for_unusual_layers():
@@ -274,6 +302,71 @@ def test_nf4_lora_projection_matches_bitsandbytes_and_peft():
         assert torch.isfinite(got).all() and rel_err(got, ref) < 2e-2
 
 
+def nf4_linear(n_in: int, n_out: int, nested: bool = True):
+    """A bitsandbytes NF4 layer (bf16 compute) holding a random bf16 dense layer's weights, on the GPU."""
+    import bitsandbytes as bnb
+
+    dense = torch.nn.Linear(n_in, n_out, bias=False, dtype=torch.bfloat16)
+    q = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, compress_statistics=nested,
+                          quant_type="nf4")
+    q.load_state_dict(dense.state_dict())
+    return q.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lean_dequantization_equals_bitsandbytes():
+    """The bare-call dequantization into the shared buffer gives bitsandbytes' own dense weight bit for bit, for
+    weights of different shapes dequantized one after another, with double-quantized and plain absmax."""
+    import bitsandbytes.functional as BF
+
+    for nested in (True, False):
+        torch.manual_seed(0)
+        layers = [nf4_linear(i, o, nested) for i, o in ((512, 768), (256, 1024), (1024, 128))]
+        refs = [BF.dequantize_4bit(q.weight.data, q.weight.quant_state).to(torch.bfloat16) for q in layers]
+        fns = [lora_weights._lean_nf4(q.weight.data, q.weight.quant_state) for q in layers]
+        assert all(fn is not None for fn in fns)
+        for _ in range(2):
+            for fn, ref in zip(fns, refs):
+                got = fn(torch.bfloat16)
+                assert got.shape == ref.shape and torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("switches", ["", "+stack"])
+def test_grouped_nf4_projections_match_peft(switches, monkeypatch):
+    """q/k/v as one node on NF4 weights (lean dequantization, one reused buffer; grouped, or stacked into one
+    product) against peft + bitsandbytes' own forward and backward of each projection: outputs, the input
+    gradient and every LoRA gradient at bf16 level."""
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setenv("STUDIO_SPEED", switches)
+    torch.manual_seed(0)
+    attn = torch.nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = nf4_linear(512, 768), nf4_linear(512, 256), nf4_linear(512, 256)
+    model = get_peft_model(attn, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj"]))
+    layers = [getattr(model.base_model.model, n) for n in ("q_proj", "k_proj", "v_proj")]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    speed.fuse_lora(model)
+    assert all(layer._studio_group is not None for layer in layers)
+    assert layers[0]._studio_group.stacked == (switches == "+stack")
+    x = torch.randn(2, 300, 512, device="cuda", dtype=torch.bfloat16)
+    gs = [torch.randn(2, 300, n, device="cuda", dtype=torch.bfloat16) for n in (768, 256, 256)]
+    runs = []
+    for fused in (True, False):
+        xi = x.clone().requires_grad_(True)
+        ys = [layer(xi) if fused else layer._studio_peft_forward(xi) for layer in layers]
+        torch.autograd.backward(ys, gs)
+        runs.append([y.detach() for y in ys] + [xi.grad] + [w.grad.clone() for layer in layers
+                                                            for w in (layer.lora_A["default"].weight,
+                                                                      layer.lora_B["default"].weight)])
+        model.zero_grad(set_to_none=True)
+    for got, ref in zip(*runs):
+        assert torch.isfinite(got).all() and rel_err(got, ref) < 2e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_path_on_gpu_matches_plain_4bit_model(tmp_path, monkeypatch):
@@ -317,9 +410,9 @@ def test_every_studio_optimizer_marks_the_lora_copies_stale():
     optimizer training.optim can name (bitsandbytes' update in place without bumping the tensor version)."""
     import bitsandbytes as bnb
 
-    speed._count_optimizer_steps()
+    lora_weights._count_optimizer_steps()
     p = torch.nn.Parameter(torch.zeros(4096))
     for cls in (torch.optim.AdamW, bnb.optim.AdamW8bit, bnb.optim.PagedAdamW8bit):
-        before = speed._updates[0]
+        before = lora_weights._updates[0]
         cls([p], lr=0.1).step()
-        assert speed._updates[0] > before, cls.__name__
+        assert lora_weights._updates[0] > before, cls.__name__

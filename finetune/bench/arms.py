@@ -246,8 +246,15 @@ def run_job(job: dict) -> dict:
     med = statistics.median(r["tokens_per_s"] for r in measured)
     med_tflops = statistics.median(r["tflops"] for r in measured)
     result.update(steps=rows, tokens_per_s=med, tflops=med_tflops, mfu=(med_tflops * 1e12 / peak) if peak else None,
-                  losses=[r["loss"] for r in rows], **_mem(device))
+                  losses=[r["loss"] for r in rows], slowest_vs_median=steadiness([r["tokens_per_s"] for r in measured]),
+                  **_mem(device))
     return result
+
+
+def steadiness(rates: list[float]) -> float | None:
+    """How much slower the slowest measured step ran than the median one (1.0 = all alike): median rate over the
+    lowest rate, i.e. the slowest step's time over the median step's time at equal tokens per step."""
+    return statistics.median(rates) / min(rates) if rates and min(rates) > 0 else None
 
 
 def _longest(job, step, device, vocab, result) -> dict:

@@ -249,12 +249,12 @@ def tables(results: dict[str, dict]) -> str:
         naive, uns = base.get("naive"), max(unsloths, key=lambda r: r["tokens_per_s"], default=None)
         out.append(f"#### {key}, steps {first['warmup']} warm-up + {first['steps']} measured\n")
         out.append("| arm | tokens/s | vs naive | vs unsloth | peak alloc GiB | peak reserved GiB | MFU | "
-                   "loss step 1 / last | max abs loss diff vs naive | setup s | speed-ups |")
-        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+                   "slowest / median step | loss step 1 / last | max abs loss diff vs naive | setup s | speed-ups |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             label = r["job"]["arm_label"]
             if not r.get("ok"):
-                out.append(f"| {label} | failed: {str(r.get('error', ''))[:200]} | | | | | | | | | |")
+                out.append(f"| {label} | failed: {str(r.get('error', ''))[:200]} | | | | | | | | | | |")
                 continue
             tps = r["tokens_per_s"]
             diff = None
@@ -265,7 +265,7 @@ def tables(results: dict[str, dict]) -> str:
                 f"{_f(tps / uns['tokens_per_s'] if uns else None, '{:.2f}x')} | "
                 f"{_f(r.get('peak_allocated_gib'), '{:.2f}')} | {_f(r.get('peak_reserved_gib'), '{:.2f}')} | "
                 f"{_f(r['mfu'] * 100 if r.get('mfu') is not None else None, '{:.1f}%')} | "
-                f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f} | {_f(diff, '{:.4f}')} | {_f(r.get('setup_s'), '{:.0f}')} | "
+                f"{_f(r.get('slowest_vs_median'), '{:.3f}')} | {r['losses'][0]:.4f} / {r['losses'][-1]:.4f} | {_f(diff, '{:.4f}')} | {_f(r.get('setup_s'), '{:.0f}')} | "
                 f"{', '.join(r.get('speedups') or []) or '-'} |")
         out.append("")
         out += _profile_table(rows)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune.bench.arms import LORA, LR, TARGETS
+from finetune.bench.arms import LORA, LR, TARGETS, steadiness
 
 
 def job_config(job: dict, data_path: Path, n_steps: int) -> dict:
@@ -77,8 +77,9 @@ def _train_and_read(job: dict, device, result: dict, work: Path) -> dict:
     measured = rows[job["warmup"]:] or rows
     status = json.loads((work / "run" / "status.json").read_text(encoding="utf-8"))
     peak_mb = status.get("peak_memory_mb")
-    result.update(speedups=["the real recipe: python -m finetune train"], tokens_per_s=statistics.median(
-        r["tokens_per_second"] for r in measured), tflops=None, mfu=None, losses=[r["loss"] for r in rows],
+    rates = [r["tokens_per_second"] for r in measured]
+    result.update(speedups=["the real recipe: python -m finetune train"], tokens_per_s=statistics.median(rates),
+                  slowest_vs_median=steadiness(rates), tflops=None, mfu=None, losses=[r["loss"] for r in rows],
         steps=[{"step": r["step"], "tokens_per_s": r["tokens_per_second"], "loss": r["loss"]} for r in rows],
         peak_allocated_gib=peak_mb / 1024 if peak_mb and device.type == "cuda" else None)
     return result

@@ -87,7 +87,8 @@ def load_examples(data_path: str | None, split: str, data_cfg) -> tuple[list[dic
 
     if data_path:
         records = D.load_records(data_path, split, "data_path")
-        source, used_split = data_path, split
+        # a file is held out as a whole; a folder or hub dataset has named splits
+        source, used_split = data_path, split if Path(data_path).is_dir() or not Path(data_path).exists() else "held-out file"
     else:
         records = D.load_records(data_cfg.path, data_cfg.split)
         train, validation = D.split_records(records, data_cfg)
@@ -322,8 +323,8 @@ def evaluate(adapter_name: str, data_path: str | None = None, split: str = "vali
             log.warning("unreadable cached evaluation %s: recomputing", cache_file)
     log.info("evaluating %s on %d of %d examples from %s (%s), max_new_tokens=%d", adapter_name, len(examples),
              available, data_info["path"], data_info["split"], max_new_tokens)
-    if progress:
-        progress(0.0, "loading model")
+    if progress:  # says up front how much of the data is used
+        progress(0.0, f"loading the model to evaluate {len(examples)} of {available} examples of {data_info['path']}")
 
     with G.lock():
         loaded = G.locked_activate(adapter_name)  # the adapter's base, with its quantization; loaded once

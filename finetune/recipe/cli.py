@@ -1,7 +1,8 @@
 """`python -m finetune train`: train a job config in the foreground.
 
     python -m finetune train JOB.yaml [--set section.field=value ...] [--run-dir DIR] [--resume]
-    accelerate launch --cpu --num_processes 1 -m finetune train JOB.yaml --run-dir DIR     (what the job runner runs)
+    python -m accelerate.commands.launch --config_file DIR/accelerate.yaml -m finetune train JOB.yaml --run-dir DIR
+                                                      (what the job runner runs: finetune/jobs/launch.py)
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from finetune.config import JobConfig
 from finetune.fsutil import sha256_file, write_json_atomic
 from finetune.paths import model_cache_dir
+from finetune.rundir import FINAL_LOSS_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def model_card(meta: dict) -> str:
     cfg, m, base = meta["config"], meta["metrics"], meta["base_model_info"]
     lora, tr, data = cfg["lora"], cfg["training"], meta["dataset"]
     hub = base.get("hub_id") or base["name"]
-    fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v, spec=".4f": "-" if v is None else (format(v, spec) if isinstance(v, (int, float)) else str(v))  # noqa: E731
+    local = base.get("path") or base["name"]
     return f"""---
 library_name: peft
 base_model: {hub}
@@ -71,15 +73,17 @@ A LoRA adapter for **{base['name']}** trained with PEFT Studio.
 | LoRA | r={lora['r']}, lora_alpha={lora['lora_alpha']}, lora_dropout={lora['lora_dropout']}, target_modules={lora['target_modules']}, use_dora={lora['use_dora']}, use_rslora={lora['use_rslora']} |
 | data | {cfg['data']['path']} ({data.get('format')}, {data.get('num_train')} train / {data.get('num_validation')} validation rows, fingerprint {str(data.get('fingerprint'))[:16]}) |
 | training | {m['steps']} steps, learning_rate={tr['learning_rate']}, batch {tr['per_device_train_batch_size']} x {tr['gradient_accumulation_steps']} accumulation, {tr['lr_scheduler_type']} schedule, max_seq_length={cfg['data']['max_seq_length']} |
-| loss | {fmt(m['first_loss'])} -> {fmt(m['final_loss'])} (validation {fmt(m.get('eval_loss'))}) |
-| speed | {fmt(m['tokens_per_second'])} tokens/s, peak memory {fmt(m['peak_memory_mb'])} MiB, {fmt(m['runtime_s'])} s |
+| loss | first step {fmt(m['first_loss'])} -> {FINAL_LOSS_LABEL} {fmt(m['final_loss'])} (validation loss {fmt(m.get('eval_loss'))}) |
+| speed | {fmt(m['tokens_per_second'], ',.2f')} tokens/s (whole run), peak memory {fmt(m['peak_memory_mb'], ',.0f')} MiB, {fmt(m['runtime_s'], ',.1f')} s |
 
 Load it:
 
 ```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-base = AutoModelForCausalLM.from_pretrained("{hub}")
+# the base this adapter was trained on, on the machine that trained it; elsewhere use its hub id: "{hub}"
+base = AutoModelForCausalLM.from_pretrained("{local}")
+tokenizer = AutoTokenizer.from_pretrained("{local}")
 model = PeftModel.from_pretrained(base, "path/to/{meta['name']}")
 ```
 

@@ -13,6 +13,9 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
                    to the compute dtype once per optimizer step: far less host work per projection than peft + bnb
   group            q/k/v (and gate/up) as one node: one LoRA-A product for the shared input, one input gradient
                    (only without LoRA dropout, whose masks are independent per projection)
+  stack            q/k/v on 4-bit weights as ONE matrix product: the three dequantized into one stacked weight,
+                   the LoRA B's as one block-diagonal matrix (Llama / Qwen2 / Mistral; "+stack" forces it elsewhere)
+  lean_dequant     the 4-bit dequantization as bare calls of bitsandbytes' C functions into one reused buffer
   varlen_attention padding-free batches (one row, position_ids restarting at 0 per example) attended per example
                    through torch's variable-length flash attention: no padding compute and no cross-contamination
   fast_checkpoint  activation checkpointing as one autograd function per decoder layer (input kept, layer recomputed
@@ -25,7 +28,7 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
 On the CPU it changes nothing: the same recipe runs there as the plain transformers + peft model.
 
 STUDIO_SPEED (developer switch, comma separated) turns pieces off or on for experiments and the benchmark:
-"-liger", "-fused_lora", "-fused_proj", "-group", "-varlen", "-offload", "-fast_checkpoint", "-keep_bf16", "+compile",
+"-liger", "-fused_lora", "-fused_proj", "-group", "-stack", "-lean_dequant", "-varlen", "-offload", "-fast_checkpoint", "-keep_bf16", "+compile",
 "+bf16_lora" (LoRA weights stored in bf16),
 "none" (nothing at all).
 
@@ -34,11 +37,15 @@ against a reference.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
-import types
+
+from finetune.recipe.lora_fused import fuse_lora, fused_pieces
+from finetune.recipe.speed_switches import switches as _switches
+from finetune.recipe.speed_switches import wanted as _wanted
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +55,6 @@ VARLEN_NAME = "studio_varlen"
 # Llama-3-8B (32 MiB per layer) offloading cost 5-20% of the speed for 0.9 GiB; from 16k tokens (128 MiB per layer)
 # on it is what lets a 24 GiB card train 65k-token sequences.
 OFFLOAD_MIN_BYTES = int(os.environ.get("STUDIO_OFFLOAD_MIN_MB", "128")) * 2**20
-
-
-def _switches() -> set[str]:
-    return {s.strip() for s in os.environ.get("STUDIO_SPEED", "").split(",") if s.strip()}
-
-
-def _wanted(piece: str, default: bool = True) -> bool:
-    sw = _switches()
-    if "none" in sw:
-        return False
-    if f"-{piece}" in sw:
-        return False
-    if f"+{piece}" in sw:
-        return True
-    return default
 
 
 def inner_model(model):
@@ -117,347 +109,6 @@ def apply_liger(model) -> list[str]:
     _apply_liger_kernel_to_instance(model=inner, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=flce)
     return ["liger_rope", "liger_rms_norm", "liger_swiglu"] + (["liger_fused_linear_cross_entropy"] if flce else [])
-
-
-# --- fused LoRA forward ----------------------------------------------------------------------------------------------
-def _plain_adapter(layer) -> str | None:
-    """The one active adapter's name when `layer` runs plain LoRA (no DoRA or other variant, not merged, not
-    disabled, no LoRA bias); else None."""
-    active = layer.active_adapters
-    if layer.disable_adapters or layer.merged or len(active) != 1:
-        return None
-    name = active[0]
-    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or layer.lora_B[name].bias is not None:
-        return None
-    return name
-
-
-def _fused_lora_forward(self, x, *args, **kwargs):
-    """base(x) + scale * (dropout(x) A^T) B^T as one addmm, in the base output's dtype. Anything unusual (several
-    active adapters, DoRA, merged weights, extra arguments, a LoRA bias) takes peft's own forward."""
-    import torch
-    import torch.nn.functional as F
-
-    name = _plain_adapter(self)
-    if args or kwargs or name is None:
-        return self._studio_peft_forward(x, *args, **kwargs)
-    if self._studio_group is not None:
-        out = self._studio_group.output(self, x, name)
-        if out is not None:
-            return out
-    if self._studio_weight is not None:
-        out = _projection_forward(self, x, name)
-        if out is not None:
-            return out
-    result = self.base_layer(x)
-    dt = result.dtype
-    A = self.lora_A[name].weight
-    B = self.lora_B[name].weight
-    h = F.linear(self.lora_dropout[name](x).to(dt), A.to(dt))
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.to(dt).t(),
-                      alpha=self.scaling[name])
-    return out.view(result.shape)
-
-
-# --- one autograd function per LoRA projection ------------------------------------------------------------------
-def _nf4_dequantizer(weight):
-    """A function dtype -> the dense [out, in] weight of a bitsandbytes 4-bit parameter, calling the library's
-    CUDA kernels directly: bnb's own forward goes through Params4bit.__torch_function__, a Python-registered
-    torch op and fresh allocations for the double-quantized absmax, all host time per projection per pass."""
-    import torch
-
-    qs = weight.quant_state
-    packed = weight.data
-    try:
-        from bitsandbytes.backends.cuda.ops import _dequantize_4bit_impl, _dequantize_blockwise_impl
-    except ImportError:
-        _dequantize_4bit_impl = None
-    if _dequantize_4bit_impl is None or not packed.is_cuda or (qs.nested and qs.state2.blocksize != 256):
-        import bitsandbytes.functional as BF
-
-        return lambda dt: BF.dequantize_4bit(packed, qs).to(dt)
-
-    def dense(dt):
-        absmax = qs.absmax
-        if qs.nested:
-            absmax = _scratch(qs.absmax.numel(), packed.device)
-            _dequantize_blockwise_impl(qs.absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize,
-                                       torch.float32, out=absmax)
-            absmax.add_(qs.offset)
-        out = torch.empty(qs.shape, dtype=dt, device=packed.device)
-        _dequantize_4bit_impl(packed, absmax, qs.blocksize, qs.quant_type, dt, out=out)
-        return out
-
-    return dense
-
-
-_scratch_buffers: dict = {}
-
-
-def _scratch(n: int, device):
-    """An fp32 buffer of n elements, reused by every dequantization on `device`: each one consumes it before the
-    next is queued on the same stream, so one allocation serves them all (and the allocator call is saved)."""
-    import torch
-
-    buf = _scratch_buffers.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _scratch_buffers[device] = torch.empty(n, dtype=torch.float32, device=device)
-    return buf[:n]
-
-
-_updates = [0]  # optimizer steps taken in this process (a global step hook counts them)
-
-
-def _count_optimizer_steps() -> None:
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    if not getattr(_count_optimizer_steps, "done", False):
-        register_optimizer_step_post_hook(lambda *_: _updates.__setitem__(0, _updates[0] + 1))
-        _count_optimizer_steps.done = True
-
-
-def _cast(p, dt):
-    """p (a LoRA weight, fp32 master) in the compute dtype, cast once per optimizer update rather than in every
-    forward, recompute and backward. The copy is kept with the parameter and redone after any optimizer step
-    (fused and bitsandbytes optimizers update in place without bumping the tensor's version), any other in-place
-    change (version) or a new storage."""
-    if p.dtype == dt:
-        return p.detach()
-    key = (_updates[0], p._version, p.data_ptr(), dt)
-    hit = getattr(p, "_studio_cast", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    c = p.detach().to(dt)
-    p._studio_cast = (key, c)
-    return c
-
-
-def _dense_weight(base):
-    """dtype -> the frozen base weight of a LoRA projection, or None where this path does not apply (8-bit,
-    a trainable base weight or bias, anything unknown)."""
-    import torch
-
-    bias = getattr(base, "bias", None)
-    if (bias is not None and bias.requires_grad) or base.weight.requires_grad:
-        return None
-    if type(base) is torch.nn.Linear:
-        w = base.weight
-        return lambda dt: w if w.dtype == dt else w.to(dt)
-    if type(base).__name__ == "Linear4bit" and getattr(base.weight, "quant_state", None) is not None:
-        return _nf4_dequantizer(base.weight)
-    return None
-
-
-_projection_cls = None
-
-
-def _projection_function():
-    """LoraProjection.apply(x, A, B, weight_fn, bias, scale, p): base(x) + scale * (dropout_p(x) A^T) B^T as ONE
-    autograd node with a hand-written backward (peft + bnb make about eight: the 4-bit matmul, two casts, the
-    LoRA products, transposes, reshapes and the add, each a Python dispatch on the way in and a node on the way
-    back). Saves x (shared by q/k/v, so no copy), the dropout mask, the [T, r] LoRA activation and the
-    compute-dtype casts of A and B; the base weight is dequantized again in backward instead of being kept."""
-    global _projection_cls
-    if _projection_cls is not None:
-        return _projection_cls
-    import torch
-    import torch.nn.functional as F
-
-    class LoraProjection(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, A, B, weight_fn, bias, scale, p):
-            dt = x.dtype
-            x2 = x.reshape(-1, x.shape[-1])
-            a, b = _cast(A, dt), _cast(B, dt)
-            mask = None
-            xd = x2
-            if p > 0.0:
-                mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - p)
-                xd = x2 * mask * (1.0 / (1.0 - p))
-            h = torch.mm(xd, a.t())
-            out = F.linear(x2, weight_fn(dt), bias)
-            out.addmm_(h, b.t(), alpha=scale)
-            ctx.save_for_backward(xd, a, b, h, mask)
-            ctx.weight_fn, ctx.scale, ctx.p, ctx.x_shape = weight_fn, scale, p, x.shape
-            ctx.dtypes = (A.dtype, B.dtype)
-            return out.view(*x.shape[:-1], out.shape[-1])
-
-        @staticmethod
-        def backward(ctx, grad):
-            xd, a, b, h, mask = ctx.saved_tensors
-            g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
-            dB = torch.mm(g.t(), h).mul_(ctx.scale)
-            dh = torch.mm(g, b).mul_(ctx.scale)
-            dA = torch.mm(dh.t(), xd)
-            dx = None
-            if ctx.needs_input_grad[0]:
-                dx = torch.mm(g, ctx.weight_fn(a.dtype))
-                if mask is None:
-                    dx.addmm_(dh, a)
-                else:
-                    dx.add_(torch.mm(dh, a).mul_(mask).mul_(1.0 / (1.0 - ctx.p)))
-                dx = dx.view(ctx.x_shape)
-            return dx, dA.to(ctx.dtypes[0]), dB.to(ctx.dtypes[1]), None, None, None, None
-
-    _projection_cls = LoraProjection
-    return LoraProjection
-
-
-def _dropout_p(module) -> float | None:
-    """The LoRA dropout probability (0 for none), or None for a dropout this path does not reproduce."""
-    import torch
-
-    if isinstance(module, torch.nn.Identity):
-        return 0.0
-    if type(module) is torch.nn.Dropout:
-        return float(module.p) if module.training else 0.0
-    return None
-
-
-def _projection_forward(self, x, name):
-    """The LoRA projection through LoraProjection, or None where it does not apply."""
-    weight_fn = self._studio_weight
-    p = _dropout_p(self.lora_dropout[name])
-    if weight_fn is None or p is None:
-        return None
-    base = self.base_layer
-    return _projection_function().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, weight_fn,
-                                        getattr(base, "bias", None), self.scaling[name], p)
-
-
-# --- projections that read the same input, as one node ------------------------------------------------------------
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def _cast_cat(params, dt):
-    """torch.cat of the compute-dtype copies of `params` (the LoRA A's of a group), kept like _cast's copies."""
-    import torch
-
-    key = tuple((_updates[0], p._version, p.data_ptr()) for p in params) + (dt,)
-    hit = getattr(params[0], "_studio_cat", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    c = torch.cat([p.detach().to(dt) for p in params])
-    params[0]._studio_cat = (key, c)
-    return c
-
-
-_group_cls = None
-
-
-def _group_function():
-    """LoraGroupProjection.apply(x, weight_fns, biases, scales, A1, B1, A2, B2, ...): the projections of one input
-    (q/k/v, gate/up) as one autograd node: one LoRA-A product for all of them ([A1; A2; ...] x), and in backward
-    one dA product and the input gradient accumulated in place instead of autograd summing one per projection.
-    No dropout (its masks would have to be independent per projection)."""
-    global _group_cls
-    if _group_cls is not None:
-        return _group_cls
-    import torch
-    import torch.nn.functional as F
-
-    class LoraGroupProjection(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, weight_fns, biases, scales, *ab):
-            dt = x.dtype
-            x2 = x.reshape(-1, x.shape[-1])
-            a = _cast_cat(ab[0::2], dt)
-            bs = [_cast(B, dt) for B in ab[1::2]]
-            h = torch.mm(x2, a.t())
-            outs, off = [], 0
-            for weight_fn, bias, scale, b in zip(weight_fns, biases, scales, bs):
-                y = F.linear(x2, weight_fn(dt), bias)
-                y.addmm_(h[:, off:off + b.shape[1]], b.t(), alpha=scale)
-                off += b.shape[1]
-                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-            ctx.save_for_backward(x, a, h, *bs)
-            ctx.weight_fns, ctx.scales, ctx.dtypes = weight_fns, scales, [p.dtype for p in ab]
-            return tuple(outs)
-
-        @staticmethod
-        def backward(ctx, *grads):
-            x, a, h, *bs = ctx.saved_tensors
-            x2 = x.reshape(-1, x.shape[-1])
-            dBs, dhs, dx, off = [], [], None, 0
-            for grad, b, scale, weight_fn in zip(grads, bs, ctx.scales, ctx.weight_fns):
-                g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
-                dBs.append(torch.mm(g.t(), h[:, off:off + b.shape[1]]).mul_(scale))
-                dhs.append(torch.mm(g, b).mul_(scale))
-                off += b.shape[1]
-                if ctx.needs_input_grad[0]:
-                    dx = torch.mm(g, weight_fn(a.dtype)) if dx is None else dx.addmm_(g, weight_fn(a.dtype))
-            dh = torch.cat(dhs, dim=1)
-            dAs = torch.mm(dh.t(), x2).split([b.shape[1] for b in bs])
-            if dx is not None:
-                dx = dx.addmm_(dh, a).view(x.shape)
-            out = [dx, None, None, None]
-            for i, (dA, dB) in enumerate(zip(dAs, dBs)):
-                out += [dA.to(ctx.dtypes[2 * i]), dB.to(ctx.dtypes[2 * i + 1])]
-            return tuple(out)
-
-    _group_cls = LoraGroupProjection
-    return LoraGroupProjection
-
-
-class _ProjectionGroup:
-    """Sibling LoRA projections fed the same tensor (q/k/v of an attention, gate/up of an MLP). The first one
-    called computes all of them as one node and keeps the others' outputs until they are called with that same
-    tensor; any other call order or input falls back to one node per projection."""
-
-    def __init__(self, members):
-        self.members = members
-        self.pending: dict = {}
-
-    def output(self, member, x, name):
-        hit = self.pending.pop(id(member), None)
-        if hit is not None and hit[0] is x:
-            return hit[1]
-        for m in self.members:
-            if _plain_adapter(m) != name or m._studio_weight is None or _dropout_p(m.lora_dropout[name]) != 0.0:
-                return None
-        ab = []
-        for m in self.members:
-            ab += [m.lora_A[name].weight, m.lora_B[name].weight]
-        ys = _group_function().apply(x, tuple(m._studio_weight for m in self.members),
-                                     tuple(getattr(m.base_layer, "bias", None) for m in self.members),
-                                     tuple(m.scaling[name] for m in self.members), *ab)
-        self.pending = {id(m): (x, y) for m, y in zip(self.members, ys) if m is not member}
-        return ys[self.members.index(member)]
-
-
-def group_projections(model) -> int:
-    """Give each set of sibling projections in GROUPS (all fused, all with a dense-weight path) a shared group."""
-    n = 0
-    for parent in model.modules():
-        for names in GROUPS:
-            members = [getattr(parent, nm, None) for nm in names]
-            if all(getattr(m, "_studio_weight", None) is not None for m in members):
-                group = _ProjectionGroup(members)
-                for m in members:
-                    m._studio_group = group
-                n += 1
-    return n
-
-
-def fuse_lora(model) -> int:
-    """Bind the fused forward on every peft LoRA Linear / Linear4bit / Linear8bitLt. Returns the count."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return 0
-    _count_optimizer_steps()
-    n = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt") \
-                and not hasattr(module, "_studio_peft_forward"):
-            module._studio_peft_forward = module.forward
-            module._studio_weight = _dense_weight(module.base_layer) if _wanted("fused_proj") else None
-            module._studio_group = None
-            module.forward = types.MethodType(_fused_lora_forward, module)
-            n += 1
-    if n and _wanted("fused_proj") and _wanted("group"):
-        group_projections(model)
-    return n
 
 
 # --- variable-length attention -----------------------------------------------------------------------------------
@@ -613,7 +264,7 @@ def _offloaded_function():
         saved-tensor hooks, which measured slower here.)"""
 
         @staticmethod
-        def forward(ctx, run, hidden, offload):
+        def forward(ctx, run, hidden, offload, rng=True):
             global _side_stream
             ctx.run, ctx.device, ctx.raw = run, hidden.device, None
             if offload:
@@ -629,7 +280,9 @@ def _offloaded_function():
                 ctx.raw, ctx.buf, ctx.done = raw, buf, done
             else:
                 ctx.saved = hidden.detach()
-            ctx.rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else torch.get_rng_state()
+            ctx.rng = None
+            if rng:
+                ctx.rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else torch.get_rng_state()
             with torch.no_grad():
                 return run(hidden)
 
@@ -642,17 +295,44 @@ def _offloaded_function():
             else:
                 hidden = ctx.saved
             hidden = hidden.detach().requires_grad_(True)
-            cuda = ctx.device.type == "cuda"
-            rng = torch.cuda.get_rng_state(ctx.device) if cuda else torch.get_rng_state()
-            # the same dropout masks as the forward
-            torch.cuda.set_rng_state(ctx.rng, ctx.device) if cuda else torch.set_rng_state(ctx.rng)
-            with torch.enable_grad():
+            with _rng_restored(ctx.rng, ctx.device), torch.enable_grad():  # the same dropout masks as the forward
                 out = ctx.run(hidden)
-            torch.cuda.set_rng_state(rng, ctx.device) if cuda else torch.set_rng_state(rng)
             torch.autograd.backward(out, grad_out)
-            return None, hidden.grad, None
+            return None, hidden.grad, None, None
 
     return OffloadedCheckpoint
+
+
+@contextlib.contextmanager
+def _rng_restored(state, device):
+    """Run the block with the random generator at `state` (saved in the forward), then put it back where it was.
+    A None state (a layer that draws no random numbers) skips both."""
+    import torch
+
+    if state is None:
+        yield
+        return
+    cuda = device.type == "cuda"
+    now = torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
+    torch.cuda.set_rng_state(state, device) if cuda else torch.set_rng_state(state)
+    try:
+        yield
+    finally:
+        torch.cuda.set_rng_state(now, device) if cuda else torch.set_rng_state(now)
+
+
+def draws_random_numbers(layer) -> bool:
+    """Whether a training forward of `layer` can draw random numbers: a dropout module with p > 0, or a float
+    "...dropout..." setting above 0 (attention dropout is a number, not a module). Without, the checkpoint needs
+    no generator state saved and restored around the recompute."""
+    import torch
+
+    for m in layer.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        if any("dropout" in k and isinstance(v, (int, float)) and v > 0 for k, v in vars(m).items()):
+            return True
+    return False
 
 
 def _checkpointed_layers(model) -> list:
@@ -683,15 +363,17 @@ def offload_checkpoints(model, offload: bool = True) -> int:
     fn_cls = _offloaded_function()
     plain = functools.partial(checkpoint, use_reentrant=False)
 
-    def ckpt(run, *args, **kwargs):
-        hidden = args[0] if args else None
-        if len(args) == 1 and not kwargs and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-            big = hidden.is_cuda and hidden.numel() * hidden.element_size() >= OFFLOAD_MIN_BYTES
-            return fn_cls.apply(run, hidden, offload and big)
-        return plain(run, *args, **kwargs)
+    def checkpoint_for(rng: bool):
+        def ckpt(run, *args, **kwargs):
+            hidden = args[0] if args else None
+            if len(args) == 1 and not kwargs and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                big = hidden.is_cuda and hidden.numel() * hidden.element_size() >= OFFLOAD_MIN_BYTES
+                return fn_cls.apply(run, hidden, offload and big, rng)
+            return plain(run, *args, **kwargs)
+        return ckpt
 
     for layer in layers:
-        layer._gradient_checkpointing_func = ckpt
+        layer._gradient_checkpointing_func = checkpoint_for(draws_random_numbers(layer))
     # The first layer's input must require grad for the custom function to be part of the graph.
     inner.enable_input_require_grads()
     return len(layers)
@@ -742,7 +424,7 @@ def patch_model_for_speed(model, training_cfg) -> list[str]:
     if getattr(training_cfg, "use_liger_kernel", True) and _wanted("liger"):
         applied += apply_liger(model)
     if _wanted("fused_lora") and fuse_lora(model):
-        applied.append("fused_lora")
+        applied += ["fused_lora"] + fused_pieces(model)
     if getattr(training_cfg, "padding_free", True) and _wanted("varlen") and use_varlen_attention(model):
         applied.append("varlen_attention" if varlen_usable("cuda") else "packed_sdpa_attention")
     if getattr(training_cfg, "gradient_checkpointing", False):

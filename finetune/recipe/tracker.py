@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from finetune.recipe.checkpoints import Progress
-from finetune.rundir import Metrics, Status
+from finetune.rundir import Metrics, Status, final_loss, histories, read_metrics
 
 
 def memory_mb() -> tuple[float | None, float | None]:
@@ -31,6 +31,7 @@ class RunTracker:
     """Status, metrics rows and the progress bar of one run. Only the main process writes (enabled)."""
 
     def __init__(self, run_dir: Path | None, adapter_name: str, enabled: bool):
+        self.run_dir = run_dir
         self.status = Status(run_dir or Path("."), adapter_name, enabled=enabled)
         self.metrics = Metrics(run_dir or Path("."), enabled=enabled)
         self.enabled = enabled
@@ -42,8 +43,10 @@ class RunTracker:
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.status.update(phase="training", step=state.global_step, total_steps=total_steps,
                            epoch=state.global_step / steps_per_epoch)
+        # every step drawn (miniters=1, no time throttle): the log's bar never lags status.json's step, which the
+        # Jobs tab's progress bar shows beside it
         self.bar = tqdm(total=total_steps, initial=state.global_step, desc="training", unit="step",
-                        disable=not self.enabled, dynamic_ncols=True)
+                        disable=not self.enabled, dynamic_ncols=True, miniters=1, mininterval=0)
         self.session_start, self.session_start_step = time.time(), state.global_step
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.time()}
 
@@ -113,10 +116,11 @@ class RunTracker:
         rank_peaks = self.rank_peaks
         if rank_peaks:
             peak = max((m for m in rank_peaks if m is not None), default=peak)
-        last = [loss for _, loss in state.losses[-min(5, len(state.losses)):]]
+        # from the logged rows, as the Jobs view computes it, so the two tabs show the same number
+        logged = histories(read_metrics(self.run_dir))[0] if self.run_dir else []
         return {
             "first_loss": state.first_loss,
-            "final_loss": sum(last) / len(last) if last else None,
+            "final_loss": final_loss(logged or state.losses),
             "last_step_loss": state.losses[-1][1] if state.losses else None,
             "eval_loss": eval_loss,
             "steps": state.global_step,
