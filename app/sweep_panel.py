@@ -4,7 +4,6 @@ importances, and "Train the best config". The panel builds a sweep YAML and call
 the same thing /submit_sweep and `python -m finetune sweep` do."""
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import gradio as gr
@@ -68,10 +67,14 @@ def sweep_spec(form: Form, values: dict, ui: SimpleNamespace) -> dict:
             "report_every": int(values[ui.report_every] or 0)}
 
 
+def params_text(params: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def trials_frame(info: dict) -> pd.DataFrame:
     best = (info.get("best") or {}).get("number")
     rows = [[t["number"], t["state"], render.fmt_num(t["value"]) if t["value"] is not None else "–",
-             "★" if t["number"] == best else "", json.dumps(t["params"]), t["job_id"] or "–"]
+             "★" if t["number"] == best else "", params_text(t["params"]), t["job_id"] or "–"]
             for t in info.get("trials", [])]
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
 
@@ -84,7 +87,7 @@ def summary_html(info: dict | None) -> str:
             f'{info["n_trials"]} trials finished · objective <code>{render.esc(info["objective"])}</code> '
             f'({render.esc(info["direction"])})')
     best_line = (f'Best so far: trial {best["number"]}, {render.esc(info["objective"])} = {render.fmt_num(best["value"])}, '
-                 f'<code>{render.esc(json.dumps(best["params"]))}</code>' if best else "No trial has completed yet.")
+                 f'<code>{render.esc(params_text(best["params"]))}</code>' if best else "No trial has completed yet.")
     imp = info.get("importances") or {}
     imp_line = ("Parameter importances: " + ", ".join(f"{render.esc(k)} {v:.2f}" for k, v in imp.items())
                 if imp else "Parameter importances appear once two trials have completed.")

@@ -43,7 +43,7 @@ def test_sweep_panel_shows_trials_and_trains_the_best(tmp_path):
             summary = page.locator("#sweep-summary").inner_text()
             assert "Best so far: trial 0" in summary and "1 of 1 trials finished" in summary, summary
             table = page.locator("#sweep-trials").inner_text()
-            assert "completed" in table and "★" in table and "learning_rate" in table
+            assert "completed" in table and "★" in table and "learning_rate=" in table
             page.locator("#sweep-trials").scroll_into_view_if_needed()
             page.screenshot(path=str(ROOT / "docs" / "screenshots" / "sweep.png"), full_page=False)
             page.locator("#sweep-train-best-btn").click()
