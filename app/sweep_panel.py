@@ -92,6 +92,12 @@ def summary_html(info: dict | None) -> str:
     return f'<div class="sweep-summary" data-state="{render.esc(job["state"])}">{head}<br>{best_line}<br>{imp_line}{error}</div>'
 
 
+def _choices_on_open(current: str | None):
+    """The sweeps, newest first; the newest is selected when none is."""
+    choices = sweep_choices()
+    return gr.update(choices=choices, value=current or (choices[0][1] if choices else None))
+
+
 def sweep_choices() -> list[tuple[str, str]]:
     return [(f"{r['id']} · {r['name']} · {r['state']}", r["id"]) for r in store().list_jobs() if r["kind"] == "sweep"]
 
@@ -110,7 +116,7 @@ def _view_widgets(ui: SimpleNamespace) -> None:
 def build(form: Form) -> SimpleNamespace:
     """Inside the Train tab. Reads the form's values when a sweep starts: the sweep's base is the form's job."""
     ui = SimpleNamespace()
-    with gr.Accordion("Hyper-parameter sweep", open=False, elem_id="sweep-accordion"):
+    with gr.Accordion("Hyper-parameter sweep", open=False, elem_id="sweep-accordion") as ui.accordion:
         gr.Markdown("Trials are training jobs of the config above with these changes; each shows in **Jobs**. "
                     "A pruned trial was stopped early because its validation loss trailed the others'.")
         _space_widgets(ui)
@@ -156,3 +162,4 @@ def _wire(ui: SimpleNamespace, form: Form) -> None:
     ui.select.change(friendly(_refresh), ui.select, [ui.summary, ui.trials], **quiet)
     ui.timer.tick(friendly(_refresh), ui.select, [ui.summary, ui.trials], concurrency_limit=None, **quiet)
     ui.select.focus(lambda: gr.update(choices=sweep_choices()), None, ui.select, **quiet)
+    ui.accordion.expand(friendly(_choices_on_open), ui.select, ui.select, **quiet)
