@@ -4,7 +4,6 @@ importances, and "Train the best config". The panel builds a sweep YAML and call
 the same thing /submit_sweep and `python -m finetune sweep` do."""
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import gradio as gr
@@ -68,10 +67,14 @@ def sweep_spec(form: Form, values: dict, ui: SimpleNamespace) -> dict:
             "report_every": int(values[ui.report_every] or 0)}
 
 
+def params_text(params: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def trials_frame(info: dict) -> pd.DataFrame:
     best = (info.get("best") or {}).get("number")
     rows = [[t["number"], t["state"], render.fmt_num(t["value"]) if t["value"] is not None else "–",
-             "★" if t["number"] == best else "", json.dumps(t["params"]), t["job_id"] or "–"]
+             "★" if t["number"] == best else "", params_text(t["params"]), t["job_id"] or "–"]
             for t in info.get("trials", [])]
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
 
@@ -84,12 +87,18 @@ def summary_html(info: dict | None) -> str:
             f'{info["n_trials"]} trials finished · objective <code>{render.esc(info["objective"])}</code> '
             f'({render.esc(info["direction"])})')
     best_line = (f'Best so far: trial {best["number"]}, {render.esc(info["objective"])} = {render.fmt_num(best["value"])}, '
-                 f'<code>{render.esc(json.dumps(best["params"]))}</code>' if best else "No trial has completed yet.")
+                 f'<code>{render.esc(params_text(best["params"]))}</code>' if best else "No trial has completed yet.")
     imp = info.get("importances") or {}
     imp_line = ("Parameter importances: " + ", ".join(f"{render.esc(k)} {v:.2f}" for k, v in imp.items())
                 if imp else "Parameter importances appear once two trials have completed.")
     error = f'<div class="msg error">{render.esc(job["error"])}</div>' if job.get("error") else ""
     return f'<div class="sweep-summary" data-state="{render.esc(job["state"])}">{head}<br>{best_line}<br>{imp_line}{error}</div>'
+
+
+def _choices_on_open(current: str | None):
+    """The sweeps, newest first; the newest is selected when none is."""
+    choices = sweep_choices()
+    return gr.update(choices=choices, value=current or (choices[0][1] if choices else None))
 
 
 def sweep_choices() -> list[tuple[str, str]]:
@@ -110,7 +119,7 @@ def _view_widgets(ui: SimpleNamespace) -> None:
 def build(form: Form) -> SimpleNamespace:
     """Inside the Train tab. Reads the form's values when a sweep starts: the sweep's base is the form's job."""
     ui = SimpleNamespace()
-    with gr.Accordion("Hyper-parameter sweep", open=False, elem_id="sweep-accordion"):
+    with gr.Accordion("Hyper-parameter sweep", open=False, elem_id="sweep-accordion") as ui.accordion:
         gr.Markdown("Trials are training jobs of the config above with these changes; each shows in **Jobs**. "
                     "A pruned trial was stopped early because its validation loss trailed the others'.")
         _space_widgets(ui)
@@ -156,3 +165,4 @@ def _wire(ui: SimpleNamespace, form: Form) -> None:
     ui.select.change(friendly(_refresh), ui.select, [ui.summary, ui.trials], **quiet)
     ui.timer.tick(friendly(_refresh), ui.select, [ui.summary, ui.trials], concurrency_limit=None, **quiet)
     ui.select.focus(lambda: gr.update(choices=sweep_choices()), None, ui.select, **quiet)
+    ui.accordion.expand(friendly(_choices_on_open), ui.select, ui.select, **quiet)

@@ -11,7 +11,7 @@ import gradio as gr
 from app import render
 from app.api import friendly, store
 from app.forms import GROUPS, OBJECTIVE_GROUPS, Form
-from app.verdict import Verdict, forget_rejected_upload, judge, notes_html, problems_html, split_problems
+from app.verdict import Verdict, forget_if_unreadable, judge, notes_html, problems_html, split_problems
 from finetune.config import ConfigError, JobConfig, ModelConfig, example_config
 from finetune.errors import StudioError
 
@@ -190,7 +190,7 @@ def _wire_preview(ui: SimpleNamespace) -> None:
             pv = D.preview(cfg.data, _tokenizer(cfg.model), n=5)
         except (ConfigError, D.DataError) as e:
             if isinstance(e, D.DataError):
-                forget_rejected_upload(cfg.data.path)
+                forget_if_unreadable(cfg.data)
             yield f'<div class="msg error">{render.esc(e)}</div>', gr.update(visible=False), ""
             return
         hist = render.histogram_frame(pv)

@@ -237,3 +237,22 @@ def test_memory_plan_suggests_fsdp_when_one_gpu_is_too_small():
     assert any("launch.strategy fsdp shards the model across the 2 GPUs" in n for n in notes)
     one = estimate(cfg, Device(kind="cuda", memory_bytes=small, name="small", gpus=(small,)), suggest=False).notes
     assert not any("fsdp" in n for n in one)  # nothing to shard across
+
+
+def test_fsdp_shards_gather_into_the_adapter(tmp_path):
+    """The FSDP save path on 2 CPU processes: LoRA tensors sharded by torch's fully_shard come back whole, equal to
+    the unsharded ones, and peft saves them under the adapter's names. (accelerate's FSDP itself needs CUDA.)"""
+    import os
+    import sys
+
+    from finetune.bench.models import build_model
+
+    model = build_model("tiny", tmp_path / "models")
+    worker = Path(__file__).parent / "fsdp_gather_worker.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                           str(model), str(tmp_path / "adapter")], env=dict(os.environ), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["sharded"] == "DTensor" and result["same_names"] and result["tensors"] == result["saved"] > 0
+    assert result["max_diff"] == 0.0

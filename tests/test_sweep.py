@@ -41,6 +41,7 @@ def sweep_status(client: Client, job_id: str) -> dict:
     return as_json(client.predict(job_id, api_name="/sweep_status"))
 
 
+@pytest.mark.timeout(5400)  # four real trials and two studio starts on a shared 2-core machine
 def test_sweep_through_the_queue_survives_a_studio_kill(tmp_path, data):
     home, port = tmp_path / "home", free_port()
     args = ("--allow-path", str(data.parent))
@@ -79,6 +80,7 @@ def run_cli(home: Path, spec: dict, path: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+@pytest.mark.timeout(2400)
 def test_pruned_trial_shows_as_pruned(tmp_path, data):
     from finetune.jobs.store import JobStore
     from finetune.sweep.status import sweep_status as status_of, trial_jobs
@@ -98,6 +100,7 @@ def test_pruned_trial_shows_as_pruned(tmp_path, data):
     assert [t["state"] for t in info["trials"]] == ["pruned"] and info["best"] is None
 
 
+@pytest.mark.timeout(2400)
 def test_two_workers_share_one_study(tmp_path, data):
     import optuna
 

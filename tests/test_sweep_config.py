@@ -104,3 +104,22 @@ def test_a_lost_driver_is_queued_again_and_a_lost_trainer_is_not(tmp_path):
     assert (sweep_row["state"], sweep_row["resume"]) == ("queued", 1)
     assert train_row["state"] == "failed"
     store.cancel(ids["sweep"])
+
+
+def test_the_sweep_panel_builds_a_valid_sweep_from_the_train_form():
+    import gradio as gr
+
+    from app import sweep_panel, train_tab
+
+    with gr.Blocks():
+        train = train_tab.build()
+        ui = sweep_panel.build(train.form)
+    values = {c: c.value for c in train.form.components()}
+    values.update({c: c.value for c in (ui.lr_low, ui.lr_high, ui.r, ui.alpha, ui.steps, ui.dropout, ui.batch,
+                                        ui.targets, ui.n_trials, ui.timeout, ui.objective, ui.sampler, ui.pruner,
+                                        ui.report_every)})
+    values[ui.steps], values[ui.targets] = [25, 50], ["attention"]
+    spec = SweepConfig.parse(sweep_panel.sweep_spec(train.form, values, ui), "panel")
+    assert spec.base_config() == train.form.to_config(values)  # the base is the form's job, unchanged
+    assert spec.space.max_steps == [25, 50] and spec.space.target_modules == ["attention"]
+    assert spec.space.r == [8, 16, 32] and spec.space.learning_rate.low == 1e-4 and spec.timeout == 1800

@@ -1,7 +1,8 @@
 """The scheduler: admits queued jobs by free device slots, launches them, and watches them until they end.
 
 On a host with N GPUs, jobs that each need one GPU run side by side, each with its own CUDA_VISIBLE_DEVICES; a job
-that needs k GPUs waits until k are free; a CPU-only job (or any job on a host without GPUs) takes one of the CPU
+that needs k GPUs (a training job: launch.num_processes per machine; `auto` = every GPU of the host, resolved
+here at admission) waits until k are free; a CPU-only job (or any job on a host without GPUs) takes one of the CPU
 slots (STUDIO_MAX_CONCURRENT_JOBS, default 1; when set, it also caps the jobs running at once on a GPU host). Queued jobs start in submission order: a job that does not fit yet
 holds back the ones behind it, so a large job is never starved by a stream of small ones.
 

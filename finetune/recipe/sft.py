@@ -20,7 +20,7 @@ from pathlib import Path
 
 from finetune.config import JobConfig
 from finetune.recipe import checkpoints as C
-from finetune.recipe import distributed as D
+from finetune.recipe import distributed
 from finetune.recipe import provenance as P
 from finetune.recipe.checkpoints import Progress, TrainError
 from finetune.recipe.references import init_adapter_path
@@ -173,7 +173,7 @@ class SFTRecipe(ObjectiveHooks):
         model = M.load_model(mc, for_training=True)
         self.model = M.apply_lora(model, self.config.lora, gradient_checkpointing=self.tc.gradient_checkpointing,
                                   init_adapter=init_adapter_path(self.config))
-        fsdp = D.skip_fast_path_under_fsdp(self.accelerator, mc)
+        fsdp = distributed.skip_fast_path_under_fsdp(self.accelerator, mc)
         self.speedups = [] if fsdp else patch_model_for_speed(self.model, self.tc)
         self.trainable, self.total_params = self.model.get_nb_trainable_parameters()
         log.info("LoRA: %d trainable of %d parameters (%.2f%%); speed-ups: %s", self.trainable, self.total_params,
@@ -196,7 +196,7 @@ class SFTRecipe(ObjectiveHooks):
         acc.register_for_checkpointing(self.scheduler)
         C.install_lora_only_checkpoints(acc)
         # packed rows need the fast path's attention kernels (a GPU, and no FSDP)
-        self.padding_free = tc.padding_free and acc.device.type == "cuda" and not D.is_fsdp(acc)
+        self.padding_free = tc.padding_free and acc.device.type == "cuda" and not distributed.is_fsdp(acc)
 
     def _resume(self) -> None:
         loaded = C.load_latest(self.accelerator, self.run_dir)
@@ -229,7 +229,7 @@ class SFTRecipe(ObjectiveHooks):
         # Over several processes, by the label tokens of all of them: DDP and FSDP average the gradients over the
         # ranks, so each rank's loss is scaled by the world size to make that average the one-process gradient.
         n_labels = sum(self.count_items(b) for b in micro_batches)
-        all_labels = max(1, D.global_sum(acc, n_labels))
+        all_labels = max(1, distributed.global_sum(acc, n_labels))
         losses, tokens = [], 0
         for j, batch in enumerate(micro_batches):
             sync = j == len(micro_batches) - 1
@@ -290,7 +290,7 @@ class SFTRecipe(ObjectiveHooks):
         state, tc = self.progress, self.tc
         state.global_step += 1
         state.groups_done_in_epoch += 1
-        ranks = D.gather_step(self.accelerator, result.loss, result.labels, result.all_labels, result.tokens,
+        ranks = distributed.gather_step(self.accelerator, result.loss, result.labels, result.all_labels, result.tokens,
                               memory_mb())
         self.tracker.record(state, ranks.loss, ranks.tokens, ranks)
         step, last = state.global_step, state.global_step == self.total_steps
@@ -310,7 +310,7 @@ class SFTRecipe(ObjectiveHooks):
         self.status.update(phase="saving", step=self.progress.global_step,
                            eval_loss=round(self.eval_loss, 6) if self.eval_loss is not None else None)
         self.accelerator.wait_for_everyone()
-        weights = D.adapter_state_dict(self.accelerator, self.model)
+        weights = distributed.adapter_state_dict(self.accelerator, self.model)
         meta: dict = {}
         if self.main:
             base = P.base_model_record(self.config, self.resolved)

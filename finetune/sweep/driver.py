@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from finetune import rundir
+from finetune.errors import StudioError, plain_message
 from finetune.fsutil import write_json_atomic
 from finetune.jobs.store import FINISHED, JobStore
 from finetune.sweep import study as S
@@ -76,7 +77,12 @@ class Driver:
     def _follow(self, trial, params: dict, reported: set[int] | None = None) -> None:
         import optuna
 
-        job_id = self._job_for(trial.number, params)
+        try:
+            job_id = self._job_for(trial.number, params)
+        except StudioError as e:  # the trial's job was refused (its data vanished, its name is taken): it failed
+            self.log(f"trial {trial.number}: not queued: {plain_message(e)}")
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            return
         trial.set_user_attr(S.JOB, job_id)
         self.log(f"trial {trial.number}: job {job_id} {params}")
         state, value = self._watch(trial, job_id, reported or set())
