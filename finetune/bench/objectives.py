@@ -91,7 +91,8 @@ def table(results: list[dict], job: dict, teacher: str) -> str:
             f"{job['steps']} measured steps after {job['warmup']}\n\n"
             "| objective | tokens/s | peak memory (MiB) |\n| --- | --- | --- |\n")
     rows = [f"| {r['objective']} | {r.get('tokens_per_s', 'failed')} | {r.get('peak_memory_mb')} |" for r in results]
-    return head + "\n".join(rows) + "\n"
+    errors = [f"{r['objective']} failed: {r['error'].strip().splitlines()[-1]}" for r in results if r.get("error")]
+    return head + "\n".join(rows) + "\n" + "".join(f"\n{e}\n" for e in errors)
 
 
 def _parser() -> argparse.ArgumentParser:
