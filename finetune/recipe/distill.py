@@ -46,7 +46,7 @@ def distill_sums(student, teacher, batch: dict, vocab: int, temperature: float, 
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}  # no KV cache in training
     s_body, s_head = decoder_and_head(student)
     t_body, t_head = decoder_and_head(teacher)
     labels = batch["labels"][:, 1:]
