@@ -38,6 +38,18 @@ def forget_rejected_upload(path: str | None) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+def forget_if_unreadable(data_cfg) -> None:
+    """After a failed preview: the upload is removed only when a submit would refuse it too (a template that rejects
+    a row fails the preview, yet the same file may feed a queued job)."""
+    from finetune.data import DataError
+    from finetune.datacheck import check_job_data
+
+    try:
+        check_job_data(data_cfg)
+    except DataError:
+        forget_rejected_upload(data_cfg.path)
+
+
 def judge(form, values, tokenizer_if_loaded=lambda model_cfg: None) -> Verdict:
     """Check the form and the data it names. tokenizer_if_loaded(model_cfg) gives a tokenizer already in memory
     (or None): the length note needs one, and Validate never waits for a model to load."""

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_config, wait_for
 from test_datacheck import bad_files
-from tests.studio_server import running_studio
+from tests.studio_server import ROOT, running_studio
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -18,6 +18,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 if not CHROMIUM:
     pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"]
+SHOTS = ROOT / "docs" / "screenshots"
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,7 @@ def test_bad_inputs_are_refused_at_validate_and_start(page, studio, chat_jsonl):
         for says in ("uploads/q-", ".csv, line 3", "lora.r", "training.learning_rate"):
             assert says in text, (button, text)
         assert not pg.locator("#train-message .msg.ok").count(), "a stale verdict beside the errors"
+    pg.locator("#train-message").screenshot(path=str(SHOTS / "train-problems.png"))
     assert not list((home / "uploads").glob("q-*.csv")), "a rejected upload was kept"
     set_value(pg, "field-training-learning_rate", 0.0002)
     set_value(pg, "field-lora-r", 8)
@@ -107,3 +109,4 @@ def test_reloads_keep_the_jobs_tab_and_the_queued_job(page, studio, chat_jsonl):
         assert pg.locator("#job-progress").is_visible() and not pg.locator("#validate-btn").is_visible()
         assert first in pg.locator("#job-progress").inner_text()  # what it waits for: the job before it
         assert "walk-second" in pg.locator("#jobs-table").inner_text()
+    pg.screenshot(path=str(SHOTS / "jobs-queued.png"), clip={"x": 0, "y": 0, "width": 1400, "height": 640})
