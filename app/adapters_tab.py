@@ -71,10 +71,11 @@ def provenance_html(meta: dict) -> str:
         ("training time", render.fmt_duration(m.get("runtime_s"))),
         ("ROUGE-L Δ vs base", render.eval_delta(meta.get("eval"))),
         ("created", render.fmt_time(meta.get("created_at"))), ("job", meta.get("job_id")),
+        ("objective", tr.get("objective") or "sft"), ("teacher", render.obj(meta.get("teacher")).get("spec")),
     ]
     return '<div class="stat-grid">' + "".join(
         f'<div class="stat"><div class="k">{k}</div><div class="v">{render.esc(v if v is not None else "–")}</div></div>'
-        for k, v in cells) + "</div>"
+        for k, v in cells) + "</div>" + render.distill_eval_html(meta.get("distill_eval"))
 
 
 def _components() -> SimpleNamespace:

@@ -30,10 +30,15 @@ GROUPS: list[tuple[str, str, list[str]]] = [
     ("Quantization", "model", ["quantization"]),
     ("LoRA", "lora", ["r", "lora_alpha", "lora_dropout"]),
     ("Data", "data", ["format", "max_seq_length"]),
-    ("Training", "training", ["max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size"]),
+    ("Training", "training", ["objective", "max_steps", "num_train_epochs", "learning_rate",
+                              "per_device_train_batch_size"]),
     ("Evaluation after training", "evaluation", ["enabled", "max_examples", "max_new_tokens"]),
+    ("DPO (preference tuning)", "dpo", ["beta", "loss_type"]),
+    ("Distillation", "distill", ["teacher_model_name_or_path", "teacher_quantization", "alpha", "temperature"]),
     ("Processes and GPUs", "launch", ["num_processes", "strategy"]),
 ]
+# The section of each training.objective's own fields (shown only while that objective is chosen).
+OBJECTIVE_GROUPS = {"dpo": "DPO (preference tuning)", "distill": "Distillation"}
 # A count that may also be "auto" (launch.num_processes): a dropdown of common counts that takes any other number.
 COUNT_CHOICES = ["auto", "1", "2", "4", "8"]
 # Model fields that belong to the Quantization group rather than the Model group.
@@ -190,19 +195,21 @@ class Form:
         self.kinds[path] = (kind, optional)
         return w
 
-    def group(self, title: str, section: str, basic: list[str], default_cfg: JobConfig, columns: int = 2) -> None:
+    def group(self, title: str, section: str, basic: list[str], default_cfg: JobConfig, columns: int = 2,
+              visible: bool = True) -> gr.Group:
         """One titled group: its basic fields, then the rest of the section folded under Advanced."""
         names = list(_section_class(section).model_fields)
         if section == "model":
             names = [n for n in names if (n in QUANT_FIELDS) == (title == "Quantization")]
         names = [n for n in names if f"{section}.{n}" not in PICKED]
         advanced = [n for n in names if n not in basic]
-        with gr.Group(elem_classes=["form-group"]):
+        with gr.Group(elem_classes=["form-group"], visible=visible, elem_id=f"group-{section}") as box:
             gr.Markdown(f"**{title}**", elem_classes=["group-title"])
             self._rows(section, basic, default_cfg, columns)
             if advanced:
                 with gr.Accordion("Advanced options", open=False):
                     self._rows(section, advanced, default_cfg, columns)
+        return box
 
     def _rows(self, section: str, names: list[str], default_cfg: JobConfig, columns: int) -> None:
         for i in range(0, len(names), columns):

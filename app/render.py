@@ -139,6 +139,13 @@ def rank_memory_cells(ranks) -> list[tuple[str, str]]:
     return [(f"peak memory per rank ({len(ranks)})", f"{esc(values)} MB")]
 
 
+def objective_cells(metrics) -> list[tuple[str, str]]:
+    """An objective's own metrics at the last logged step (DPO rewards and log-probs, distillation CE and KL)."""
+    if not isinstance(metrics, dict):
+        return []
+    return [(f"{esc(k)}, last logged step", fmt_num(v)) for k, v in list(metrics.items())[:12]]
+
+
 def stats_html(live: dict | None) -> str:
     if not live:
         return ""
@@ -148,6 +155,7 @@ def stats_html(live: dict | None) -> str:
              ("eval loss, validation rows", fmt_num(live.get("eval_loss"))),
              ("tokens/s, last logged steps", fmt_num(live.get("tokens_per_second"), 3)),
              ("peak memory", f"{mem:,.0f} MB" if mem else "–"), *rank_memory_cells(live.get("rank_peak_memory_mb")),
+             *objective_cells(live.get("objective_metrics")),
              ("adapter", esc(live.get("adapter_name") or "–")), ("attempts", esc(live.get("attempts") or 0))]
     return '<div class="stat-grid">' + "".join(
         f'<div class="stat"><div class="k">{k}</div><div class="v">{v}</div></div>' for k, v in cells) + "</div>"
@@ -326,6 +334,20 @@ def compare_html(a: dict | None, b: dict | None) -> str:
 
 
 # --- dataset preview -------------------------------------------------------------------------------------------
+def _segments_html(segs) -> str:
+    """Segments [{"text", "trained"}] or [(text, trained)] or plain text, the trained ones highlighted."""
+    if isinstance(segs, str):
+        segs = [{"text": segs, "trained": False}]
+    parts = []
+    for s in segs or []:
+        if isinstance(s, (list, tuple)):
+            s = {"text": s[0], "trained": bool(s[1])}
+        text = esc(s.get("text"))
+        parts.append(f'<span class="trained" title="trained on (labels)">{text}</span>' if s.get("trained") else
+                     f'<span class="context">{text}</span>')
+    return "".join(parts)
+
+
 def preview_html(preview: dict | None) -> str:
     """Rows rendered through the chat template; the trained (assistant) tokens highlighted.
     Accepts each row as a list of segments [{"text", "trained"}] or as {"segments": [...]}, or as plain text."""
@@ -334,22 +356,18 @@ def preview_html(preview: dict | None) -> str:
     items = []
     for i, row in enumerate(preview.get("rows") or preview.get("rendered") or []):
         segs = row.get("segments") if isinstance(row, dict) else row
-        if isinstance(segs, str):
-            segs = [{"text": segs, "trained": False}]
-        parts = []
-        for s in segs or []:
-            if isinstance(s, (list, tuple)):
-                s = {"text": s[0], "trained": bool(s[1])}
-            text = esc(s.get("text"))
-            parts.append(f'<span class="trained" title="trained on (labels)">{text}</span>' if s.get("trained") else
-                         f'<span class="context">{text}</span>')
+        body = f"<pre>{_segments_html(segs)}</pre>"
+        if isinstance(row, dict) and isinstance(row.get("rejected"), dict):  # a preference pair, side by side
+            body = ('<div class="pair" style="display:flex;gap:8px"><div style="flex:1"><div class="small">chosen</div>'
+                    f'{body}</div><div style="flex:1"><div class="small">rejected</div>'
+                    f'<pre>{_segments_html(row["rejected"].get("segments"))}</pre></div></div>')
         extra = ""
         if isinstance(row, dict):
             n_tok = row.get("num_tokens", row.get("tokens"))
             bits = [f"{n_tok} tokens" if n_tok is not None else "", "truncated" if row.get("truncated") else ""]
             extra = " · ".join(b for b in bits if b)
         items.append(f'<div class="preview-row"><div class="muted small">row {i + 1}'
-                     f'{" · " + esc(extra) if extra else ""}</div><pre>{"".join(parts)}</pre></div>')
+                     f'{" · " + esc(extra) if extra else ""}</div>{body}</div>')
     legend = ('<div class="small"><span class="trained">highlighted</span> = the tokens the model is trained to produce '
               '(assistant turns and their end-of-turn token); the rest is context only.</div>')
     return f'<div class="preview">{legend}{"".join(items)}</div>'
@@ -546,3 +564,24 @@ def plan_warning_html(plan: dict) -> str:
                      f'{num(s.get("needed_gib")) or 0:.2f} GiB{" (fits)" if s.get("fits") else " (still too much)"}</li>')
     return (f'<div class="msg warn mem-warn"><b>This job does not fit the device\'s memory.</b> Changes that lower '
             f'it, best first:<ol>{"".join(items)}</ol></div>')
+
+
+# --- distillation: teacher, student and base side by side -------------------------------------------------------
+DISTILL_COLUMNS = [("rouge_l_vs_teacher", "ROUGE-L vs teacher's answers"), ("kl_to_teacher", "KL(teacher ‖ model) per token"),
+                   ("tokens_per_second", "tokens/s"), ("latency_s", "latency (s)"), ("peak_memory_mb", "peak memory (MB)")]
+
+
+def distill_eval_html(result: dict | None) -> str:
+    """studio.json's distill_eval as a table: one row per model (teacher, student, base), quality and cost."""
+    models = obj(obj(result).get("models"))
+    if not models:
+        return ""
+    head = "<tr><th>model</th>" + "".join(f"<th>{esc(label)}</th>" for _, label in DISTILL_COLUMNS) + "</tr>"
+    rows = []
+    for side in ("teacher", "student", "base"):
+        m = obj(models.get(side))
+        cells = "".join(f'<td class="num">{fmt_num(m.get(key))}</td>' for key, _ in DISTILL_COLUMNS)
+        rows.append(f"<tr><td>{esc(side)}: {esc(m.get('model'))}</td>{cells}</tr>")
+    n = obj(result.get("data")).get("examples")
+    return (f'<div class="distill-eval"><b>Teacher, student and base on {esc(n)} held-out prompts</b>'
+            f'<table class="eval-table"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>')

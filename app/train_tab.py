@@ -10,7 +10,7 @@ import gradio as gr
 
 from app import render
 from app.api import friendly, store
-from app.forms import GROUPS, Form
+from app.forms import GROUPS, OBJECTIVE_GROUPS, Form
 from app.verdict import Verdict, forget_if_unreadable, judge, notes_html, problems_html, split_problems
 from finetune.config import ConfigError, JobConfig, ModelConfig, example_config
 from finetune.errors import StudioError
@@ -70,9 +70,20 @@ def ok_html(text: str) -> str:
     return f'<div class="msg ok">{text}</div>'
 
 
-def _group(form: Form, default: JobConfig, title: str, shown: str | None = None, columns: int = 2) -> None:
+def _group(form: Form, default: JobConfig, title: str, shown: str | None = None, columns: int = 2,
+           visible: bool = True) -> gr.Group:
     section, basic = {t: (s, b) for t, s, b in GROUPS}[title]
-    form.group(shown or title, section, basic, default, columns)
+    return form.group(shown or title, section, basic, default, columns, visible)
+
+
+def _objective_groups(ui: SimpleNamespace, default: JobConfig) -> None:
+    """Each objective's own fields, shown while training.objective names it."""
+    chosen = default.training.objective
+    ui.objective_groups = {objective: _group(ui.form, default, title, visible=objective == chosen)
+                           for objective, title in OBJECTIVE_GROUPS.items()}
+    ui.form.fields["training.objective"].change(
+        lambda o: [gr.update(visible=o == k) for k in ui.objective_groups], ui.form.fields["training.objective"],
+        list(ui.objective_groups.values()), api_visibility="undocumented", concurrency_limit=None)
 
 
 def _components(default: JobConfig) -> SimpleNamespace:
@@ -94,6 +105,7 @@ def _components(default: JobConfig) -> SimpleNamespace:
                 _group(ui.form, default, "Quantization", columns=1)
             _group(ui.form, default, "LoRA", columns=3)
             _group(ui.form, default, "Training")
+            _objective_groups(ui, default)
             _group(ui.form, default, "Processes and GPUs")
             _group(ui.form, default, "Evaluation after training", columns=3)
     with gr.Accordion("YAML and command line", open=False, elem_id="yaml-accordion"):

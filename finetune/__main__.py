@@ -8,6 +8,7 @@ COMMANDS = {
     "config": ("finetune.cli_config", "print an example job config, or validate one"),
     "train": ("finetune.recipe.cli", "train a job config in the foreground (also what the job runner launches)"),
     "eval": ("finetune.evaluation.evaluate", "evaluate an adapter against its base on held-out data, print JSON"),
+    "eval-distill": ("finetune.evaluation.distill_eval", "teacher, distilled student and base side by side, print JSON"),
     "jobs": ("finetune.jobs.cli", "list, show, submit, cancel, resume or duplicate studio jobs"),
     "adapters": ("finetune.store.adapters", "list, show, export or delete stored adapters"),
     "plan": ("finetune.plan", "estimate a job's peak memory before launching it (JSON: fits, breakdown, suggestions)"),
@@ -16,6 +17,7 @@ COMMANDS = {
     "sweep": ("finetune.sweep.cli", "hyper-parameter search: trials are studio train jobs; prints the best config"),
     "sweep-job": ("finetune.sweep.job", "run a sweep job's driver (what the job runner launches)"),
     "bench": ("finetune.bench.harness", "GPU/CPU training speed and memory benchmark"),
+    "bench-objectives": ("finetune.bench.objectives", "SFT, DPO and distillation tokens/s and peak memory side by side"),
 }
 
 

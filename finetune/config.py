@@ -24,10 +24,11 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch:
 Quantization = Literal["none", "8bit", "4bit"]
 QuantType = Literal["nf4", "fp4"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
-DataFormat = Literal["auto", "alpaca", "chat", "text"]
+DataFormat = Literal["auto", "alpaca", "chat", "text", "preference"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
-Objective = Literal["sft"]
+Objective = Literal["sft", "dpo", "distill"]
+DPOLossType = Literal["sigmoid", "ipo", "hinge"]
 Bias = Literal["none", "all", "lora_only"]
 Strategy = Literal["ddp", "fsdp"]
 QuantStorage = Literal["uint8", "bfloat16", "float16", "float32"]
@@ -81,6 +82,7 @@ class LoraSettings(_Section):
     bias: Bias = Field("none", description="Which biases to train.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilized scaling lora_alpha / sqrt(r).")
+    init_adapter: str | None = Field(None, description="Continue training this adapter from the store (its own LoRA settings replace the ones above); empty starts a fresh adapter.")
 
     @field_validator("target_modules")
     @classmethod
@@ -92,7 +94,7 @@ class LoraSettings(_Section):
 
 class DataConfig(_Section):
     path: str = Field(DEMO_DATASET, description="JSONL, JSON, CSV or Parquet file, a saved datasets folder, a hub id, or builtin:python-docs.")
-    format: DataFormat = Field("auto", description="alpaca (instruction/input/output), chat (messages), text; auto detects.")
+    format: DataFormat = Field("auto", description="alpaca (instruction/input/output), chat (messages), text, preference (prompt/chosen/rejected); auto detects.")
     split: str = Field("train", description="Split to read from a hub id or datasets folder.")
     validation_path: str | None = Field(None, description="Held-out file; if unset, validation_split of the data is held out.")
     validation_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction held out for validation when validation_path is unset.")
@@ -103,7 +105,7 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    objective: Objective = Field("sft", description="What the model learns: sft = supervised fine-tuning, the loss on the assistant's answer tokens.")
+    objective: Objective = Field("sft", description="What the model learns: sft = supervised fine-tuning on the answer tokens; dpo = preference tuning on chosen/rejected pairs; distill = learning a teacher model's token distribution.")
     learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Peak learning rate of the optimizer (LoRA commonly 1e-4 to 3e-4).")
     num_train_epochs: float = Field(1.0, ge=0.0, description="Passes over the training data, used when max_steps is -1.")
     max_steps: int = Field(-1, description="Optimizer steps; -1 uses num_train_epochs.")
@@ -136,6 +138,22 @@ class EvaluationConfig(_Section):
     enabled: bool = Field(True, description="Evaluate base vs adapter on the validation data when training ends.")
     max_examples: int = Field(16, gt=0, le=limits.MAX_EVAL_EXAMPLES, description="Held-out examples to generate for.")
     max_new_tokens: int = Field(64, gt=0, le=limits.MAX_EVAL_NEW_TOKENS, description="Generation budget per held-out answer.")
+
+
+class DPOConfig(_Section):
+    beta: float = Field(0.1, gt=0.0, le=10.0, description="How far the adapter may move from the reference (the base without the adapter): higher keeps it closer.")
+    loss_type: DPOLossType = Field("sigmoid", description="sigmoid = the DPO paper's loss; ipo = squared loss toward a margin of 1/(2 beta); hinge = SLiC's hinge on the margin.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed fraction of flipped preference labels (conservative DPO, sigmoid loss only).")
+
+
+class DistillConfig(_Section):
+    teacher_model_name_or_path: str | None = Field(None, description="The teacher: a local folder or hub id sharing the student's tokenizer, or adapter:<name> (an adapter from the store on its base).")
+    teacher_quantization: Quantization = Field("none", description="Load the teacher's weights in 4-bit or 8-bit to save memory (needs bitsandbytes).")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of cross-entropy on the labels; 1 - alpha weighs the KL to the teacher.")
+    temperature: float = Field(2.0, gt=0.0, le=20.0, description="Softens both distributions before the KL; the KL term is scaled by temperature^2.")
+    seq_kd: bool = Field(False, description="Sequence-level distillation: the teacher writes the training answers (greedy) before training.")
+    max_new_tokens: int = Field(128, gt=0, le=4096, description="Length limit of the teacher's answers with seq_kd.")
+    chunk_size: int = Field(256, gt=0, le=65536, description="Tokens per chunk of the loss: only this many rows of either model's logits exist at once.")
 
 
 class LaunchConfig(_Section):
@@ -212,6 +230,8 @@ class JobConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     _fsdp_storage = model_validator(mode="before")(_fsdp_quantization)
@@ -229,6 +249,10 @@ class JobConfig(_Section):
             raise ValueError(f"{field} needs bitsandbytes, which is not installed: pip install bitsandbytes")
         if self.model.quantization != "none" and self.model.torch_dtype == "float16" and self.lora.use_dora:
             raise ValueError("lora.use_dora with a quantized float16 base is unstable: use torch_dtype bfloat16 or auto")
+        if self.training.objective == "distill" and not (self.distill.teacher_model_name_or_path or "").strip():
+            raise ValueError("distill.teacher_model_name_or_path is empty: training.objective distill needs a teacher")
+        if self.distill.teacher_quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("distill.teacher_quantization needs bitsandbytes, which is not installed")
         _check_launch(self)
         return self
 

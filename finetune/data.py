@@ -8,6 +8,8 @@ Formats:
   chat    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}  (OpenAI style; ShareGPT's
           {"conversations": [{"from": "human"|"gpt", "value": ...}]} too)
   alpaca  {"instruction": ..., "input": ... (optional), "output": ...}
+  preference {"prompt": ..., "chosen": ..., "rejected": ...}  DPO pairs (finetune/preference.py); other objectives
+          see the chosen conversation
   text    {"text": ...}  trained on every token, then EOS. to_messages gives [{"role": "assistant", "content": text}]
           so callers see one shape, but prepare() tokenizes text rows raw, without the chat template.
 
@@ -282,6 +284,8 @@ def detect_format(records, source: str | None = None) -> str:
     if not records:
         raise DataError("the data is empty (no rows)", path=src)
     keys = set(records[0])
+    if keys & {"chosen", "rejected"}:
+        return "preference"
     if keys & {"messages", "conversations"}:
         return "chat"
     if keys & {"instruction", "output"}:
@@ -290,7 +294,8 @@ def detect_format(records, source: str | None = None) -> str:
         return "text"
     raise DataError(
         f"cannot tell the format from the columns {sorted(keys)}: expected 'messages' (chat), "
-        "'instruction'/'input'/'output' (alpaca) or 'text'; or set data.format", path=src, line=line, unit=unit)
+        "'instruction'/'input'/'output' (alpaca), 'text' or 'prompt'/'chosen'/'rejected' (preference); "
+        "or set data.format", path=src, line=line, unit=unit)
 
 
 def _string(value: Any, field: str, allow_empty: bool = False) -> str:
@@ -306,6 +311,10 @@ def to_messages(record: dict, fmt: str, system_prompt: str | None = None) -> lis
     adds the file and line: see validate_rows)."""
     if not isinstance(record, dict):
         raise DataError(f"a row must be an object, got {type(record).__name__}")
+    if fmt == "preference":  # a pair's chosen conversation: what SFT and evaluation see of it
+        from finetune.preference import to_pair
+
+        return to_pair(record, system_prompt).conversation("chosen")
     if fmt == "text":
         if "text" not in record or record["text"] is None:
             raise DataError("missing column 'text'", field="text")
@@ -363,7 +372,7 @@ def to_messages(record: dict, fmt: str, system_prompt: str | None = None) -> lis
         if system_prompt and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": system_prompt})
         return msgs
-    raise DataError(f"unknown format {fmt!r} (expected alpaca, chat or text)", field="data.format")
+    raise DataError(f"unknown format {fmt!r} (expected alpaca, chat, text or preference)", field="data.format")
 
 
 def _describe(value: Any) -> str:
@@ -590,8 +599,9 @@ def _format(records, data_cfg, source: str) -> str:
     return data_cfg.format if data_cfg.format != "auto" else detect_format(records, source)
 
 
-def prepare(data_cfg, tokenizer) -> Prepared:
-    """Load, split, validate every row (before any training), tokenize with assistant-only labels, truncate."""
+def prepare(data_cfg, tokenizer, rewrite=None) -> Prepared:
+    """Load, split, validate every row (before any training), tokenize with assistant-only labels, truncate.
+    `rewrite` (training rows as messages -> new rows) replaces the training answers before tokenizing."""
     records = load_records(data_cfg.path, data_cfg.split)
     fmt = _format(records, data_cfg, records.source)
     train_recs, val_recs = split_records(records, data_cfg)
@@ -600,6 +610,8 @@ def prepare(data_cfg, tokenizer) -> Prepared:
     val_fmt = _format(val_recs, data_cfg, getattr(val_recs, "source", None)) if val_recs else fmt
     train_rows = validate_rows(train_recs, fmt, data_cfg.system_prompt)
     val_rows = validate_rows(val_recs, val_fmt, data_cfg.system_prompt)
+    if rewrite is not None:
+        train_rows = rewrite(train_rows)
 
     max_len = data_cfg.max_seq_length
     train, t_len, t_trunc, t_drop = _tokenize(train_rows, fmt, tokenizer, max_len, train_recs)
@@ -658,7 +670,7 @@ def collate(examples: list[dict], pad_token_id: int, padding_free: bool = False)
 
 
 # --- the UI's view -------------------------------------------------------------------------------------------------
-def _segments(r: Rendered, labels: list[int]) -> list[tuple[str, bool]]:
+def preview_segments(r: Rendered, labels: list[int]) -> list[tuple[str, bool]]:
     """The rendered text, up to the truncation point, cut into (text, trained) pieces: exactly the tokens that carry
     a label (from their offsets), or the trained character spans for tokenizers without offsets."""
     if r.offsets is not None:
@@ -708,8 +720,13 @@ def preview(data_cfg, tokenizer, n: int = 5) -> dict:
         if i < n:
             labels = r.labels[:max_len]
             trained = sum(1 for l in labels if l != IGNORE_INDEX)
-            shown.append({"text": r.text, "segments": _segments(r, labels), "num_tokens": r.length,
+            shown.append({"text": r.text, "segments": preview_segments(r, labels), "num_tokens": r.length,
                           "trained_tokens": trained, "truncated": r.length > max_len})
+            if fmt == "preference":  # both sides as DPO trains them: only the last answer carries labels
+                from finetune.preference import preview_side
+
+                shown[-1].update(preview_side(tokenizer, sample[i], "chosen", data_cfg))
+                shown[-1]["rejected"] = preview_side(tokenizer, sample[i], "rejected", data_cfg)
     return {"format": fmt, "num_rows": len(records), "rows": shown,
             "length_histogram": histogram(lengths, max_len), "token_lengths": length_summary(lengths),
             "truncated": sum(1 for x in lengths if x > max_len), "sampled_rows": len(sample),

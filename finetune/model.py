@@ -282,9 +282,10 @@ def load_model(model_cfg: ModelConfig, *, for_training: bool):
     return model
 
 
-def apply_lora(model, lora_cfg, *, gradient_checkpointing: bool):
-    """Freeze the base, prepare k-bit training where quantized, and add LoRA adapters (a trainable PeftModel)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def apply_lora(model, lora_cfg, *, gradient_checkpointing: bool, init_adapter: Path | None = None):
+    """Freeze the base, prepare k-bit training where quantized, and add LoRA adapters (a trainable PeftModel):
+    fresh ones from `lora_cfg`, or the saved adapter in the folder `init_adapter`, to continue training it."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: no need to make the inputs require grad
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
@@ -303,6 +304,10 @@ def apply_lora(model, lora_cfg, *, gradient_checkpointing: bool):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if init_adapter is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     targets = lora_cfg.target_modules
     peft_cfg = LoraConfig(
         r=lora_cfg.r,

@@ -153,6 +153,14 @@ def histories(rows: list[dict], max_points: int = 2000) -> tuple[list[list], lis
     return _thin(loss, max_points), _thin(evl, max_points)
 
 
+def objective_metrics(rows: list[dict]) -> dict:
+    """The latest value of each objective's own metric (names with a '/': rewards/margins, distill/kl ...)."""
+    out: dict = {}
+    for r in rows:
+        out.update({k: v for k, v in r.items() if "/" in k and _number(v) is not None})
+    return out
+
+
 def final_loss(loss_history: list[list]) -> float | None:
     """Mean training loss of the last FINAL_LOSS_WINDOW logged steps ([[step, loss], ...]), rounded as logged."""
     last = [loss for _, loss in loss_history[-FINAL_LOSS_WINDOW:]]
@@ -246,6 +254,7 @@ def view(row: dict, planned_steps: int | None = None, command: str | None = None
         "pid": row.get("pid"), "exit_code": row.get("exit_code"),
     }
     if detail:
+        out["objective_metrics"] = objective_metrics(rows)
         out["loss_history"], out["eval_history"] = histories(rows)
         out["final_loss"] = final_loss(out["loss_history"])
         out["log_tail"] = log_tail(run_dir)

@@ -79,6 +79,18 @@ def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs the model can learn in a few steps: the chosen sum is right, the rejected one is wrong."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        wrong = a + b + rng.choice([-10, -3, 2, 7, 11])
+        rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"{a} plus {b} is {a + b}.",
+                     "rejected": f"{a} plus {b} is {wrong}."})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -141,6 +141,9 @@ def test_training_objective_picks_the_recipe_and_round_trips():
     cfg = JobConfig()
     assert cfg.training.objective == "sft" and set(RECIPES) == set(choices(type(cfg.training).model_fields["objective"].annotation))
     assert JobConfig.from_yaml(cfg.to_yaml()).training.objective == "sft"
-    assert recipe_class("sft").__name__ == "SFTRecipe"
+    assert recipe_class("sft").__name__ == "SFTRecipe" and recipe_class("dpo").__name__ == "DPORecipe"
+    assert recipe_class("distill").__name__ == "DistillRecipe"
     with pytest.raises(ConfigError, match="training.objective"):
-        JobConfig.parse({"training": {"objective": "dpo"}})
+        JobConfig.parse({"training": {"objective": "ppo"}})
+    with pytest.raises(ConfigError, match="distill.teacher_model_name_or_path is empty"):
+        JobConfig.parse({"training": {"objective": "distill"}})

@@ -34,7 +34,7 @@ def values_of(form: forms.Form, cfg: JobConfig) -> dict:
 
 
 def test_every_config_field_has_one_widget(form):
-    paths = {f"{s}.{n}" for s in ("model", "lora", "data", "training", "evaluation", "launch")
+    paths = {f"{s}.{n}" for s in ("model", "lora", "data", "training", "evaluation", "launch", "dpo", "distill")
              for n in JobConfig.model_fields[s].annotation.model_fields}
     assert set(form.fields) == paths - forms.PICKED
 

@@ -163,5 +163,7 @@ def test_a_database_from_before_job_kinds_is_migrated(tmp_path, chat_jsonl):
     assert store.config(row["id"]).adapter_name == "old"
     assert store.resume(row["id"])["state"] == "queued"
     with sqlite3.connect(home / "studio.db") as con:  # migrating again changes nothing
+        columns = [r[1] for r in con.execute("PRAGMA table_info(jobs)")]
+        assert {"kind", "devices"} <= set(columns)
         migrate(con)
-        assert [r[1] for r in con.execute("PRAGMA table_info(jobs)")][-2:] == ["kind", "devices"]
+        assert [r[1] for r in con.execute("PRAGMA table_info(jobs)")] == columns

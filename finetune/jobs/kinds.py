@@ -28,6 +28,7 @@ from finetune.store.adapters import check_writable
 from finetune.config import ConfigError, JobConfig, format_errors
 from finetune.errors import JobError
 from finetune.jobs.launch import check_host, gpus_needed, train_command
+from finetune.recipe import references
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -115,6 +116,7 @@ def prepare_training(cfg: JobConfig) -> JobConfig:
     check_host(cfg)
     if policy.confined():  # a client of the studio sent it: its paths and models must be ones the operator allows
         policy.check_job(cfg)
+    references.check(cfg)
     check_writable()
     check_job_data(cfg.data)  # never queue a job for data it cannot read
     return cfg

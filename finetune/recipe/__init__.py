@@ -10,7 +10,8 @@ import importlib
 from pathlib import Path
 
 # objective -> "module:Class", imported when a run asks for it
-RECIPES: dict[str, str] = {"sft": "finetune.recipe.sft:SFTRecipe"}
+RECIPES: dict[str, str] = {"sft": "finetune.recipe.sft:SFTRecipe", "dpo": "finetune.recipe.dpo:DPORecipe",
+                           "distill": "finetune.recipe.distill:DistillRecipe"}
 
 __all__ = ["RECIPES", "recipe_class", "run"]
 

@@ -23,6 +23,7 @@ from finetune.recipe import checkpoints as C
 from finetune.recipe import distributed
 from finetune.recipe import provenance as P
 from finetune.recipe.checkpoints import Progress, TrainError
+from finetune.recipe.references import init_adapter_path
 from finetune.recipe.tracker import RunTracker, memory_mb
 from finetune.rundir import CHECKPOINTS, JOB_YAML
 
@@ -80,7 +81,30 @@ class StepResult:
     all_labels: int = 0   # label tokens of the step over every process (the loss's denominator)
 
 
-class SFTRecipe:
+class ObjectiveHooks:
+    """What an objective may override besides `_setup_data` and `loss_step` (the SFT answers here)."""
+
+    def collate(self, examples: list[dict]) -> dict:
+        """Examples -> one batch of tensors on the device (packed into one row on a GPU)."""
+        from finetune import data as D
+
+        batch = D.collate(examples, self.tokenizer.pad_token_id, padding_free=self.padding_free)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def count_items(self, batch: dict) -> int:
+        """What loss_step's sum is normalised by: the batch's label tokens (a pair objective counts pairs)."""
+        return count_label_tokens(batch)
+
+    def objective_record(self) -> dict:
+        """What studio.json says about the objective (and the other models it learned from)."""
+        return {"objective": "sft"}
+
+    def step_metrics(self) -> dict:
+        """The objective's own metrics for the steps since the last logged one (merged into its metrics row)."""
+        return {}
+
+
+class SFTRecipe(ObjectiveHooks):
     """LoRA supervised fine-tuning on the assistant tokens of chat-rendered examples."""
 
     def __init__(self, config: JobConfig, run_dir: str | Path | None = None):
@@ -147,7 +171,8 @@ class SFTRecipe:
         mc = self.config.model
         self.resolved = M.resolve_model(mc.name_or_path, mc.revision)
         model = M.load_model(mc, for_training=True)
-        self.model = M.apply_lora(model, self.config.lora, gradient_checkpointing=self.tc.gradient_checkpointing)
+        self.model = M.apply_lora(model, self.config.lora, gradient_checkpointing=self.tc.gradient_checkpointing,
+                                  init_adapter=init_adapter_path(self.config))
         fsdp = distributed.skip_fast_path_under_fsdp(self.accelerator, mc)
         self.speedups = [] if fsdp else patch_model_for_speed(self.model, self.tc)
         self.trainable, self.total_params = self.model.get_nb_trainable_parameters()
@@ -191,12 +216,6 @@ class SFTRecipe:
                                 acc.process_index, acc.num_processes)
         return step_groups(batches, tc.gradient_accumulation_steps)
 
-    def collate(self, examples: list[dict]) -> dict:
-        """Examples -> one batch of tensors on the device (packed into one row on a GPU)."""
-        from finetune import data as D
-
-        batch = D.collate(examples, self.tokenizer.pad_token_id, padding_free=self.padding_free)
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def loss_step(self, batch: dict, num_items_in_batch: int):
         """The one place where forward and loss meet: the summed token loss over `num_items_in_batch` label tokens."""
@@ -209,7 +228,7 @@ class SFTRecipe:
         # that of one big batch, however the tokens fall across micro-batches.
         # Over several processes, by the label tokens of all of them: DDP and FSDP average the gradients over the
         # ranks, so each rank's loss is scaled by the world size to make that average the one-process gradient.
-        n_labels = sum(count_label_tokens(b) for b in micro_batches)
+        n_labels = sum(self.count_items(b) for b in micro_batches)
         all_labels = max(1, distributed.global_sum(acc, n_labels))
         losses, tokens = [], 0
         for j, batch in enumerate(micro_batches):
@@ -240,7 +259,7 @@ class SFTRecipe:
         with torch.no_grad():
             for i in range(0, len(self.validation_examples), bs):
                 batch = self.collate(self.validation_examples[i:i + bs])
-                n = count_label_tokens(batch)
+                n = self.count_items(batch)
                 if n == 0:
                     continue
                 total += float(self.loss_step(batch, n)) * n
@@ -276,7 +295,7 @@ class SFTRecipe:
         self.tracker.record(state, ranks.loss, ranks.tokens, ranks)
         step, last = state.global_step, state.global_step == self.total_steps
         if step % tc.logging_steps == 0 or last:
-            self.tracker.log_step(state, result.learning_rate, result.grad_norm)
+            self.tracker.log_step(state, result.learning_rate, result.grad_norm, self.step_metrics())
         if tc.eval_steps and step % tc.eval_steps == 0 and not last:
             self.tracker.log_eval_loss(step, self.evaluate_loss())
         if tc.save_steps and step % tc.save_steps == 0 and not last:
@@ -300,6 +319,7 @@ class SFTRecipe:
                    "speedups": self.speedups, "parameters": {"trainable": self.trainable, "total": self.total_params},
                    "run_dir": str(self.run_dir)}
             meta = P.adapter_metadata(self.config, base, self.tokenizer, self.data_stats, run, metrics)
+            meta.update(self.objective_record())
             P.publish_adapter(self.accelerator.unwrap_model(self.model), self.config, base, meta, state_dict=weights)
         self.accelerator.wait_for_everyone()
         return meta

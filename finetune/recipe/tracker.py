@@ -64,7 +64,7 @@ class RunTracker:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}")
 
-    def log_step(self, state: Progress, learning_rate: float, grad_norm: float) -> None:
+    def log_step(self, state: Progress, learning_rate: float, grad_norm: float, extra: dict | None = None) -> None:
         """metrics.jsonl's row for the steps since the last one, and status.json."""
         now, w = time.time(), self.window
         tps = w["tokens"] / max(now - w["t0"], 1e-9)
@@ -74,7 +74,7 @@ class RunTracker:
         row = {"step": state.global_step, "loss": round(w["loss"] / w["steps"], 6),
                "learning_rate": learning_rate, "grad_norm": round(grad_norm, 6),
                "tokens_per_second": round(tps, 2), "memory_mb": round(mem, 1) if mem else None,
-               "elapsed_s": round(state.elapsed_s + now - self.session_start, 2)}
+               "elapsed_s": round(state.elapsed_s + now - self.session_start, 2), **(extra or {})}
         per_rank = rank_columns(w.get("ranks", []))
         if per_rank:
             row.update(per_rank)

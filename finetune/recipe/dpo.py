@@ -1,0 +1,122 @@
+"""Direct preference optimisation: the adapter learns to prefer each pair's chosen answer over its rejected one,
+relative to a reference model, which is the same model with the adapter switched off (peft's disable_adapter:
+no second copy in memory). Continuing an SFT adapter (lora.init_adapter) keeps the base as the reference.
+
+The loss variants are the ones TRL names by `loss_type`; they are written here because TRL keeps them inside its
+DPOTrainer (a method reading the trainer's own state), and this recipe keeps the studio's one training loop.
+Metrics per logged step use TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+logps/chosen, logps/rejected.
+"""
+from __future__ import annotations
+
+import logging
+
+from finetune.recipe.checkpoints import TrainError
+from finetune.recipe.sft import SFTRecipe
+
+log = logging.getLogger("finetune.train")
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+def sequence_logps(model, batch: dict):
+    """Per row: the summed log-probability of its label tokens and how many there are. Log-softmax is taken one
+    token at a time through logsumexp, so no second [rows x tokens x vocab] tensor is made."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    safe = torch.where(mask, labels, 0)
+    picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1).float()
+    token_logps = (picked - torch.logsumexp(logits.float(), dim=-1)) * mask
+    return token_logps.sum(-1), mask.sum(-1)
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0):
+    """Per-pair losses and the implicit rewards beta * (log pi - log ref) of each side."""
+    import torch.nn.functional as F
+
+    logits = (chosen - rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+                  - F.logsigmoid(-beta * logits) * label_smoothing)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = F.relu(1 - beta * logits)
+    else:
+        raise ValueError(f"dpo.loss_type: unknown {loss_type!r}")
+    return losses, beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+
+
+class DPORecipe(SFTRecipe):
+    """LoRA preference tuning on (prompt, chosen, rejected) pairs."""
+
+    def _setup_data(self) -> None:
+        from finetune import preference
+
+        prepared = preference.prepare(self.config.data, self.tokenizer)
+        if not prepared.train:
+            raise TrainError(f"data.path {self.config.data.path!r}: no preference pairs left after preparation")
+        log.info("data: %d pairs (%d validation)", len(prepared.train), len(prepared.validation))
+        self.train_examples, self.validation_examples, self.data_stats = prepared.train, prepared.validation, prepared.stats
+
+    def _setup_optimizer(self) -> None:
+        super()._setup_optimizer()
+        self.padding_free = False  # each row's log-probability is summed on its own: rows stay apart
+        self._window = {k: 0.0 for k in METRICS} | {"pairs": 0}
+        self.last_metrics: dict = {}
+
+    def collate(self, examples: list[dict]) -> dict:
+        """All chosen rows, then all rejected rows, in one padded batch (one forward pass for both)."""
+        from finetune import data as D
+
+        rows = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+        batch = D.collate(rows, self.tokenizer.pad_token_id)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def count_items(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def loss_step(self, batch: dict, num_items_in_batch: int):
+        """The summed pair loss over `num_items_in_batch` pairs; the reference pass runs with the adapter off."""
+        import torch
+
+        dc = self.config.dpo
+        logps, counts = sequence_logps(self.model, batch)
+        with torch.no_grad(), self.accelerator.unwrap_model(self.model).disable_adapter():
+            ref_logps, _ = sequence_logps(self.model, batch)
+        if dc.loss_type == "ipo":  # IPO compares mean token log-probabilities
+            logps, ref_logps = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
+        n = batch["input_ids"].shape[0] // 2
+        losses, r_chosen, r_rejected = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], dc.beta,
+                                                dc.loss_type, dc.label_smoothing)
+        if self.model.training:
+            self._accumulate(r_chosen, r_rejected, logps[:n].detach(), logps[n:].detach())
+        return losses.sum() / num_items_in_batch
+
+    def _accumulate(self, r_chosen, r_rejected, logp_chosen, logp_rejected) -> None:
+        w = self._window
+        w["rewards/chosen"] += float(r_chosen.sum())
+        w["rewards/rejected"] += float(r_rejected.sum())
+        w["rewards/accuracies"] += float((r_chosen > r_rejected).float().sum())
+        w["rewards/margins"] += float((r_chosen - r_rejected).sum())
+        w["logps/chosen"] += float(logp_chosen.sum())
+        w["logps/rejected"] += float(logp_rejected.sum())
+        w["pairs"] += len(r_chosen)
+
+    def step_metrics(self) -> dict:
+        n = max(1, self._window["pairs"])
+        out = {k: round(self._window[k] / n, 6) for k in METRICS}
+        self._window = {k: 0.0 for k in METRICS} | {"pairs": 0}
+        self.last_metrics = out
+        return out
+
+    def objective_record(self) -> dict:
+        dc = self.config.dpo
+        return {"objective": "dpo", "reference": "the base model (adapter disabled)",
+                "dpo": {"beta": dc.beta, "loss_type": dc.loss_type, "label_smoothing": dc.label_smoothing,
+                        "final": self.last_metrics}}
