@@ -476,8 +476,9 @@ def loss_chart(live: dict | None) -> str:
         series["train loss, smoothed"] = smoothed(raw)
     empty = ("Waiting for the first logged step (the model is loading or the data is being prepared)."
              if live.get("state") in ("queued", "running") else "This job logged no loss.")
-    return line_chart_svg(series, "Loss (raw train loss faint)", "optimizer step", "loss", empty=empty,
-                          faint=("train loss",) if len(raw) >= SMOOTH_FROM else ())
+    smooth = len(raw) >= SMOOTH_FROM
+    return line_chart_svg(series, "Loss (raw train loss faint)" if smooth else "Loss", "optimizer step", "loss",
+                          empty=empty, faint=("train loss",) if smooth else ())
 
 
 SMOOTH_FROM = 4  # points before a smoothed line says more than the raw one
