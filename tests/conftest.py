@@ -2,6 +2,7 @@
 copy of the embedded model (converting the GGUF takes ~20 s) in the project's studio_data/models."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -123,6 +124,21 @@ def train_qlora_adapter(data: Path) -> str:
         "lora.lora_alpha=16", "evaluation.enabled=false"])
     train_run(cfg, runs_dir() / f"test-{QLORA_ADAPTER}")
     return QLORA_ADAPTER
+
+
+@contextlib.contextmanager
+def scheduled_store(home: Path):
+    """A job store on `home` with its scheduler running; on exit the scheduler stops and any job still running is
+    stopped with its whole process group, so no test leaves a training process behind."""
+    from finetune.jobs import JobStore, process
+
+    store = JobStore(home, poll_interval=0.2).start_scheduler()
+    try:
+        yield store
+    finally:
+        store.stop_scheduler()
+        for row in store.list_jobs(states=("running",)):
+            process.stop_group(row["pgid"], row["run_dir"], grace_s=2)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,25 +7,18 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 import zipfile
 
 import pytest
 
 from conftest import wait_for
-from tests.studio_server import ROOT, running_studio
+from tests.studio_server import running_studio
+from tests.browser_env import ARGS, CHROMIUM, SHOTS, sync_api
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-if not CHROMIUM:
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
 
-SHOTS = ROOT / "docs" / "screenshots"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 ADAPTER = "browser-qlora"
 
 

@@ -3,20 +3,12 @@ the other's), and the dataset preview of preference data shows each pair's chose
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 
 from conftest import preference_rows, write_jsonl
-from tests.studio_server import ROOT, running_studio
-
-sync_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if not CHROMIUM:
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
-SHOTS = ROOT / "docs" / "screenshots"
+from tests.studio_server import running_studio
+from tests.browser_env import ARGS, CHROMIUM, SHOTS, sync_api
 
 
 @pytest.fixture(scope="module")

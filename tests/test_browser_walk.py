@@ -10,15 +10,10 @@ import pytest
 
 from conftest import tiny_config, wait_for
 from test_datacheck import bad_files
-from tests.studio_server import ROOT, running_studio
+from tests.studio_server import running_studio
+from tests.browser_env import ARGS, CHROMIUM, SHOTS, sync_api
 
 pytestmark = pytest.mark.browser
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-if not CHROMIUM:
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"]
-SHOTS = ROOT / "docs" / "screenshots"
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import tiny_config, wait_for
+from conftest import scheduled_store, tiny_config, wait_for
 from finetune.config import ConfigError
-from finetune.jobs import process
 from finetune.jobs.store import JobStore
 from finetune.paths import adapters_dir, runs_dir
 from finetune.recipe.distill import chunk_losses
@@ -24,11 +23,8 @@ FIELD = "distill.teacher_model_name_or_path"
 
 @pytest.fixture(scope="module")
 def store(studio_home):
-    s = JobStore(studio_home, poll_interval=0.2).start_scheduler()
-    yield s
-    s.stop_scheduler()
-    for row in s.list_jobs(states=("running",)):
-        process.stop_group(row["pgid"], row["run_dir"], grace_s=2)
+    with scheduled_store(studio_home) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from app import render
-from conftest import preference_rows, tiny_config, wait_for, write_jsonl
+from conftest import preference_rows, scheduled_store, tiny_config, wait_for, write_jsonl
 from finetune import data as D
 from finetune import preference
-from finetune.jobs import process
 from finetune.jobs.store import JobStore
 from finetune.paths import adapters_dir
 from finetune.recipe.dpo import dpo_loss
@@ -25,11 +24,8 @@ DEADLINE = 600
 
 @pytest.fixture(scope="module")
 def store(studio_home):
-    s = JobStore(studio_home, poll_interval=0.2).start_scheduler()
-    yield s
-    s.stop_scheduler()
-    for row in s.list_jobs(states=("running",)):
-        process.stop_group(row["pgid"], row["run_dir"], grace_s=2)
+    with scheduled_store(studio_home) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

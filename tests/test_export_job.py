@@ -7,10 +7,10 @@ import signal
 
 import pytest
 
-from conftest import train_qlora_adapter, wait_for
+from conftest import scheduled_store, train_qlora_adapter, wait_for
 from finetune.export import exports_dir, list_exports
 from finetune.export.job import ExportSpec
-from finetune.jobs import JobStore, process
+from finetune.jobs import JobStore
 
 DEADLINE = 900
 
@@ -22,11 +22,8 @@ def adapter(chat_jsonl) -> str:
 
 @pytest.fixture
 def store(studio_home):
-    s = JobStore(studio_home, poll_interval=0.2).start_scheduler()
-    yield s
-    s.stop_scheduler()
-    for row in s.list_jobs(states=("running",)):
-        process.stop_group(row["pgid"], row["run_dir"], grace_s=2)
+    with scheduled_store(studio_home) as s:
+        yield s
 
 
 def finished(store: JobStore, job_id: str) -> dict | None:

@@ -2,22 +2,14 @@
 the ranked suggestions, and Start warns before queueing it."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
 from conftest import wait_for
-from tests.studio_server import ROOT, running_studio
+from tests.studio_server import running_studio
+from tests.browser_env import ARGS, CHROMIUM, SHOTS, sync_api
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-if not CHROMIUM:
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +55,7 @@ def test_memory_plan_follows_the_form(page):
     warn = pg.locator("#memory-plan .mem-warn li")
     assert warn.count() >= 2 and "(fits)" in warn.first.inner_text()
     pg.locator("#memory-plan").scroll_into_view_if_needed()
-    pg.screenshot(path=str(ROOT / "docs" / "screenshots" / "train-memory-plan.png"),
+    pg.screenshot(path=str(SHOTS / "train-memory-plan.png"),
                   clip={"x": 0, "y": 0, "width": 1400, "height": 560})
     pg.locator("#start-btn").click()  # warns, queues nothing
     wait_for(lambda: "Press" in pg.locator("#train-message").inner_text(), 60, "the Start warning")

@@ -2,21 +2,16 @@
 best so far) in the Train tab's accordion, and "Train the best config" queues the best trial's job."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import yaml
 from gradio_client import Client
 
 from conftest import arithmetic_rows, tiny_config, wait_for, write_jsonl
-from studio_server import ROOT, as_json, running_studio
+from tests.browser_env import ARGS, CHROMIUM, SHOTS, sync_api
+from tests.studio_server import as_json, running_studio
 
 pytestmark = pytest.mark.browser
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if not CHROMIUM:
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"]
 
 
 @pytest.mark.timeout(2400)  # one real trial on a shared 2-core machine, then the browser
@@ -45,7 +40,7 @@ def test_sweep_panel_shows_trials_and_trains_the_best(tmp_path):
             table = page.locator("#sweep-trials").inner_text()
             assert "completed" in table and "★" in table and "learning_rate=" in table
             page.locator("#sweep-trials").scroll_into_view_if_needed()
-            page.screenshot(path=str(ROOT / "docs" / "screenshots" / "sweep.png"), full_page=False)
+            page.screenshot(path=str(SHOTS / "sweep.png"), full_page=False)
             page.locator("#sweep-train-best-btn").click()
             page.wait_for_selector("#sweep-message .msg.ok")
             browser.close()
