@@ -285,7 +285,7 @@ def load_model(model_cfg: ModelConfig, *, for_training: bool):
 def apply_lora(model, lora_cfg, *, gradient_checkpointing: bool, init_adapter: Path | None = None):
     """Freeze the base, prepare k-bit training where quantized, and add LoRA adapters (a trainable PeftModel):
     fresh ones from `lora_cfg`, or the saved adapter in the folder `init_adapter`, to continue training it."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: no need to make the inputs require grad
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
@@ -305,9 +305,7 @@ def apply_lora(model, lora_cfg, *, gradient_checkpointing: bool, init_adapter: P
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if init_adapter is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        return load_adapter(model, init_adapter, is_trainable=True)
     targets = lora_cfg.target_modules
     peft_cfg = LoraConfig(
         r=lora_cfg.r,
@@ -322,6 +320,17 @@ def apply_lora(model, lora_cfg, *, gradient_checkpointing: bool, init_adapter: P
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing alias
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, peft_cfg)
+
+
+def load_adapter(model, folder: str | Path, **kwargs):
+    """peft's PeftModel.from_pretrained of the adapter in `folder` on `model`, without the FutureWarning peft
+    triggers by reading transformers' deprecated is_gradient_checkpointing alias (a line in every log that the
+    user can do nothing about)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return PeftModel.from_pretrained(model, str(folder), **kwargs)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------

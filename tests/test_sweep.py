@@ -38,7 +38,10 @@ def sweep_spec(data: Path, name: str, n_trials: int, **over) -> dict:
 
 
 def sweep_status(client: Client, job_id: str) -> dict:
-    return as_json(client.predict(job_id, api_name="/sweep_status"))
+    """The sweep's status; a sweep that failed ends any wait on it at once, with its error."""
+    status = as_json(client.predict(job_id, api_name="/sweep_status"))
+    assert status["job"]["state"] != "failed", status["job"]
+    return status
 
 
 @pytest.mark.timeout(5400)  # four real trials and two studio starts on a shared 2-core machine
@@ -58,7 +61,7 @@ def test_sweep_through_the_queue_survives_a_studio_kill(tmp_path, data):
     os.killpg(pgid, signal.SIGKILL)
     with running_studio(home, *args, port=port) as (url, proc, _):
         client = Client(url, verbose=False)
-        final = wait_for(lambda: (s := sweep_status(client, job))["job"]["state"] in ("completed", "failed") and s,
+        final = wait_for(lambda: (s := sweep_status(client, job))["job"]["state"] == "completed" and s,
                          5 * TRIAL_S, "the sweep to finish after the restart")
     assert final["job"]["state"] == "completed", final["job"]
     trials = final["trials"]

@@ -9,7 +9,8 @@ from gradio_client import Client
 
 from conftest import arithmetic_rows, tiny_config, wait_for, write_jsonl
 from tests.browser_env import ARGS, CHROMIUM, SHOTS, sync_api
-from tests.studio_server import as_json, running_studio
+from test_sweep import sweep_status
+from tests.studio_server import running_studio
 
 pytestmark = pytest.mark.browser
 
@@ -25,8 +26,7 @@ def test_sweep_panel_shows_trials_and_trains_the_best(tmp_path):
     with running_studio(home, "--allow-path", str(data.parent)) as (url, proc, _):
         client = Client(url, verbose=False)
         job = str(client.predict(yaml.safe_dump(spec), api_name="/submit_sweep")).strip()
-        wait_for(lambda: as_json(client.predict(job, api_name="/sweep_status"))["job"]["state"] == "completed",
-                 1200, "the one-trial sweep to finish")
+        wait_for(lambda: sweep_status(client, job)["job"]["state"] == "completed", 1200, "the one-trial sweep to finish")
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})

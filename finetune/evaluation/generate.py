@@ -135,12 +135,14 @@ def locked_activate(adapter: str | None, base: str | None = None, quantization: 
     if known is None:
         from peft import PeftModel
 
+        from finetune.model import load_adapter
+
         name = _peft_name(adapter, loaded.adapters)
         t0 = time.perf_counter()
         if isinstance(loaded.model, PeftModel):
             loaded.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         else:
-            loaded.model = PeftModel.from_pretrained(loaded.model, str(path), adapter_name=name, is_trainable=False)
+            loaded.model = load_adapter(loaded.model, path, adapter_name=name, is_trainable=False)
         loaded.model.eval()
         loaded.adapters[adapter] = (name, mtime)
         log.info("attached adapter %s in %.2fs", adapter, time.perf_counter() - t0)

@@ -55,12 +55,10 @@ def max_abs_diff(a: list, b: list) -> float:
 
 def _quantized_reference(model_cfg, adapter_dir: Path, tokenizer):
     """Logits of the quantized base + adapter, as the adapter was trained."""
-    from peft import PeftModel
-
-    from finetune.model import load_model
+    from finetune.model import load_adapter, load_model
 
     base = load_model(model_cfg, for_training=False)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    model = load_adapter(base, adapter_dir).eval()
     try:
         return _logits(model, tokenizer)
     finally:
@@ -70,9 +68,7 @@ def _quantized_reference(model_cfg, adapter_dir: Path, tokenizer):
 def merged_model(name: str, dtype: str = "bf16", progress: Progress = _quiet):
     """(merged model in `dtype`, tokenizer, report). The report has the logit differences the merge introduces."""
     import torch
-    from peft import PeftModel
-
-    from finetune.model import load_model, load_tokenizer
+    from finetune.model import load_adapter, load_model, load_tokenizer
 
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
@@ -82,7 +78,7 @@ def merged_model(name: str, dtype: str = "bf16", progress: Progress = _quiet):
     tokenizer = load_tokenizer(model_cfg)
     full = model_cfg.model_copy(update={"quantization": "none", "torch_dtype": "float32"})
     base = load_model(full, for_training=False)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    model = load_adapter(base, adapter_dir).eval()
     progress("measuring base + adapter", 2, 5)
     reference = _logits(model, tokenizer)
     merged = model.merge_and_unload().eval()

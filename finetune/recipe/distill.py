@@ -103,9 +103,7 @@ class DistillRecipe(SFTRecipe):
                              "compares the two models token by token, so they must share one tokenizer.")
         teacher = M.load_model(ref.model, for_training=False)
         if ref.adapter is not None:
-            from peft import PeftModel
-
-            teacher = PeftModel.from_pretrained(teacher, str(ref.adapter), is_trainable=False)
+            teacher = M.load_adapter(teacher, ref.adapter, is_trainable=False)
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
