@@ -84,5 +84,8 @@ def check_job(cfg) -> None:
     """Everything a client-submitted job may not do; called at submit and again by the training process."""
     check_remote_code(cfg.model.trust_remote_code)
     check_model_name(cfg.model.name_or_path)
+    teacher = cfg.distill.teacher_model_name_or_path or ""
+    if teacher and not teacher.startswith("adapter:"):  # a store adapter is named, and its base checked, where it is resolved
+        check_model_name(teacher, "distill.teacher_model_name_or_path")
     check_data_path(cfg.data.path, "data.path")
     check_data_path(cfg.data.validation_path, "data.validation_path")

@@ -91,7 +91,8 @@ def test_submit_in_the_studio_refuses_remote_code_and_outside_paths(studio_polic
     with pytest.raises(policy.PolicyError, match="model.trust_remote_code"):
         store.submit(job)
     for field, value in (("model.name_or_path", str(tmp_path)), ("data.path", "/etc/hostname"),
-                         ("data.validation_path", str(tmp_path / "v.jsonl"))):
+                         ("data.validation_path", str(tmp_path / "v.jsonl")),
+                         ("distill.teacher_model_name_or_path", str(tmp_path))):
         data = JobConfig(adapter_name="x").model_dump(mode="json")
         section, key = field.split(".")
         data[section][key] = value
