@@ -252,6 +252,14 @@ def fix_cpu_4bit_trap(model) -> int:
     return n
 
 
+def fsdp_loads_shards() -> bool:
+    """Under accelerate's FSDP with RAM-efficient loading (the studio's FSDP jobs), transformers reads the weights on
+    the first process of each machine only and accelerate hands every GPU its shards at `prepare`."""
+    on = {"1", "true", "yes", "on"}
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() in on
+            and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in on)
+
+
 def load_model(model_cfg: ModelConfig, *, for_training: bool):
     """The base model, quantized as configured, on this process's device."""
     import torch
@@ -265,7 +273,9 @@ def load_model(model_cfg: ModelConfig, *, for_training: bool):
     qcfg = quantization_config(model_cfg)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and qcfg is None and fsdp_loads_shards():
+        pass  # onto the CPU: rank 0 reads the weights, the others get empty tensors; FSDP then shards them to the GPUs
+    elif torch.cuda.is_available():
         # One process per GPU under accelerate launch: each loads its copy onto its own device.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     elif qcfg is not None:

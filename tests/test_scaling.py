@@ -136,6 +136,7 @@ def test_launch_command_and_accelerate_config(tmp_path, chat_jsonl):
     assert cfg.model.bnb_4bit_quant_storage == "uint8"  # unquantized: nothing to store
     fsdp = accelerate_config(cfg, 4, on_gpu=True)
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
+    assert fsdp["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is True  # no GPU ever holds the whole model
     assert fsdp["main_process_port"] and not fsdp["use_cpu"]
     with pytest.raises(ValueError, match="launch.strategy fsdp needs CUDA"):
         accelerate_config(cfg, 4, on_gpu=False)
@@ -237,6 +238,24 @@ def test_memory_plan_suggests_fsdp_when_one_gpu_is_too_small():
     assert any("launch.strategy fsdp shards the model across the 2 GPUs" in n for n in notes)
     one = estimate(cfg, Device(kind="cuda", memory_bytes=small, name="small", gpus=(small,)), suggest=False).notes
     assert not any("fsdp" in n for n in one)  # nothing to shard across
+
+
+def test_fast_checkpoint_under_ddp_gives_the_plain_gradients(tmp_path):
+    """The GPU fast path's reentrant checkpoint under DistributedDataParallel (2 CPU processes, gloo; gradient
+    accumulation with no_sync): the all-reduced LoRA gradients equal those of torch's non-reentrant checkpoint."""
+    import os
+    import sys
+
+    from finetune.bench.models import build_model
+
+    model = build_model("tiny", tmp_path / "models")
+    worker = Path(__file__).parent / "ddp_checkpoint_worker.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                           str(model)], env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["layers"] == 2 and result["tensors"] > 0 and result["grad_norm"] > 0
+    assert result["max_diff"] < 1e-6 and result["across_ranks"] == 0.0
 
 
 def test_fsdp_shards_gather_into_the_adapter(tmp_path):

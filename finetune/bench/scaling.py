@@ -33,7 +33,7 @@ def job_config(args, model: str, data: Path, processes: int, quantization: str) 
         "lora": {"lora_dropout": 0.0},
         "data": {"path": str(data), "format": "text", "max_seq_length": args.seq, "validation_split": 0.0},
         "training": {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "save_steps": 0,
-                     "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
+                     "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "seed": args.seed,
                      "gradient_checkpointing": args.gradient_checkpointing},
         "evaluation": {"enabled": False},
         "launch": {"num_processes": processes, "strategy": args.strategy}}, "scaling run")
@@ -70,6 +70,7 @@ def parse(argv: list[str] | None):
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=2, help="sequences per process per step")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=42, help="training.seed: the LoRA initialisation and the data order")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--out", default=None, help="folder for scaling.jsonl (default: print only)")
     return p.parse_args(argv)

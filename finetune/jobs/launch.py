@@ -57,9 +57,11 @@ def _distributed_type(cfg: JobConfig, total: int, on_gpu: bool) -> str:
 
 def fsdp_config() -> dict:
     """FSDP2: each decoder layer is one shard group (accelerate takes the classes from the model's _no_split_modules),
-    sharded state dicts for checkpoints; the recipe loads the model onto each GPU itself."""
+    sharded state dicts for checkpoints. RAM-efficient loading: rank 0 alone reads the (unquantized) weights into CPU
+    memory and accelerate sends each GPU its shards, so no GPU ever holds the whole model (a 4-bit model is loaded
+    onto each GPU, then sharded)."""
     return {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_reshard_after_forward": True,
-            "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": False,
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
             "fsdp_offload_params": False, "fsdp_activation_checkpointing": False}
 
 
