@@ -1,5 +1,6 @@
 """Jobs tab: every job in the store, and the selected one live (loss curves, progress, ETA, tokens/s, memory,
-log tail, the exact command), with cancel / resume / duplicate and an overlay of several runs' loss curves.
+log tail, the exact command), with cancel / resume / duplicate and an overlay of several runs' loss curves (a sweep
+stands for its trials).
 
 Everything is read back from the store on each gr.Timer tick, so the view survives a page refresh, a closed tab and
 an app restart. The only per-browser state is which job is selected (the dropdown) and a signature of what was last
@@ -37,6 +38,17 @@ def default_job(rows: list[dict]) -> str | None:
     return rows[0]["id"] if rows else None
 
 
+def overlay_runs(compared: list[str], rows: list[dict]) -> list[str]:
+    """The runs the overlay draws: a sweep picked in Compare runs stands for its trials (in trial order)."""
+    by_id, out = {r["id"]: r for r in rows}, []
+    for c in compared:
+        if c not in by_id:
+            continue
+        trials = [r["id"] for r in reversed(rows) if r.get("parent") == c]
+        out += trials if by_id[c].get("kind") == "sweep" else [c]
+    return list(dict.fromkeys(out))
+
+
 def _components() -> SimpleNamespace:
     ui = SimpleNamespace()
     ui.table = gr.Dataframe(render.jobs_frame([]), interactive=False, wrap=True, max_height=260, label="All jobs",
@@ -56,7 +68,8 @@ def _components() -> SimpleNamespace:
     ui.command = gr.Textbox(label="The exact command this job runs (the same job from a terminal)", lines=2,
                             max_lines=4, interactive=False, buttons=["copy"], elem_id="job-command", elem_classes=["mono"])
     with gr.Accordion("Compare runs: overlay loss curves", open=False, elem_id="compare-accordion"):
-        ui.compare = gr.Dropdown(label="Runs to overlay", choices=[], multiselect=True, elem_id="compare-select")
+        ui.compare = gr.Dropdown(label="Runs to overlay", choices=[], multiselect=True, elem_id="compare-select",
+                                 info="A sweep stands for all its trials.")
         ui.overlay = gr.HTML(render.overlay_chart([]), elem_id="overlay-plot")
     ui.sig = gr.State({})  # what this browser was last sent, to skip unchanged outputs
     # Not rendered here: main.py renders the timer outside the tabs, so polling does not restart whenever the tab is
@@ -114,10 +127,10 @@ def refresh(ui: SimpleNamespace, selected: str | None, compared: list[str] | Non
         selected = default_job(rows)
         out[ui.job] = {**out.get(ui.job, gr.update()), "value": selected}
     _detail_updates(ui, selected, last, out)
-    compared = [c for c in (compared or []) if c in by_id]
-    ov_sig = [(c, by_id[c]["step"], by_id[c]["state"]) for c in compared]
+    runs = overlay_runs(compared or [], rows)
+    ov_sig = [(c, by_id[c]["step"], by_id[c]["state"]) for c in runs]
     if ov_sig != last.get("overlay"):
-        out[ui.overlay] = render.overlay_chart([store().live(c) for c in compared])
+        out[ui.overlay] = render.overlay_chart([store().live(c) for c in runs])
         last["overlay"] = ov_sig
     out[ui.sig] = last
     return out

@@ -411,6 +411,36 @@ def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[
     return [round(k * step, 10) for k in range(first, last + 1)]
 
 
+def _legend_width(name: str) -> float:
+    return 14 + 7.2 * len(name) + 24
+
+
+def _legend(names: list[str], right: float, left: float, title: str) -> tuple[list[str], int]:
+    """The legend's SVG and how many rows it adds under the title: beside the title, right-aligned, when it fits
+    there; else in right-aligned rows under it (many series, e.g. a sweep's trials, never overlap the title)."""
+    rows: list[list[str]] = [list(names)]
+    room = right - left - (9 * len(title) + 24)
+    if sum(_legend_width(n) for n in names) > room:
+        rows, used = [[]], 0.0
+        for n in names:
+            if rows[-1] and used + _legend_width(n) > right - left:
+                rows.append([])
+                used = 0.0
+            rows[-1].append(n)
+            used += _legend_width(n)
+        rows.insert(0, [])  # the title's line stays free
+    out = []
+    for r, row in enumerate(rows):
+        lx, y = right, 16 + 18 * r
+        for name in reversed(row):
+            color = PALETTE[names.index(name) % len(PALETTE)]
+            lx -= _legend_width(name)
+            out.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{y}" y2="{y}" stroke="{color}" stroke-width="3"/>'
+                       f'<circle cx="{lx + 9}" cy="{y}" r="3.5" fill="{color}"/>'
+                       f'<text x="{lx + 24}" y="{y + 4}" class="legend">{esc(name)}</text>')
+    return out, len(rows) - 1
+
+
 def line_chart_svg(series: dict[str, list], title: str = "", x_label: str = "step", y_label: str = "loss",
                    empty: str = "No points yet: the first one appears after the first logged step.",
                    faint: tuple[str, ...] = ()) -> str:
@@ -421,6 +451,8 @@ def line_chart_svg(series: dict[str, list], title: str = "", x_label: str = "ste
     if not pts:
         return f'<div class="chart empty"><div class="chart-title">{esc(title)}</div><div class="muted">{esc(empty)}</div></div>'
     W, H, L, R, T, B = 900, 300, 64, 16, 34, 44
+    legend, rows = _legend(list(pts), W - R, L, title)
+    T, H = T + 18 * rows, H + 18 * rows
     xs = [x for v in pts.values() for x, _ in v]
     ys = [y for v in pts.values() for _, y in v]
     xt = nice_ticks(min(xs), max(xs), 8, integer=True)
@@ -445,13 +477,7 @@ def line_chart_svg(series: dict[str, list], title: str = "", x_label: str = "ste
     out.append(f'<text x="14" y="{(T + H - B) / 2}" text-anchor="middle" class="axis" '
                f'transform="rotate(-90 14 {(T + H - B) / 2})">{esc(y_label)}</text>')
     out.append(f'<text x="{L}" y="20" class="chart-title">{esc(title)}</text>')
-    lx = W - R
-    for i, (name, v) in enumerate(reversed(list(pts.items()))):  # legend, right-aligned
-        color = PALETTE[(len(pts) - 1 - i) % len(PALETTE)]
-        lx -= 14 + 7.2 * len(name) + 24
-        out.append(f'<line x1="{lx}" x2="{lx + 18}" y1="16" y2="16" stroke="{color}" stroke-width="3"/>'
-                   f'<circle cx="{lx + 9}" cy="16" r="3.5" fill="{color}"/>'
-                   f'<text x="{lx + 24}" y="20" class="legend">{esc(name)}</text>')
+    out += legend
     for i, (name, v) in enumerate(pts.items()):
         color = PALETTE[i % len(PALETTE)]
         v = sorted(v)
@@ -503,7 +529,8 @@ def overlay_chart(lives: list[dict]) -> str:
 PLAN_COLORS = {"base_weights": "#2563eb", "embeddings_lm_head_norms": "#60a5fa", "lora_weights": "#16a34a",
                "optimizer_states": "#4ade80", "lora_gradients": "#86efac", "runtime": "#9ca3af",
                "saved_layer_inputs": "#f59e0b", "layer_recompute": "#f97316", "logits_loss": "#ef4444",
-               "optimizer_workspace": "#a3e635", "loading_transient": "#a855f7", "heap_retained": "#d1d5db",
+               "optimizer_workspace": "#a3e635", "loading_transient": "#a855f7", "fsdp_unsharded": "#7c3aed",
+               "heap_retained": "#d1d5db",
                "allocator_cache": "#e5e7eb", "cuda_context": "#6b7280"}
 
 

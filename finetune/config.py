@@ -106,7 +106,7 @@ class DataConfig(_Section):
 
 class TrainingConfig(_Section):
     objective: Objective = Field("sft", description="What the model learns: sft = supervised fine-tuning on the answer tokens; dpo = preference tuning on chosen/rejected pairs; distill = learning a teacher model's token distribution.")
-    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Peak learning rate of the optimizer (LoRA commonly 1e-4 to 3e-4).")
+    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Peak learning rate of the optimizer. LoRA on 7B+ models: commonly 1e-4 to 3e-4; small models and short runs often want more (on the 135M demo a sweep chose 2e-3). A sweep finds it for your model and data.")
     num_train_epochs: float = Field(1.0, ge=0.0, description="Passes over the training data, used when max_steps is -1.")
     max_steps: int = Field(-1, description="Optimizer steps; -1 uses num_train_epochs.")
     per_device_train_batch_size: int = Field(4, gt=0, description="Sequences per forward pass; lower it if memory runs out.")

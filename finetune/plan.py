@@ -263,6 +263,12 @@ class Setting:
     optim: str
     fused_loss: bool
     packed: bool             # padding-free rows (GPU): attention per example, no padding
+    shards: int = 0          # FSDP: the processes the model is sharded over (0: not sharded)
+
+    @property
+    def fast_path(self) -> bool:
+        """The GPU fast path (fused LoRA, liger, the fast checkpoint): on a GPU, and off under FSDP."""
+        return self.gpu and not self.shards
 
     @property
     def tokens(self) -> int:
@@ -279,13 +285,24 @@ def setting(config: JobConfig, shape: Shape, device: Device) -> Setting:
     m, lo, tr = config.model, config.lora, config.training
     a = 4 if m.torch_dtype == "float32" else 2
     fused = device.fused_loss if device.fused_loss is not None else _liger_installed()
+    shards = fsdp_shards(config, device)
     fused = bool(gpu and fused and tr.use_liger_kernel and shape.model_type in LIGER_MODEL_TYPES
-                 and not _targets_lm_head(lo.target_modules))
+                 and not _targets_lm_head(lo.target_modules) and not shards)
     return Setting(gpu=gpu, quant=m.quantization, double_quant=m.bnb_4bit_use_double_quant, a=a, r=lo.r,
                    targets=_targets(lo.target_modules, shape), dropout=lo.lora_dropout > 0, dora=lo.use_dora,
                    batch=tr.per_device_train_batch_size, seq=config.data.max_seq_length,
                    accumulation=tr.gradient_accumulation_steps, checkpointing=tr.gradient_checkpointing,
-                   optim=tr.optim, fused_loss=fused, packed=gpu and tr.padding_free)
+                   optim=tr.optim, fused_loss=fused, packed=gpu and tr.padding_free and not shards, shards=shards)
+
+
+def fsdp_shards(config: JobConfig, device: Device) -> int:
+    """How many processes an FSDP job shards the model over (all of them, on every machine); 0 without FSDP."""
+    launch = config.launch
+    if launch.strategy != "fsdp" or device.kind != "cuda":
+        return 0
+    if launch.num_processes == "auto":
+        return max(1, len(device.gpus)) * launch.num_machines
+    return max(1, int(launch.num_processes))
 
 
 def _liger_installed() -> bool:
@@ -339,12 +356,12 @@ def layer_bytes_per_token(shape: Shape, s: Setting) -> float:
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     lin = shape.linears()
     lora_in = sum(lin[n][0] for n in s.targets)
-    if s.gpu:  # fast path: liger norms / in-place rope / swiglu, fused LoRA addmm, flash attention
+    if s.fast_path:  # liger norms / in-place rope / swiglu, fused LoRA addmm, flash attention
         dense = a * (h + (q + 2 * kv) + q + 3 * h + 3 * i) + 4 * (2 + shape.heads)
         lora = a * s.r * len(s.targets) + DROPOUT_BYTES * lora_in * s.dropout
         if s.quant == "8bit":  # LLM.int8 writes an int32 product before scaling it to the compute dtype
             lora += INT8_ACCUMULATOR_BYTES * i
-    else:      # transformers + peft as they are: fp32 norms, fp32 LoRA input copies, the math attention
+    else:      # transformers + peft as they are: fp32 norms, fp32 LoRA input copies
         res = s.residual_bytes
         dense = 2 * h * (8 + 2 * res) + a * (2 * (q + 2 * kv) + q + 2 * h + 4 * i)
         lora = 4 * (lora_in + s.r * len(s.targets)) + 5 * lora_in * s.dropout
@@ -450,7 +467,7 @@ def _parts(config: JobConfig, shape: Shape, device: Device) -> tuple[dict, dict,
     grads = 4 * n_lora
     t, h, res = s.tokens, shape.hidden, s.residual_bytes
     layer_in = t * h * res
-    offload = s.gpu and s.checkpointing and layer_in >= OFFLOAD_MIN_BYTES
+    offload = s.fast_path and s.checkpointing and layer_in >= OFFLOAD_MIN_BYTES
     layer = t * layer_bytes_per_token(shape, s) + attention_bytes(shape, s)
     if s.checkpointing:
         saved = 0 if offload else shape.layers * layer_in
@@ -472,7 +489,22 @@ def _parts(config: JobConfig, shape: Shape, device: Device) -> tuple[dict, dict,
                            "optimizer_workspace": 2 * 4 * n_lora if s.optim == "adamw_torch" else 4 * n_lora},
     }
     info = {"offload": offload, "host": shape.layers * layer_in if offload else 0, "n_lora": n_lora}
+    if s.shards:
+        _shard(static, phases, shape, s)
     return static, phases, info, s
+
+
+def _shard(static: dict, phases: dict, shape: Shape, s: Setting) -> None:
+    """FSDP: each GPU keeps 1/shards of the weights, LoRA, optimizer states and gradients, and holds unsharded the
+    layer being run and the next one (prefetched), and the output head from the forward to its backward."""
+    for key in ("base_weights", "embeddings_lm_head_norms", "lora_weights", "optimizer_states"):
+        static[key] /= s.shards
+    for extra in phases.values():
+        for key in ("lora_gradients", "optimizer_workspace"):
+            if key in extra:
+                extra[key] /= s.shards
+    layer = linear_weight_bytes(shape, s) / shape.layers + 4 * lora_params(shape, s) / shape.layers
+    static["fsdp_unsharded"] = 2 * layer + shape.vocab * shape.hidden * s.a
 
 
 def _load_phase(shape: Shape, s: Setting, static: dict) -> dict:
@@ -525,6 +557,9 @@ def _estimate(config: JobConfig, device: Device, shape: Shape, source: str) -> P
                      "can evict to the host")
     if not s.gpu:
         notes.append("CPU run: the estimate is the training process's peak resident memory")
+    if s.shards:
+        notes.append(f"per GPU under FSDP over {s.shards} processes: 1/{s.shards} of the weights, LoRA, optimizer "
+                     "states and gradients, plus one layer and the output head whole (the fast path is off)")
     return Plan(config, device, shape, source, worst, breakdown, totals, training, info["host"], notes)
 
 
@@ -568,6 +603,11 @@ def _candidates(config: JobConfig, device: Device, shape: Shape) -> list[tuple[s
         acc = effective // b
         out.append((f"batch {b} with {acc} accumulation steps (the same effective batch of {b * acc})",
                     {"training.per_device_train_batch_size": b, "training.gradient_accumulation_steps": acc}))
+    gpus = len(device.gpus) * config.launch.num_machines
+    if (device.kind == "cuda" and gpus > 1 and config.launch.strategy == "ddp" and config.model.quantization != "8bit"
+            and tr.optim != "paged_adamw_8bit"):
+        out.append((f"shard the model over the {gpus} GPUs (FSDP; slower per token than DDP)",
+                    {"launch.strategy": "fsdp", "launch.num_processes": gpus}))
     if config.model.quantization != "4bit":
         out.append(("load the base in 4-bit (QLoRA)", {"model.quantization": "4bit"}))
     seq = config.data.max_seq_length
@@ -600,7 +640,9 @@ def suggestions(config: JobConfig, device: Device, shape: Shape, source: str, pl
 def _combined(config: JobConfig, device: Device, shape: Shape, source: str, rows: list[dict]) -> dict:
     changes: dict = {}
     for r in rows:
-        if not any(k in r["set"] for k in ("data.max_seq_length", "training.per_device_train_batch_size")):
+        # FSDP is left out: it refuses the paged optimizer another row may bring
+        if not any(k in r["set"] for k in ("data.max_seq_length", "training.per_device_train_batch_size",
+                                           "launch.strategy")):
             changes.update(r["set"])
     base = _variant(config, **changes)
     tr = base.training

@@ -149,6 +149,18 @@ def test_loss_chart_shows_single_points():
     assert render.nice_ticks(1.6, 2.7, 5) == [1.5, 1.75, 2.0, 2.25, 2.5, 2.75]
 
 
+def test_a_long_legend_wraps_under_the_title():
+    import re
+
+    few = render.line_chart_svg({"a": [(1, 1.0)], "b": [(1, 2.0)]}, "Loss")
+    many = render.line_chart_svg({f"demo-sweep-trial-{i} (abcd)": [(1, float(i))] for i in range(6)}, "Loss")
+    assert 'viewBox="0 0 900 300"' in few and re.search(r'<text x="[\d.]+" y="20" class="legend">a<', few)
+    legend_rows = {int(y) for y in re.findall(r'<text x="[\d.-]+" y="(\d+)" class="legend">', many)}
+    assert 20 not in legend_rows and len(legend_rows) >= 2  # the title's line stays free, the rest wraps
+    x_min = min(float(x) for x in re.findall(r'<line x1="([\d.-]+)" x2="[\d.-]+" y1="\d+" y2="\d+" stroke="#', many))
+    assert x_min >= 64  # no legend item runs off the chart's left edge
+
+
 def test_importing_the_app_does_not_import_torch():
     code = ("import sys, app.main, launch; app.main.build_app(); "
             "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; print(bad); sys.exit(bool(bad))")

@@ -238,6 +238,13 @@ def test_memory_plan_suggests_fsdp_when_one_gpu_is_too_small():
     assert any("launch.strategy fsdp shards the model across the 2 GPUs" in n for n in notes)
     one = estimate(cfg, Device(kind="cuda", memory_bytes=small, name="small", gpus=(small,)), suggest=False).notes
     assert not any("fsdp" in n for n in one)  # nothing to shard across
+    # the suggestion comes with its own estimate: each GPU's share under FSDP
+    two = estimate(cfg, Device(kind="cuda", memory_bytes=small, name="small", gpus=(small, small)))
+    (row,) = [r for r in two.suggestions if r["set"].get("launch.strategy") == "fsdp"]
+    assert row["set"]["launch.num_processes"] == 2 and row["needed_gib"] < two.summary()["needed_gib"]
+    sharded = estimate(JobConfig.parse({"model": {"quantization": "none"}, "launch": {"strategy": "fsdp"}}),
+                       Device(kind="cuda", memory_bytes=small, name="small", gpus=(small, small)), suggest=False)
+    assert sharded.breakdown["fsdp_unsharded"] > 0 and any("FSDP over 2 processes" in n for n in sharded.notes)
 
 
 def test_fast_checkpoint_under_ddp_gives_the_plain_gradients(tmp_path):

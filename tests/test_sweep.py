@@ -75,6 +75,17 @@ def test_sweep_through_the_queue_survives_a_studio_kill(tmp_path, data):
     assert final["best"]["number"] == best["number"]
     assert final["best_config"]["lora"]["r"] == best["params"]["r"]
     assert set(final["importances"]) <= {"learning_rate", "r", "max_steps"}
+    # Compare runs: the sweep picked stands for its trials' curves
+    from app import render
+    from app.jobs_tab import overlay_runs
+
+    store = JobStore(home, reconcile=False)
+    runs = overlay_runs([job], store.views())
+    assert sorted(runs) == sorted(r["id"] for r in jobs)
+    lives = [store.live(r) for r in runs]
+    assert all(len(live["loss_history"]) >= 2 for live in lives)
+    chart = render.overlay_chart(lives)
+    assert all(render.esc(live["name"]) in chart for live in lives)
 
 
 def run_cli(home: Path, spec: dict, path: Path) -> subprocess.Popen:

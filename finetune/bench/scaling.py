@@ -39,7 +39,7 @@ def job_config(args, model: str, data: Path, processes: int, quantization: str) 
         "launch": {"num_processes": processes, "strategy": args.strategy}}, "scaling run")
 
 
-def run_one(store, cfg: JobConfig, timeout: float) -> dict:
+def run_one(store, cfg: JobConfig, timeout: float, model: str) -> dict:
     """Submit, wait, and read back the run's numbers (steady tokens/s: the median of the logged steps after the
     first, which carries warm-up)."""
     row = store.wait(store.submit(cfg), timeout=timeout)
@@ -48,7 +48,7 @@ def run_one(store, cfg: JobConfig, timeout: float) -> dict:
         if (run_dir / "metrics.jsonl").exists() else []
     steps = [s for s in steps if "loss" in s]
     steady = [s["tokens_per_second"] for s in steps[1:]] or [s["tokens_per_second"] for s in steps]
-    return {"adapter": cfg.adapter_name, "state": row["state"], "error": row["error"],
+    return {"model": model, "adapter": cfg.adapter_name, "state": row["state"], "error": row["error"],
             "num_processes": cfg.launch.num_processes, "strategy": cfg.launch.strategy,
             "quantization": cfg.model.quantization, "seq": cfg.data.max_seq_length,
             "batch_per_process": cfg.training.per_device_train_batch_size,
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     store, results = JobStore(work / "home"), []
     for quantization in args.quantization.split(","):
         for processes in [int(n) for n in args.processes.split(",")]:
-            result = run_one(store, job_config(args, model, data, processes, quantization), args.timeout)
+            result = run_one(store, job_config(args, model, data, processes, quantization), args.timeout, args.model)
             results.append(result)
             print(json.dumps(result), flush=True)
     if args.out:
