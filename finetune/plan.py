@@ -264,6 +264,7 @@ class Setting:
     fused_loss: bool
     packed: bool             # padding-free rows (GPU): attention per example, no padding
     shards: int = 0          # FSDP: the processes the model is sharded over (0: not sharded)
+    logp_chunk: int = 0      # DPO: the output head runs on chunks of this many positions (0: SFT's loss)
 
     @property
     def fast_path(self) -> bool:
@@ -288,11 +289,23 @@ def setting(config: JobConfig, shape: Shape, device: Device) -> Setting:
     shards = fsdp_shards(config, device)
     fused = bool(gpu and fused and tr.use_liger_kernel and shape.model_type in LIGER_MODEL_TYPES
                  and not _targets_lm_head(lo.target_modules) and not shards)
-    return Setting(gpu=gpu, quant=m.quantization, double_quant=m.bnb_4bit_use_double_quant, a=a, r=lo.r,
-                   targets=_targets(lo.target_modules, shape), dropout=lo.lora_dropout > 0, dora=lo.use_dora,
-                   batch=tr.per_device_train_batch_size, seq=config.data.max_seq_length,
-                   accumulation=tr.gradient_accumulation_steps, checkpointing=tr.gradient_checkpointing,
-                   optim=tr.optim, fused_loss=fused, packed=gpu and tr.padding_free and not shards, shards=shards)
+    fields = dict(gpu=gpu, quant=m.quantization, double_quant=m.bnb_4bit_use_double_quant, a=a, r=lo.r,
+                  targets=_targets(lo.target_modules, shape), dropout=lo.lora_dropout > 0, dora=lo.use_dora,
+                  batch=tr.per_device_train_batch_size, seq=config.data.max_seq_length,
+                  accumulation=tr.gradient_accumulation_steps, checkpointing=tr.gradient_checkpointing,
+                  optim=tr.optim, fused_loss=fused, packed=gpu and tr.padding_free and not shards, shards=shards)
+    return Setting(**(fields | _objective(config)))
+
+
+def _objective(config: JobConfig) -> dict:
+    """DPO trains on both answers of each pair (twice the rows, padded, the chosen and rejected in one batch) and
+    takes its log-probabilities chunk by chunk (finetune/recipe/dpo.py)."""
+    if config.training.objective != "dpo":
+        return {}
+    from finetune.recipe.dpo import LOGP_CHUNK
+
+    return {"batch": 2 * config.training.per_device_train_batch_size, "packed": False, "fused_loss": False,
+            "logp_chunk": LOGP_CHUNK}
 
 
 def fsdp_shards(config: JobConfig, device: Device) -> int:
@@ -380,6 +393,9 @@ def loss_bytes(shape: Shape, s: Setting) -> dict[str, float]:
     """Logits and loss: the forward's peak, the peak of the loss's own backward, and what stays held while the
     layers run backward (the output keeps its logits until the step ends)."""
     t, h, v, a = s.tokens, shape.hidden, shape.vocab, s.a
+    if s.logp_chunk:  # one chunk's logits, their fp32 copy and logsumexp's; recomputed with its gradient
+        c = min(t, s.logp_chunk)
+        return {"forward": c * v * (a + 8), "backward": c * v * (a + 12), "held": t * h * a}
     if s.fused_loss:  # liger: logits of one chunk at a time, the input gradient computed in the forward
         chunk = 1 << max(0, math.ceil(t / math.ceil(v / h)) - 1).bit_length()
         return {"forward": 2 * t * h * a + chunk * v * (a + 4), "backward": 0.0, "held": t * h * a}

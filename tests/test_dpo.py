@@ -58,6 +58,63 @@ def test_loss_variants():
     assert dpo_loss(*better, beta=0.5, loss_type="hinge")[0].item() == 0.0
 
 
+def full_logits_logps(model, batch: dict):
+    """The reference: every position's logits at once, log-softmax through logsumexp."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    picked = torch.gather(logits, -1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1).float()
+    return ((picked - torch.logsumexp(logits.float(), -1)) * mask).sum(-1)
+
+
+def test_chunked_log_probabilities_equal_full_logits_without_holding_them():
+    """sequence_logps runs the output head over chunks of trained positions: the same log-probabilities and LoRA
+    gradients as the full-logits computation, and no tensor larger than one chunk's logits is allocated."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from finetune import model as M
+    from finetune.config import JobConfig
+    from finetune.recipe.dpo import sequence_logps
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not any(r.alias_info is not None for r in func._schema.returns):  # views allocate nothing
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    self.numel = max(self.numel, t.numel() if isinstance(t, torch.Tensor) else 0)
+            return out
+
+    torch.manual_seed(0)
+    cfg = JobConfig.parse({"model": {"quantization": "none", "torch_dtype": "float32"}, "lora": {"lora_dropout": 0.0}})
+    model = M.apply_lora(M.load_model(cfg.model, for_training=True), cfg.lora, gradient_checkpointing=True)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.02)
+    ids = torch.randint(0, 1000, (4, 40))
+    attention, labels = torch.ones_like(ids), ids.clone()
+    attention[1, 30:], labels[:, :10], labels[1, 30:] = 0, -100, -100
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    model.train()
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        with Largest() as largest:
+            logps = fn()
+            logps.sum().backward()
+        return logps.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, largest.numel
+
+    full, full_grads, full_numel = run(lambda: full_logits_logps(model, batch))
+    chunked, grads, numel = run(lambda: sequence_logps(model, batch, chunk_size=16)[0])
+    assert torch.allclose(chunked, full, rtol=1e-5, atol=1e-4), (chunked, full)
+    assert max(float((grads[n] - full_grads[n]).abs().max()) for n in grads) < 1e-5
+    vocab = model.get_output_embeddings().weight.shape[0]
+    assert full_numel >= 4 * 39 * vocab and numel <= 16 * vocab  # one chunk's logits, not the batch's
+
+
 def test_preference_shapes_detect_and_agree(tmp_path):
     plain = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}
     trl = {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "Hello."}],

@@ -153,6 +153,29 @@ def test_plan_per_gpu_matches_the_two_gpu_runs(tmp_path):
     assert not off, off
 
 
+def test_dpo_plan_counts_both_answers_and_one_logits_chunk(tmp_path):
+    """A DPO job's plan: the chosen and rejected rows of every pair (twice SFT's saved layer inputs) and the
+    log-probabilities' logits one chunk at a time (not the batch's [rows x tokens x vocab])."""
+    from finetune.plan import Device, estimate
+    from finetune.recipe.dpo import LOGP_CHUNK
+
+    folder, h200 = config_folder(tmp_path, "llama-3.2-1b"), int(139.8 * 2**30)
+
+    def plan(objective: str):
+        cfg = JobConfig.parse({"model": {"name_or_path": str(folder), "quantization": "4bit"},
+                               "data": {"path": str(tmp_path / "rows.jsonl"), "max_seq_length": 1024},
+                               "training": {"objective": objective, "per_device_train_batch_size": 4}}, "plan test")
+        return estimate(cfg, Device("cuda", h200, "NVIDIA H200", (h200,), fused_loss=True), suggest=False)
+
+    sft, dpo = plan("sft"), plan("dpo")
+    assert dpo.phases["forward"] > sft.phases["forward"]
+    full_logits_fp32 = 2 * 4 * 1024 * SHAPES["llama-3.2-1b"]["vocab_size"] * 4  # one fp32 copy of the batch's
+    assert dpo.breakdown["logits_loss"] < full_logits_fp32 / 2
+    assert dpo.breakdown["logits_loss"] >= LOGP_CHUNK * SHAPES["llama-3.2-1b"]["vocab_size"] * 2
+    rows = {p: plan_of.breakdown.get("saved_layer_inputs") for p, plan_of in (("sft", sft), ("dpo", dpo))}
+    assert rows["dpo"] and rows["sft"] and abs(rows["dpo"] / rows["sft"] - 2) < 0.2, rows
+
+
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "1"]
 
 

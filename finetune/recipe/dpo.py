@@ -20,18 +20,47 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
            "logps/rejected")
 
 
-def sequence_logps(model, batch: dict):
-    """Per row: the summed log-probability of its label tokens and how many there are. Log-softmax is taken one
-    token at a time through logsumexp, so no second [rows x tokens x vocab] tensor is made."""
+# Trained positions per output-head chunk: one chunk's fp32 logits ([chunk x vocab]) exist at a time.
+LOGP_CHUNK = 1024
+
+
+def output_head(model):
+    """The output projection of a causal LM, through DDP and peft wrappers."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return inner.get_output_embeddings()
+
+
+def token_logps(head, hidden, targets):
+    """log p(target) at each position of one chunk (its logits live only inside this call)."""
     import torch
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(model, batch: dict, chunk_size: int = LOGP_CHUNK):
+    """Per row: the summed log-probability of its label tokens and how many there are. The model runs through its
+    own forward (so DDP sees it) keeping one position's logits; the output head then runs over the trained
+    positions' final hidden states in chunks inside activation checkpoints: no [rows x tokens x vocab] tensor is
+    ever made, in the forward or the backward."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                logits_to_keep=1, use_cache=False)
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    safe = torch.where(mask, labels, 0)
-    picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1).float()
-    token_logps = (picked - torch.logsumexp(logits.float(), dim=-1)) * mask
-    return token_logps.sum(-1), mask.sum(-1)
+    hidden, targets = out.hidden_states[-1][:, :-1][mask], labels[mask]
+    head, parts = output_head(model), []
+    for i in range(0, targets.numel(), chunk_size):
+        args = (head, hidden[i:i + chunk_size], targets[i:i + chunk_size])
+        parts.append(checkpoint(token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                     else token_logps(*args))
+    per_token = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    rows = mask.nonzero(as_tuple=True)[0]
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, per_token)
+    return sums, mask.sum(-1)
 
 
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
