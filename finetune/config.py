@@ -221,6 +221,9 @@ def _check_launch(cfg: "JobConfig") -> None:
     if cfg.training.optim == "paged_adamw_8bit":
         raise ValueError("training.optim paged_adamw_8bit does not work on FSDP's sharded parameters: use "
                          "adamw_torch or adamw_8bit")
+    if cfg.training.objective == "distill":
+        raise ValueError("launch.strategy fsdp does not run distillation (its loss runs the student's output head "
+                         "outside FSDP's forward, and the teacher would be whole on every GPU): use launch.strategy ddp")
 
 
 class JobConfig(_Section):

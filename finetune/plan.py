@@ -299,13 +299,14 @@ def setting(config: JobConfig, shape: Shape, device: Device) -> Setting:
 
 def _objective(config: JobConfig) -> dict:
     """DPO trains on both answers of each pair (twice the rows, padded, the chosen and rejected in one batch) and
-    takes its log-probabilities chunk by chunk (finetune/recipe/dpo.py)."""
+    takes its log-probabilities chunk by chunk (finetune/recipe/dpo.py), except under FSDP."""
     if config.training.objective != "dpo":
         return {}
     from finetune.recipe.dpo import LOGP_CHUNK
 
+    chunk = 0 if config.launch.strategy == "fsdp" else LOGP_CHUNK  # under FSDP: the whole batch's logits
     return {"batch": 2 * config.training.per_device_train_batch_size, "packed": False, "fused_loss": False,
-            "logp_chunk": LOGP_CHUNK}
+            "logp_chunk": chunk}
 
 
 def fsdp_shards(config: JobConfig, device: Device) -> int:

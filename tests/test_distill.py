@@ -106,6 +106,32 @@ def test_sequence_level_distillation_trains_on_the_teachers_answers(store, teach
     assert meta["dataset"]["answers"] == "written by the teacher (seq_kd)" and meta["distill"]["seq_kd"] is True
 
 
+def test_distillation_over_two_processes_matches_one(store, teacher, chat_jsonl):
+    """DDP over 2 CPU processes (gloo): the student's pass goes through the DDP wrapper, so its LoRA gradients are
+    all-reduced; the adapter equals a 1-process run of the same global batch (4 rows a step)."""
+    from safetensors.torch import load_file
+
+    def config(name: str, processes: int, batch: int):
+        cfg = student_config(chat_jsonl, name, steps=2)
+        cfg.training.per_device_train_batch_size, cfg.training.lr_scheduler_type = batch, "constant"
+        cfg.lora.lora_dropout, cfg.model.torch_dtype = 0.0, "float32"
+        cfg.launch.num_processes = processes
+        return cfg
+
+    for name, processes, batch in (("distill-ddp2", 2, 2), ("distill-one", 1, 4)):
+        row = run_job(store, config(name, processes, batch))
+        assert row["state"] == "completed", row["error"]
+    two, one = (load_file(str(adapters_dir() / n / "adapter_model.safetensors")) for n in ("distill-ddp2", "distill-one"))
+    assert two.keys() == one.keys() and two
+    assert max(float(one[k].abs().max()) for k in one if "lora_B" in k) > 1e-3  # the student did train
+    diff = torch.cat([(two[k] - one[k]).abs().flatten() for k in two])
+    # Adam's first steps move each weight by about the learning rate whatever its gradient's size, so the few
+    # weights whose gradient is ~0 carry the two runs' rounding differences; an unsynchronised run differs everywhere
+    assert float(diff.mean()) < 1e-7 and float((diff > 1e-5).float().mean()) < 1e-3, float(diff.max())
+    meta = json.loads((adapters_dir() / "distill-ddp2" / "studio.json").read_text())
+    assert meta["num_processes"] == 2 and meta["objective"] == "distill"
+
+
 @pytest.mark.parametrize("spec", ["adapter:no-such-teacher", "/nonexistent/teacher-model"])
 def test_a_teacher_that_does_not_exist_is_refused_at_submit(store, chat_jsonl, spec):
     cfg = student_config(chat_jsonl, "distill-missing", steps=1)

@@ -110,6 +110,8 @@ def test_chunked_log_probabilities_equal_full_logits_without_holding_them():
     full, full_grads, full_numel = run(lambda: full_logits_logps(model, batch))
     chunked, grads, numel = run(lambda: sequence_logps(model, batch, chunk_size=16)[0])
     assert torch.allclose(chunked, full, rtol=1e-5, atol=1e-4), (chunked, full)
+    whole, _, _ = run(lambda: sequence_logps(model, batch, chunked=False)[0])  # FSDP's way: the model's logits
+    assert torch.allclose(whole, full, rtol=1e-5, atol=1e-4), (whole, full)
     assert max(float((grads[n] - full_grads[n]).abs().max()) for n in grads) < 1e-5
     vocab = model.get_output_embeddings().weight.shape[0]
     assert full_numel >= 4 * 39 * vocab and numel <= 16 * vocab  # one chunk's logits, not the batch's

@@ -158,7 +158,10 @@ def test_launch_validation_names_the_field():
                                                          "model": {"quantization": "8bit"}},
              "launch.main_process_ip": {"launch": {"num_machines": 2}},
              "launch.num_processes 'x'": {"launch": {"num_processes": "x"}},
-             "launch.machine_rank 2": {"launch": {"num_machines": 2, "machine_rank": 2, "main_process_ip": "h"}}}
+             "launch.machine_rank 2": {"launch": {"num_machines": 2, "machine_rank": 2, "main_process_ip": "h"}},
+             "launch.strategy fsdp does not run distillation": {"launch": {"strategy": "fsdp"},
+                                                                "training": {"objective": "distill"},
+                                                                "distill": {"teacher_model_name_or_path": "t"}}}
     for message, data in cases.items():
         with pytest.raises(ConfigError, match=message):
             JobConfig.parse(data)

@@ -1,9 +1,10 @@
 """Knowledge distillation: the LoRA student learns the teacher's token distribution on the trained tokens.
 
 loss = alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T), summed over the label tokens of a step
-and normalised by their count. Both models run their decoders once; the output heads run on chunks of
-distill.chunk_size trained tokens inside activation checkpoints, so at most one chunk of either model's
-[tokens x vocab] logits exists at a time, in forward and in backward.
+and normalised by their count. Both models run once through their own forward (DDP sees the student's), keeping
+their final hidden states; the output heads run on chunks of distill.chunk_size trained tokens inside activation
+checkpoints, so at most one chunk of either model's [tokens x vocab] logits exists at a time, in forward and in
+backward.
 
 With distill.seq_kd the teacher first writes the training answers (greedy), and the student trains on those.
 The teacher must share the student's tokenizer: the two distributions are compared token id by token id.
@@ -13,17 +14,12 @@ from __future__ import annotations
 import logging
 
 from finetune.recipe.checkpoints import TrainError
+from finetune.recipe.heads import final_hidden, output_head
 from finetune.recipe.references import resolve_teacher
 from finetune.recipe.sft import SFTRecipe
 
 log = logging.getLogger("finetune.train")
 FIELD = "distill.teacher_model_name_or_path"
-
-
-def decoder_and_head(model):
-    """The transformer body and the output head of a causal LM (through a peft wrapper, LoRA layers included)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.get_decoder(), inner.get_output_embeddings()
 
 
 def chunk_losses(s_head, t_head, s_hidden, t_hidden, targets, vocab: int, temperature: float):
@@ -46,14 +42,12 @@ def distill_sums(student, teacher, batch: dict, vocab: int, temperature: float, 
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}  # no KV cache in training
-    s_body, s_head = decoder_and_head(student)
-    t_body, t_head = decoder_and_head(teacher)
+    s_head, t_head = output_head(student), output_head(teacher)
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    s_hidden = s_body(**inputs).last_hidden_state[:, :-1][mask]
+    s_hidden = final_hidden(student, batch)[:, :-1][mask]
     with torch.no_grad():
-        t_hidden = t_body(**inputs).last_hidden_state[:, :-1][mask]
+        t_hidden = final_hidden(teacher, batch)[:, :-1][mask]
     targets = labels[mask]
     total = s_hidden.new_zeros(2, dtype=torch.float32)
     for i in range(0, targets.numel(), chunk_size):
@@ -91,9 +85,6 @@ class DistillRecipe(SFTRecipe):
         """The teacher, frozen, after checking that it shares the student's tokenizer (before any training)."""
         from finetune import model as M
 
-        if self.accelerator.num_processes > 1:
-            raise TrainError("launch.num_processes: distillation runs in one training process (its loss calls the "
-                             f"model's body and head outside DDP's wrapper); this run has {self.accelerator.num_processes}")
         self.teacher_ref = ref = resolve_teacher(self.config)
         self.status.update(phase="loading_teacher")
         differs = same_vocabulary(self.tokenizer, M.load_tokenizer(ref.model))
@@ -135,8 +126,7 @@ class DistillRecipe(SFTRecipe):
 
     def loss_step(self, batch: dict, num_items_in_batch: int):
         dc = self.config.distill
-        student = self.accelerator.unwrap_model(self.model)
-        ce, kl = distill_sums(student, self.teacher, batch, self.vocab, dc.temperature, dc.chunk_size)
+        ce, kl = distill_sums(self.model, self.teacher, batch, self.vocab, dc.temperature, dc.chunk_size)
         if self.model.training:
             self._window["ce"] += float(ce.detach())
             self._window["kl"] += float(kl.detach())

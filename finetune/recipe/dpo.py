@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 
+from finetune.recipe import distributed
 from finetune.recipe.checkpoints import TrainError
+from finetune.recipe.heads import final_hidden, output_head
 from finetune.recipe.sft import SFTRecipe
 
 log = logging.getLogger("finetune.train")
@@ -24,13 +26,6 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 LOGP_CHUNK = 1024
 
 
-def output_head(model):
-    """The output projection of a causal LM, through DDP and peft wrappers."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return inner.get_output_embeddings()
-
-
 def token_logps(head, hidden, targets):
     """log p(target) at each position of one chunk (its logits live only inside this call)."""
     import torch
@@ -39,23 +34,27 @@ def token_logps(head, hidden, targets):
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logps(model, batch: dict, chunk_size: int = LOGP_CHUNK):
-    """Per row: the summed log-probability of its label tokens and how many there are. The model runs through its
-    own forward (so DDP sees it) keeping one position's logits; the output head then runs over the trained
-    positions' final hidden states in chunks inside activation checkpoints: no [rows x tokens x vocab] tensor is
-    ever made, in the forward or the backward."""
+def sequence_logps(model, batch: dict, chunk_size: int = LOGP_CHUNK, chunked: bool = True):
+    """Per row: the summed log-probability of its label tokens and how many there are. The output head runs over
+    the trained positions' final hidden states in chunks inside activation checkpoints: no [rows x tokens x vocab]
+    tensor is ever made, in the forward or the backward. `chunked=False` (FSDP, which keeps the head sharded outside
+    the model's forward) takes the whole batch's logits from the model instead."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
-                logits_to_keep=1, use_cache=False)
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    hidden, targets = out.hidden_states[-1][:, :-1][mask], labels[mask]
-    head, parts = output_head(model), []
+    targets = labels[mask]
+    if chunked:
+        hidden, head = final_hidden(model, batch)[:, :-1][mask], output_head(model)
+    else:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden, head = model(**inputs, use_cache=False).logits[:, :-1][mask], torch.nn.Identity()
+        chunk_size = max(1, targets.numel())
+    parts = []
     for i in range(0, targets.numel(), chunk_size):
         args = (head, hidden[i:i + chunk_size], targets[i:i + chunk_size])
-        parts.append(checkpoint(token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+        parts.append(checkpoint(token_logps, *args, use_reentrant=False) if torch.is_grad_enabled() and chunked
                      else token_logps(*args))
     per_token = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     rows = mask.nonzero(as_tuple=True)[0]
@@ -115,9 +114,10 @@ class DPORecipe(SFTRecipe):
         import torch
 
         dc = self.config.dpo
-        logps, counts = sequence_logps(self.model, batch)
+        chunked = not distributed.is_fsdp(self.accelerator)
+        logps, counts = sequence_logps(self.model, batch, chunked=chunked)
         with torch.no_grad(), self.accelerator.unwrap_model(self.model).disable_adapter():
-            ref_logps, _ = sequence_logps(self.model, batch)
+            ref_logps, _ = sequence_logps(self.model, batch, chunked=chunked)
         if dc.loss_type == "ipo":  # IPO compares mean token log-probabilities
             logps, ref_logps = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
         n = batch["input_ids"].shape[0] // 2
