@@ -4,16 +4,28 @@ wrapper sees the pass and all-reduces the LoRA gradients, and keeps the logits o
 from __future__ import annotations
 
 
+def _causal_lm(model):
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def output_head(model):
     """The output projection, through DDP and peft wrappers."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return inner.get_output_embeddings()
+    return _causal_lm(model).get_output_embeddings()
 
 
 def final_hidden(model, batch: dict):
-    """[rows, tokens, hidden]: the last layer's normed output for every position (labels are not passed: the
-    caller's loss reads them)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    return out.hidden_states[-1]
+    """[rows, tokens, hidden]: the decoder's last (normed) output at every position, taken by a hook on the decoder
+    (output_hidden_states would also keep every layer's output alive until the forward ends, which defeats the
+    offload of checkpointed layer inputs). Labels are not passed: the caller's loss reads them."""
+    seen: list = []
+
+    def keep(module, args, out):
+        seen.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+
+    handle = _causal_lm(model).get_decoder().register_forward_hook(keep)
+    try:
+        model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return seen[-1]
