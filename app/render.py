@@ -174,7 +174,8 @@ def _points(hist, key: str):
 
 # --- adapters --------------------------------------------------------------------------------------------------
 ADAPTER_COLUMNS = ["name", "base model", "quant", "dataset", "steps", FINAL_LOSS_LABEL,
-                   "ROUGE-L Δ vs base [95% CI], latest evaluation: data, examples used", "created", "MB"]
+                   "ROUGE-L Δ vs base [95% CI], latest evaluation: data, examples used",
+                   "tokens/s (whole run)", "peak memory MiB", "created", "MB"]
 
 
 def eval_delta(summary: dict | None, metric: str = "rouge_l") -> str:
@@ -191,6 +192,15 @@ def eval_data_label(data: dict | None) -> str:
     return f"{name} ({d.get('split') or '–'}), {d.get('n', '–')}{of} examples"
 
 
+def fmt_rate(value) -> str:
+    """Training throughput as the model card writes it (two decimals)."""
+    return f"{num(value):,.2f}" if num(value) is not None else "–"
+
+
+def fmt_mib(value) -> str:
+    return f"{num(value):,.0f}" if num(value) is not None else "–"
+
+
 def adapters_frame(rows: list[dict]) -> pd.DataFrame:
     out = []
     for r in rows:
@@ -199,8 +209,9 @@ def adapters_frame(rows: list[dict]) -> pd.DataFrame:
         loss = m.get("final_loss", m.get("train_loss"))
         ds = r.get("dataset") or "–"
         out.append([r["name"], r.get("base_model") or "–", r.get("quantization") or "–", ds,
-                    fmt_num(steps), fmt_num(loss), eval_delta(r.get("eval")),
-                    fmt_time(r.get("created_at")), r.get("size_mb") if r.get("size_mb") is not None else "–"])
+                    fmt_num(steps), fmt_num(loss), eval_delta(r.get("eval")), fmt_rate(m.get("tokens_per_second")),
+                    fmt_mib(m.get("peak_memory_mb")), fmt_time(r.get("created_at")),
+                    r.get("size_mb") if r.get("size_mb") is not None else "–"])
     return pd.DataFrame(out, columns=ADAPTER_COLUMNS)
 
 

@@ -29,4 +29,7 @@ def test_jobs_and_adapters_agree_on_the_final_loss(tmp_path, chat_jsonl):
     card = (adapter_path("numbers-agree") / "README.md").read_text()
     assert re.search(r"\d\.\d\d tokens/s \(whole run\)", card) and not re.search(r"\d\.\d{4} tokens/s", card), card
     assert re.search(r"peak memory [\d,]+ MiB", card) and FINAL_LOSS_LABEL in card
+    # the Adapters table's cost columns are the model card's numbers
+    rate, peak = table["tokens/s (whole run)"].iloc[0], table["peak memory MiB"].iloc[0]
+    assert rate != "–" and f"{rate} tokens/s (whole run)" in card and f"peak memory {peak} MiB" in card, card
     assert 'from_pretrained("/' in card and "hub id" in card  # the base it was trained on, and where else to get it
