@@ -13,7 +13,7 @@ import time
 import pandas as pd
 
 from finetune.evaluation.metrics import METRICS, SORTABLE, metric_for_example_key
-from finetune.rundir import FINAL_LOSS_LABEL
+from finetune.rundir import FINAL_LOSS_LABEL, MIB_FORMAT, RATE_FORMAT
 
 STATE_COLORS = {"queued": "#6b7280", "running": "#2563eb", "completed": "#16a34a", "failed": "#dc2626",
                 "cancelled": "#9ca3af"}
@@ -192,13 +192,8 @@ def eval_data_label(data: dict | None) -> str:
     return f"{name} ({d.get('split') or '–'}), {d.get('n', '–')}{of} examples"
 
 
-def fmt_rate(value) -> str:
-    """Training throughput as the model card writes it (two decimals)."""
-    return f"{num(value):,.2f}" if num(value) is not None else "–"
-
-
-def fmt_mib(value) -> str:
-    return f"{num(value):,.0f}" if num(value) is not None else "–"
+def fmt_as(value, spec: str) -> str:
+    return format(num(value), spec) if num(value) is not None else "–"
 
 
 def adapters_frame(rows: list[dict]) -> pd.DataFrame:
@@ -209,9 +204,9 @@ def adapters_frame(rows: list[dict]) -> pd.DataFrame:
         loss = m.get("final_loss", m.get("train_loss"))
         ds = r.get("dataset") or "–"
         out.append([r["name"], r.get("base_model") or "–", r.get("quantization") or "–", ds,
-                    fmt_num(steps), fmt_num(loss), eval_delta(r.get("eval")), fmt_rate(m.get("tokens_per_second")),
-                    fmt_mib(m.get("peak_memory_mb")), fmt_time(r.get("created_at")),
-                    r.get("size_mb") if r.get("size_mb") is not None else "–"])
+                    fmt_num(steps), fmt_num(loss), eval_delta(r.get("eval")),
+                    fmt_as(m.get("tokens_per_second"), RATE_FORMAT), fmt_as(m.get("peak_memory_mb"), MIB_FORMAT),
+                    fmt_time(r.get("created_at")), r.get("size_mb") if r.get("size_mb") is not None else "–"])
     return pd.DataFrame(out, columns=ADAPTER_COLUMNS)
 
 

@@ -31,6 +31,8 @@ LOG_TAIL_LINES = 40
 # The one definition of a run's final training loss, used by the Jobs view, studio.json and so the Adapters tab.
 FINAL_LOSS_WINDOW = 5
 FINAL_LOSS_LABEL = f"final loss (mean of the last {FINAL_LOSS_WINDOW} logged steps)"
+# How the model card and the Adapters table write a run's throughput and peak memory (the same numbers in both)
+RATE_FORMAT, MIB_FORMAT = ",.2f", ",.0f"
 
 
 # --- writers --------------------------------------------------------------------------------------------------

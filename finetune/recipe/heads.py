@@ -5,8 +5,9 @@ from __future__ import annotations
 
 
 def _causal_lm(model):
-    inner = getattr(model, "module", model)  # DistributedDataParallel
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    from finetune.recipe.speed import inner_model
+
+    return inner_model(getattr(model, "module", model))  # DistributedDataParallel, then peft
 
 
 def output_head(model):

@@ -13,7 +13,7 @@ from pathlib import Path
 from finetune.config import JobConfig
 from finetune.fsutil import sha256_file, write_json_atomic
 from finetune.paths import model_cache_dir
-from finetune.rundir import FINAL_LOSS_LABEL
+from finetune.rundir import FINAL_LOSS_LABEL, MIB_FORMAT, RATE_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ A LoRA adapter for **{base['name']}** trained with PEFT Studio.
 | data | {cfg['data']['path']} ({data.get('format')}, {data.get('num_train')} train / {data.get('num_validation')} validation rows, fingerprint {str(data.get('fingerprint'))[:16]}) |
 | training | {m['steps']} steps, learning_rate={tr['learning_rate']}, batch {tr['per_device_train_batch_size']} x {tr['gradient_accumulation_steps']} accumulation, {tr['lr_scheduler_type']} schedule, max_seq_length={cfg['data']['max_seq_length']} |
 | loss | first step {fmt(m['first_loss'])} -> {FINAL_LOSS_LABEL} {fmt(m['final_loss'])} (validation loss {fmt(m.get('eval_loss'))}) |
-| speed | {fmt(m['tokens_per_second'], ',.2f')} tokens/s (whole run), peak memory {fmt(m['peak_memory_mb'], ',.0f')} MiB, {fmt(m['runtime_s'], ',.1f')} s |
+| speed | {fmt(m['tokens_per_second'], RATE_FORMAT)} tokens/s (whole run), peak memory {fmt(m['peak_memory_mb'], MIB_FORMAT)} MiB, {fmt(m['runtime_s'], ',.1f')} s |
 
 Load it:
 
