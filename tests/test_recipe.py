@@ -38,3 +38,26 @@ def test_train_step_over_micro_batches_equals_one_batch(tmp_path):
     after_two = {n: p.detach() for n, p in split.model.named_parameters() if p.requires_grad}
     assert after_one.keys() == after_two.keys() and after_one
     assert all(torch.allclose(after_one[n], after_two[n], atol=1e-6) for n in after_one)
+
+
+def test_the_heap_is_frozen_only_while_training():
+    """Training runs with the objects alive at its start frozen (a full collection skips them); afterwards they are
+    unfrozen, so a model dropped then (the evaluator loads its own copy) has its reference cycles collected."""
+    import gc
+    import weakref
+
+    from finetune.recipe.sft import frozen_heap
+
+    class Node:
+        pass
+
+    a = Node()
+    a.me = a  # a reference cycle, as a module holding its own bound forward has
+    ref = weakref.ref(a)
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+        del a
+        gc.collect()
+        assert ref() is not None
+    gc.collect()
+    assert gc.get_freeze_count() == 0 and ref() is None

@@ -22,6 +22,7 @@ AdamW (lr 2e-4, grad-norm clip 1.0) on the same batches:
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -154,7 +155,7 @@ def setup_unsloth(job, device):
 def setup_studio(job, device):
     """The studio's own recipe: SFTRecipe's model and optimizer setup and its train_step, fed the benchmark's batches."""
     from finetune.config import JobConfig
-    from finetune.recipe.sft import SFTRecipe
+    from finetune.recipe.sft import SFTRecipe, freeze_heap
 
     arm = job["arm"]
     if ":" in arm:  # studio:<switches> - an experiment with pieces of the fast path toggled
@@ -169,6 +170,7 @@ def setup_studio(job, device):
     recipe = SFTRecipe(config)  # no run folder: nothing is written
     recipe.setup(data=False)
     recipe.model.train()
+    freeze_heap()  # as SFTRecipe.train does around its loop (this process ends with the arm)
 
     def step(examples):
         return recipe.train_step([recipe.collate(examples)]).loss
@@ -230,6 +232,7 @@ def run_job(job: dict) -> dict:
     rows = []
     for i, examples in enumerate(batches):
         _sync(device)
+        full_collections = gc.get_stats()[2]["collections"]
         t = time.perf_counter()
         loss = step(examples)
         _sync(device)
@@ -237,11 +240,16 @@ def run_job(job: dict) -> dict:
         lengths = [len(e["input_ids"]) for e in examples]
         tokens = sum(lengths)
         rows.append({"step": i + 1, "seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt, "loss": loss,
-                     "tflops": step_flops(job["shape"], lengths) / dt / 1e12})
+                     "tflops": step_flops(job["shape"], lengths) / dt / 1e12,
+                     "full_gc": gc.get_stats()[2]["collections"] - full_collections})
     if job.get("profile"):
         from finetune.bench.profile import profile_steps
 
         result["profile"] = profile_steps(step, batches[-job["profile"]:], device, job.get("trace"))
+    if base == "studio":
+        from finetune.recipe import layer_graphs
+
+        result["layer_graphs"] = layer_graphs.status()
     measured = rows[job["warmup"]:]
     med = statistics.median(r["tokens_per_s"] for r in measured)
     med_tflops = statistics.median(r["tflops"] for r in measured)

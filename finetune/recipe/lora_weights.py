@@ -3,6 +3,7 @@ frozen base weight (dequantized from 4-bit by bitsandbytes' CUDA kernels called 
 from their fp32 masters once per optimizer step, not in every pass)."""
 from __future__ import annotations
 
+from finetune.recipe import layer_graphs
 from finetune.recipe.speed_switches import wanted
 
 def _nf4_dequantizer(weight):
@@ -88,6 +89,8 @@ def _scratch(n: int, device):
     import torch
 
     buf = _scratch_buffers.get(device)
+    if (buf is None or buf.numel() < n) and layer_graphs.capturing[0]:
+        return torch.empty(n, dtype=torch.float32, device=device)  # graph-pool memory must not outlive the capture
     if buf is None or buf.numel() < n:
         buf = _scratch_buffers[device] = torch.empty(n, dtype=torch.float32, device=device)
     return buf[:n]
@@ -101,10 +104,17 @@ def _dense_buffer(n: int, dt, device):
     import torch
 
     buf = _dense_buffers.get((device, dt))
+    if (buf is None or buf.numel() < n) and layer_graphs.capturing[0]:
+        return torch.empty(n, dtype=dt, device=device)  # graph-pool memory must not outlive the capture
     if buf is None or buf.numel() < n:
         _dense_buffers[(device, dt)] = None  # free the smaller one before taking the larger
         buf = _dense_buffers[(device, dt)] = torch.empty(n, dtype=dt, device=device)
     return buf[:n]
+
+
+def shared_buffers() -> list:
+    """The reused dequantization buffers as they are now (a graph that writes into them keeps them alive)."""
+    return [b for b in (*_scratch_buffers.values(), *_dense_buffers.values()) if b is not None]
 
 
 _updates = [0]  # optimizer steps taken in this process (a global step hook counts them)
@@ -125,6 +135,8 @@ def _cast(p, dt):
     change (version) or a new storage."""
     if p.dtype == dt:
         return p.detach()
+    if layer_graphs.capturing[0]:  # a graph casts at every replay: a cached copy's address would go stale
+        return p.detach().to(dt)
     key = (_updates[0], p._version, p.data_ptr(), dt)
     hit = getattr(p, "_studio_cast", None)
     if hit is not None and hit[0] == key:
@@ -160,6 +172,8 @@ def _cast_cat(params, dt):
     """torch.cat of the compute-dtype copies of `params` (the LoRA A's of a group), kept like _cast's copies."""
     import torch
 
+    if layer_graphs.capturing[0]:
+        return torch.cat([p.detach().to(dt) for p in params])
     key = tuple((_updates[0], p._version, p.data_ptr()) for p in params) + (dt,)
     hit = getattr(params[0], "_studio_cat", None)
     if hit is not None and hit[0] == key:
@@ -187,7 +201,7 @@ def block_diagonal(params, scales, dt):
 
     key = tuple((_updates[0], p._version, p.data_ptr()) for p in params) + (tuple(scales), dt)
     hit = getattr(params[0], "_studio_block_diag", None)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and not layer_graphs.capturing[0]:
         return hit[1]
     bd = torch.zeros(sum(p.shape[0] for p in params), sum(p.shape[1] for p in params), dtype=dt,
                      device=params[0].device)
@@ -195,5 +209,6 @@ def block_diagonal(params, scales, dt):
     for p, s in zip(params, scales):
         bd[r:r + p.shape[0], c:c + p.shape[1]] = (p.detach() * s).to(dt)
         r, c = r + p.shape[0], c + p.shape[1]
-    params[0]._studio_block_diag = (key, bd)
+    if not layer_graphs.capturing[0]:
+        params[0]._studio_block_diag = (key, bd)
     return bd

@@ -21,6 +21,9 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
   fast_checkpoint  activation checkpointing as one autograd function per decoder layer (input kept, layer recomputed
                    in backward): measured faster than torch's non-reentrant checkpoint with its saved-tensor hooks;
                    single process only (DDP forbids a reentrant backward), else torch's non-reentrant checkpoint
+  graphs           the checkpointed layers replayed as CUDA graphs (forward, and recompute + backward) once a
+                   shape repeats: one launch instead of hundreds of short kernels queued one by one from Python
+                   (finetune/recipe/layer_graphs.py; one process, layers without dropout, fixed shapes)
   offload_checkpoints  the same, with layer inputs of 128 MiB or more (long sequences) parked in pinned CPU memory
                    (copied on a side stream) and brought back for the recompute
   compile          torch.compile of each decoder layer (opt-in, STUDIO_SPEED=+compile: measured, see docs/benchmarks.md)
@@ -28,7 +31,7 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
 On the CPU it changes nothing: the same recipe runs there as the plain transformers + peft model.
 
 STUDIO_SPEED (developer switch, comma separated) turns pieces off or on for experiments and the benchmark:
-"-liger", "-fused_lora", "-fused_proj", "-group", "-stack", "-lean_dequant", "-varlen", "-offload", "-fast_checkpoint", "-keep_bf16", "+compile",
+"-liger", "-fused_lora", "-fused_proj", "-group", "-stack", "-lean_dequant", "-varlen", "-offload", "-fast_checkpoint", "-graphs", "-keep_bf16", "+compile",
 "+bf16_lora" (LoRA weights stored in bf16),
 "none" (nothing at all).
 
@@ -42,7 +45,9 @@ import functools
 import logging
 import os
 import sys
+import weakref
 
+from finetune.recipe.layer_graphs import LayerGraphs
 from finetune.recipe.lora_fused import fuse_lora, fused_pieces
 from finetune.recipe.speed_switches import switches as _switches
 from finetune.recipe.speed_switches import wanted as _wanted
@@ -115,23 +120,42 @@ def apply_liger(model) -> list[str]:
 _cu_cache: dict = {}
 
 
-def segments_from_positions(position_ids):
-    """(cu_seqlens int32 [n+1], max_len) of a packed row: a new example starts wherever the position does not
-    follow the previous one (the collate restarts positions at 0)."""
+def _segments(position_ids):
+    """(cu_seqlens int32 [n+1], max_len, bounds tuple) of a packed row, computed once per position tensor: every
+    layer, the recompute and the graph key ask. The cache knows the tensor by identity and version, not by address:
+    the next batch's positions often land in the memory the last batch's left."""
     import torch
 
     p = position_ids.reshape(-1)
-    key = (p.data_ptr(), p.numel(), p._version, p.device)
     hit = _cu_cache.get("key")
-    if hit == key:
+    if hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
         return _cu_cache["value"]
     starts = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
     starts[1:] = p[1:] != p[:-1] + 1
     idx = torch.nonzero(starts).flatten()
     cu = torch.cat([idx, torch.tensor([p.numel()], device=p.device)]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())  # one sync per forward (cached for every layer and the recompute)
-    _cu_cache["key"], _cu_cache["value"] = key, (cu, max_len)
+    bounds = tuple(cu.tolist())  # one read-back per forward
+    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    _cu_cache["key"], _cu_cache["value"] = (weakref.ref(position_ids), position_ids._version), (cu, max_len, bounds)
+    return _cu_cache["value"]
+
+
+def segments_from_positions(position_ids):
+    """(cu_seqlens int32 [n+1], max_len) of a packed row: a new example starts wherever the position does not
+    follow the previous one (the collate restarts positions at 0)."""
+    cu, max_len, _ = _segments(position_ids)
     return cu, max_len
+
+
+def segment_bounds(position_ids) -> tuple:
+    """The example boundaries of a packed row as ints (cu_seqlens on the host)."""
+    return _segments(position_ids)[2]
+
+
+def cached_segments() -> list:
+    """The cu_seqlens tensor the attention reads now (a graph captured with it keeps it alive)."""
+    value = _cu_cache.get("value")
+    return [value[0]] if value else []
 
 
 @functools.lru_cache(maxsize=1)
@@ -365,17 +389,23 @@ def offload_checkpoints(model, offload: bool = True) -> int:
     fn_cls = _offloaded_function()
     plain = functools.partial(checkpoint, use_reentrant=False)
 
-    def checkpoint_for(rng: bool):
+    def checkpoint_for(rng: bool, graphs):
         def ckpt(run, *args, **kwargs):
             hidden = args[0] if args else None
             if len(args) == 1 and not kwargs and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
                 big = hidden.is_cuda and hidden.numel() * hidden.element_size() >= OFFLOAD_MIN_BYTES
-                return fn_cls.apply(run, hidden, offload and big, rng)
+                out = graphs(run, hidden) if graphs is not None and not (offload and big) else None
+                return fn_cls.apply(run, hidden, offload and big, rng) if out is None else out
             return plain(run, *args, **kwargs)
         return ckpt
 
+    # Graphs replay exactly only what draws no random numbers, and in one process (DDP's hooks are untested there).
+    use_graphs = _wanted("graphs") and int(os.environ.get("WORLD_SIZE", "1")) == 1
     for layer in layers:
-        layer._gradient_checkpointing_func = checkpoint_for(draws_random_numbers(layer))
+        rng = draws_random_numbers(layer)
+        graphs = LayerGraphs(layer) if use_graphs and not rng else None
+        layer._gradient_checkpointing_func = checkpoint_for(rng, graphs)
+        layer._studio_graphs = graphs
     # The first layer's input must require grad for the custom function to be part of the graph.
     inner.enable_input_require_grads()
     return len(layers)
@@ -436,6 +466,8 @@ def patch_model_for_speed(model, training_cfg) -> list[str]:
             offload = _wanted("offload")
             if offload_checkpoints(model, offload=offload):
                 applied += ["fast_checkpoint"] + (["offload_long_checkpoints"] if offload else [])
+                if any(getattr(m, "_studio_graphs", None) is not None for m in _checkpointed_layers(model)):
+                    applied.append("cuda_graph_layers")
     if _wanted("compile", default=False) and compile_layers(model):
         applied.append("compile_layers")
     log.info("speed-ups: %s", ", ".join(applied) or "none")
