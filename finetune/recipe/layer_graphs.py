@@ -283,7 +283,9 @@ def _graphed_function():
 class LayerGraphs:
     """The graphs of one checkpointed decoder layer, by signature."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, shared: dict):
+        """`shared`: the signature -> _Statics map of the model's layers (one dict per model, so it goes with it)."""
+        self.shared = shared
         # (module, name) of each trainable parameter, in layer.parameters() order
         self.slots, ids = [], set()
         for mod in layer.modules():
@@ -312,8 +314,8 @@ class LayerGraphs:
                 self.seen.add(key)
                 self.off = len(self.seen) > MAX_SIGNATURES
                 return None  # the eager first call warms everything the capture needs ready
-            entry = self.entries[key] = _Entry(_statics(key, hidden, run, self.params), _bound(run),
-                                               run.keywords, self.slots)
+            entry = self.entries[key] = _Entry(self._statics(key, hidden, run), _bound(run), run.keywords,
+                                               self.slots)
         kw_tensors = _kw_tensors(run)
         try:
             return _graphed_function().apply(entry, kw_tensors, hidden, *self.params)
@@ -321,21 +323,17 @@ class LayerGraphs:
             _fail(e)
             return None
 
+    def _statics(self, key, hidden, run):
+        s = self.shared.get(key)
+        if s is None or not s.fits(self.params):
+            s = self.shared[key] = _Statics(hidden, _kw_tensors(run), self.params)
+        return s
+
 
 def _bound(run):
     """forward(hidden, **keywords) of the layer a checkpoint `run` partial wraps."""
     func, args = run.func, run.args
     return lambda hidden, **kw: func(*args, hidden, **kw)
-
-
-_statics_by_key: dict = {}
-
-
-def _statics(key, hidden, run, params):
-    s = _statics_by_key.get(key)
-    if s is None or not s.fits(params):
-        s = _statics_by_key[key] = _Statics(hidden, _kw_tensors(run), params)
-    return s
 
 
 def _kw_tensors(run) -> list:

@@ -31,8 +31,8 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
 On the CPU it changes nothing: the same recipe runs there as the plain transformers + peft model.
 
 STUDIO_SPEED (developer switch, comma separated) turns pieces off or on for experiments and the benchmark:
-"-liger", "-fused_lora", "-fused_proj", "-group", "-stack", "-lean_dequant", "-varlen", "-offload", "-fast_checkpoint", "-graphs", "-keep_bf16", "+compile",
-"+bf16_lora" (LoRA weights stored in bf16),
+"-liger", "-fused_lora", "-fused_proj", "-group", "-stack", "-lean_dequant", "-varlen", "-offload", "-fast_checkpoint",
+"-graphs", "-keep_bf16", "+compile", "+bf16_lora" (LoRA weights stored in bf16),
 "none" (nothing at all).
 
 `python -m finetune.recipe.speed --selfcheck` prints which pieces this machine can use and checks the attention kernel
@@ -401,9 +401,10 @@ def offload_checkpoints(model, offload: bool = True) -> int:
 
     # Graphs replay exactly only what draws no random numbers, and in one process (DDP's hooks are untested there).
     use_graphs = _wanted("graphs") and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    shared: dict = {}  # the layers' shared graph buffers, by signature
     for layer in layers:
         rng = draws_random_numbers(layer)
-        graphs = LayerGraphs(layer) if use_graphs and not rng else None
+        graphs = LayerGraphs(layer, shared) if use_graphs and not rng else None
         layer._gradient_checkpointing_func = checkpoint_for(rng, graphs)
         layer._studio_graphs = graphs
     # The first layer's input must require grad for the custom function to be part of the graph.
