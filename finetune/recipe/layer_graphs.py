@@ -143,10 +143,12 @@ class _Statics:
             self.kw[i].copy_(t)
             self._src[i] = (weakref.ref(t), t._version)
 
-    def grad_views(self):
+    def grad_views(self, flat=None):
+        """The LoRA gradients' places in `flat` (the shared flat buffer, or a copy of it), one view per parameter."""
+        flat = self.flat if flat is None else flat
         out, off = [], 0
         for shape, _ in self.layout:
-            out.append(self.flat[off:off + math.prod(shape)].view(shape))
+            out.append(flat[off:off + math.prod(shape)].view(shape))
             off += math.prod(shape)
         return out
 
@@ -237,13 +239,8 @@ class _Entry:
             dx, grads = _layer_grads(self.forward, s.hidden, self.keywords, self.slots, s.grad_out)
             return dx, list(grads)
         self.bwd.replay()
-        flat = s.flat.clone()
-        grads, off = [], 0
-        for (shape, _), used in zip(s.layout, self.used):
-            n = math.prod(shape)
-            grads.append(flat[off:off + n].view(shape) if used else None)
-            off += n
-        return s.dx.clone(), grads
+        grads = s.grad_views(s.flat.clone())
+        return s.dx.clone(), [g if used else None for g, used in zip(grads, self.used)]
 
 
 def _fail(e: Exception) -> None:

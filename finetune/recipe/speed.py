@@ -126,10 +126,10 @@ def _segments(position_ids):
     the next batch's positions often land in the memory the last batch's left."""
     import torch
 
-    p = position_ids.reshape(-1)
     hit = _cu_cache.get("key")
     if hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
         return _cu_cache["value"]
+    p = position_ids.reshape(-1)
     starts = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
     starts[1:] = p[1:] != p[:-1] + 1
     idx = torch.nonzero(starts).flatten()
