@@ -10,7 +10,7 @@ The estimate follows what the engine really keeps, phase by phase of a training 
   LoRA         fp32 master weights, fp32 gradients, optimizer states by training.optim (AdamW: two fp32 moments;
                8-bit: two bytes plus block scales; paged on a GPU: unified memory the driver can evict, not counted)
   activations  per token: with checkpointing the input of every decoder layer (parked in pinned host memory on a
-               GPU once it reaches speed.OFFLOAD_MIN_BYTES) plus one layer's recompute and backward; without it
+               GPU once it reaches speed.OFFLOAD_MIN_BYTES, Device.offload_min_bytes) plus one layer's recompute and backward; without it
                every layer's; attention workspace (flash kernels: O(tokens); the CPU's math path: O(seq^2));
                logits and loss (liger's fused linear cross-entropy on a GPU: a chunk; else the [tokens, vocab]
                logits in the compute dtype, their fp32 copy, log-softmax and its gradient)
@@ -185,6 +185,7 @@ class Device:
     name: str = ""
     gpus: tuple[int, ...] = ()     # every visible GPU's memory, bytes
     fused_loss: bool | None = None  # liger-kernel present where the job runs; None: as on this machine
+    offload_min_bytes: int = OFFLOAD_MIN_BYTES  # the fast path parks layer inputs of this size on in host memory
 
     @property
     def memory_gib(self) -> float:
@@ -241,7 +242,8 @@ def with_memory(device: Device, gib: float | None = None, kind: str | None = Non
     kind = kind or device.kind
     mem = int(gib * GIB) if gib is not None else (device.memory_bytes if kind == device.kind else 0)
     name = device.name if kind == device.kind else ("GPU" if kind == "cuda" else "CPU RAM")
-    return Device(kind, mem, name, device.gpus if kind == device.kind else (), device.fused_loss)
+    return Device(kind, mem, name, device.gpus if kind == device.kind else (), device.fused_loss,
+                  device.offload_min_bytes)
 
 
 # --- the estimate ---------------------------------------------------------------------------------------------------
@@ -484,7 +486,7 @@ def _parts(config: JobConfig, shape: Shape, device: Device) -> tuple[dict, dict,
     grads = 4 * n_lora
     t, h, res = s.tokens, shape.hidden, s.residual_bytes
     layer_in = t * h * res
-    offload = s.fast_path and s.checkpointing and layer_in >= OFFLOAD_MIN_BYTES
+    offload = s.fast_path and s.checkpointing and layer_in >= device.offload_min_bytes
     layer = t * layer_bytes_per_token(shape, s) + attention_bytes(shape, s)
     if s.checkpointing:
         saved = 0 if offload else shape.layers * layer_in

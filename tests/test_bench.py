@@ -94,6 +94,8 @@ def test_profile_analysis_attributes_gpu_idle_time_to_host_ops():
     assert out["step_wall_ms"] == 1.0 and out["gpu_busy_ms"] == 0.7 and out["kernels_per_step"] == 3
     idle = {r["op"]: r["idle_ms"] for r in out["idle_by_host_op"]}
     assert idle == {"aten::to": 0.15, "aten::copy_": 0.05, "python (no op open)": 0.1}
+    assert out["gpu_ms_by_kernel"] == [{"kernel": "k1", "ms": 0.3, "calls": 1}, {"kernel": "k3", "ms": 0.3, "calls": 1},
+                                       {"kernel": "k2", "ms": 0.15, "calls": 1}]
 
 
 def test_recipe_arm_runs_the_real_training_job(tmp_path):

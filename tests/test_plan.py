@@ -165,7 +165,9 @@ def test_dpo_plan_counts_both_answers_and_one_logits_chunk(tmp_path):
         cfg = JobConfig.parse({"model": {"name_or_path": str(folder), "quantization": "4bit"},
                                "data": {"path": str(tmp_path / "rows.jsonl"), "max_seq_length": 1024},
                                "training": {"objective": objective, "per_device_train_batch_size": 4}}, "plan test")
-        return estimate(cfg, Device("cuda", h200, "NVIDIA H200", (h200,), fused_loss=True), suggest=False)
+        # no offload threshold reached: both keep their layer inputs on the GPU, where the plan counts them
+        gpu = Device("cuda", h200, "NVIDIA H200", (h200,), fused_loss=True, offload_min_bytes=2**62)
+        return estimate(cfg, gpu, suggest=False)
 
     sft, dpo = plan("sft"), plan("dpo")
     assert dpo.phases["forward"] > sft.phases["forward"]

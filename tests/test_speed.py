@@ -201,11 +201,24 @@ def test_segments_are_recomputed_for_new_positions_at_a_reused_address():
     """The next batch's positions often land in the memory the last batch's left: the boundaries must be its own."""
     buf = bytearray(torch.tensor([0, 1, 2, 0, 1, 2]).numpy().tobytes())
     first = torch.frombuffer(buf, dtype=torch.int64)
-    assert speed.segment_bounds(first) == (0, 3, 6)
+    assert speed.segment_bounds(first) == ((0, 3, 6), 0)  # a CPU row is never attended as a dense batch
     buf[:] = torch.tensor([0, 1, 2, 3, 0, 1]).numpy().tobytes()
     second = torch.frombuffer(buf, dtype=torch.int64)  # same address, fresh tensor, version 0
     assert second.data_ptr() == first.data_ptr()
-    assert speed.segment_bounds(second) == (0, 4, 6)
+    assert speed.segment_bounds(second) == ((0, 4, 6), 0)
+
+
+def test_dense_rows_attention_equals_attention_per_example():
+    """A packed row of examples of one length, cut into a batch for one SDPA call: the output of attending each
+    example alone (grouped-query heads included)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 3 * 5, 8, generator=g) for h in (4, 2, 2))
+    pos = torch.arange(5).repeat(3)[None]
+    per_example = speed._packed_attention(q, k, v, pos, 0.3)  # on the CPU: one SDPA call per example
+    dense = speed.dense_rows_attention(q, k, v, 3, 0.3)
+    assert dense.shape == per_example.shape == (1, 15, 4, 8)
+    assert float((dense - per_example).abs().max()) < 1e-6
+    assert float((speed.dense_rows_attention(q, k, v, 1, 0.3) - per_example).abs().max()) > 1e-2  # it is per example
 
 
 def test_segments_from_positions():
@@ -480,33 +493,56 @@ def test_layer_graph_plumbing_gives_the_eager_training(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_layer_graphs_train_like_the_eager_layers(tmp_path, monkeypatch):
-    """Four AdamW steps on a real 4-bit tiny Llama with fixed-length packed batches: with the decoder layers
-    replayed as CUDA graphs (captured at step 2, replayed at 3 and 4, the LoRA weights changing in between) the
-    losses and the trained LoRA weights are those of the eager layers."""
+def test_layer_graphs_and_offload_train_like_the_eager_layers(tmp_path, monkeypatch):
+    """Five AdamW steps on a real 4-bit tiny Llama with packed rows of two 32-token examples (attended by flash
+    varlen at step 1, as a dense batch from step 2 on): with the decoder layers replayed as CUDA graphs (the dense
+    signature seen at step 2, captured at 3, replayed at 3 to 5, the LoRA weights changing in between), and with
+    every layer input parked in host memory (eagerly and under graphs), the losses and the trained LoRA weights are
+    those of the eager layers that keep their inputs. Each backward waits for one copy back only (its first
+    layer's): the rest were started a layer ahead."""
     from finetune import model as M
     from finetune.bench.models import build_model
     from finetune.config import LoraSettings, ModelConfig, TrainingConfig
+    from finetune.recipe.offload import InputOffloader
 
     path = build_model("tiny", tmp_path)
     mcfg = ModelConfig(name_or_path=str(path), quantization="4bit", torch_dtype="bfloat16")
     lora = LoraSettings(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-    batches = [{k: v.cuda() for k, v in D.collate(examples((40, 24), seed=i), 0, padding_free=True).items()}
-               for i in range(4)]
-    runs = []
-    for switches in ("-graphs", ""):
+    batches = [{k: v.cuda() for k, v in D.collate(examples((32, 32), seed=i), 0, padding_free=True).items()}
+               for i in range(5)]
+    monkeypatch.setattr(speed, "OFFLOAD_MIN_BYTES", 0)
+    fetch, counts = InputOffloader.fetch, {"late": 0, "fetched": 0}
+
+    def counted_fetch(self, parked):
+        counts["late"] += parked.gpu is None
+        counts["fetched"] += 1
+        return fetch(self, parked)
+
+    monkeypatch.setattr(InputOffloader, "fetch", counted_fetch)
+    runs = {}
+    for switches in ("-graphs,-offload", "-graphs", ""):
         monkeypatch.setenv("STUDIO_SPEED", switches)
         torch.manual_seed(0)
         model = M.apply_lora(M.load_model(mcfg, for_training=True), lora, gradient_checkpointing=True)
         applied = speed.patch_model_for_speed(model, TrainingConfig(gradient_checkpointing=True))
         model.train()
-        runs.append((applied, *train_with_graphs(model, batches, torch.optim.AdamW, lr=1e-2)))
-    (eager_applied, eager_losses, eager_w, _), (applied, losses, w, graphs) = runs
-    assert "cuda_graph_layers" in applied and "cuda_graph_layers" not in eager_applied
+        counts.update(late=0, fetched=0)
+        speed.equal_rows.clear(), speed.dense_shapes.clear()
+        runs[switches] = (applied, *train_with_graphs(model, batches, torch.optim.AdamW, lr=1e-2), dict(counts))
+        assert speed.equal_rows[(2, 32)] == len(batches) and speed.segment_bounds(batches[-1]["position_ids"])[1] == 2
+    eager_applied, eager_losses, eager_w, _, eager_counts = runs["-graphs,-offload"]
+    assert "cuda_graph_layers" not in eager_applied and "offload_checkpoints" not in eager_applied
+    assert eager_counts["fetched"] == 0
+    for switches in ("-graphs", ""):
+        applied, losses, w, graphs, parked = runs[switches]
+        assert "offload_checkpoints" in applied
+        assert parked == {"late": len(batches), "fetched": 2 * len(batches)}  # two layers, five steps
+        assert losses == pytest.approx(eager_losses, rel=1e-3)
+        assert max(rel_err(a, b) for a, b in zip(w, eager_w)) < 1e-2
+    applied, graphs = runs[""][0], runs[""][3]
+    assert "cuda_graph_layers" in applied
     assert graphs and all(g.entries and all(e.fwd is not None and e.bwd is not None for e in g.entries.values())
                           for g in graphs)
-    assert losses == pytest.approx(eager_losses, rel=1e-3)
-    assert max(rel_err(a, b) for a, b in zip(w, eager_w)) < 1e-2
 
 
 @pytest.mark.gpu
@@ -516,14 +552,42 @@ def test_selfcheck_varlen_kernel_against_float64_reference():
     assert report["cuda"] and report["varlen_kernel"] and report["varlen_ok"], report
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dense_rows_attention_matches_flash_varlen_on_gpu():
+    """A row of four 256-token examples (Llama-3's 32 query and 8 key/value heads, bf16): the dense batch through
+    SDPA (cuDNN where it applies) and flash varlen give the same output and the same gradients."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, h, 4 * 256, 128, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (32, 8, 8))
+    pos = torch.arange(256, device="cuda").repeat(4)[None]
+    speed.equal_rows.clear(), speed.dense_shapes.clear()
+    outs = []
+    for _ in range(1 + speed.DENSE_AFTER):  # flash varlen until the row's shape recurs, then the dense batch
+        pos = pos.clone()  # a new batch's positions
+        out = speed._packed_attention(q, k, v, pos, 128 ** -0.5)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        outs.append((out, grads, speed.segment_bounds(pos)[1]))
+    (flash, flash_grads, was_dense), (dense, dense_grads, is_dense) = outs[0], outs[-1]
+    assert (was_dense, is_dense) == (0, 4)
+    assert rel_err(dense.float(), flash.float()) < 1e-2
+    assert max(rel_err(a.float(), b.float()) for a, b in zip(dense_grads, flash_grads)) < 2e-2
+
+
 def test_every_studio_optimizer_marks_the_lora_copies_stale():
-    """The bf16 copies of the LoRA weights are redone after any optimizer step: the step hook fires for each
-    optimizer training.optim can name (bitsandbytes' update in place without bumping the tensor version)."""
+    """The bf16 copies of the LoRA weights are redone after any optimizer step, and the stale ones are let go: the
+    step hook fires for each optimizer training.optim can name (bitsandbytes' update in place without bumping the
+    tensor version)."""
     import bitsandbytes as bnb
 
     lora_weights._count_optimizer_steps()
     p = torch.nn.Parameter(torch.zeros(4096))
     for cls in (torch.optim.AdamW, bnb.optim.AdamW8bit, bnb.optim.PagedAdamW8bit):
         before = lora_weights._updates[0]
+        copy = lora_weights._cast(p, torch.bfloat16)
+        assert lora_weights._cast(p, torch.bfloat16) is copy  # kept until the step
+        p.grad = torch.ones_like(p)
         cls([p], lr=0.1).step()
         assert lora_weights._updates[0] > before, cls.__name__
+        assert not hasattr(p, "_studio_cast"), cls.__name__
+        assert float(lora_weights._cast(p, torch.bfloat16)[0]) != 0.0  # the new copy is of the updated weight

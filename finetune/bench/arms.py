@@ -221,6 +221,8 @@ def run_job(job: dict) -> dict:
     vocab = model.config.vocab_size if hasattr(model, "config") else 512
     result["setup_memory"] = _mem(device)
     if device.type == "cuda":
+        # what training adds on top of the loaded model is the peak minus this
+        result["resident_gib"] = torch.cuda.memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
     peak = device_peak_flops(result["device"])
 

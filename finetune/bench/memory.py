@@ -108,6 +108,7 @@ def run_group(name: str, model_dir: str, out: Path, steps: int) -> int:
 
     from finetune import model as M
     from finetune.bench.models import make_batches
+    from finetune.recipe import speed
     from finetune.recipe.sft import build_optimizer
     from finetune.recipe.speed import patch_model_for_speed
 
@@ -124,7 +125,8 @@ def run_group(name: str, model_dir: str, out: Path, steps: int) -> int:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
-    setup = {"setup_s": round(time.perf_counter() - t0, 1), "speedups": speedups, **_peaks(device)}
+    setup = {"setup_s": round(time.perf_counter() - t0, 1), "speedups": speedups, **_peaks(device),
+             "offload_min_bytes": speed.OFFLOAD_MIN_BYTES}
     padding_free = tc.padding_free and device.type == "cuda"
     for seq, batch in cases:
         config, sets = job_config(model_dir, overrides, seq, batch)
@@ -239,7 +241,10 @@ def compare(rows: list[dict], device_gib: float, root: Path) -> list[dict]:
         folder = shape_folder(row["shape"], root)
         config = JobConfig(adapter_name="memory-bench", model={"name_or_path": str(folder)}).with_overrides(row["set"])
         liger = "liger_fused_linear_cross_entropy" in row["setup"].get("speedups", [])
-        plan = estimate(config, Device("cuda", int(device_gib * GIB), fused_loss=liger), suggest=False)
+        # rows that do not record the offload threshold were measured while it was 128 MiB
+        device = Device("cuda", int(device_gib * GIB), fused_loss=liger,
+                        offload_min_bytes=row["setup"].get("offload_min_bytes", 128 * 2**20))
+        plan = estimate(config, device, suggest=False)
         measured = row["peak_allocated_gib"]
         out.append({"group": row["group"], "seq": row["seq"], "batch": row["batch"], "measured_gib": measured,
                     "measured_reserved_gib": row.get("peak_reserved_gib"), "plan_gib": plan.training_peak / GIB,

@@ -83,7 +83,20 @@ def analyse(trace: dict, n_steps: int) -> dict:
                                   / n_steps),
         "idle_gaps_per_step": round(len(gaps) / n_steps), "longest_gaps_ms": [round((b - a) / 1000, 2) for a, b in big],
         "idle_by_host_op": _idle_attribution(ops, gaps),
+        "gpu_ms_by_kernel": _kernel_time(evs, lo, hi, n_steps),
     }
+
+
+def _kernel_time(evs: list[dict], lo: float, hi: float, n_steps: int, top: int = 25) -> list[dict]:
+    """GPU time per step by kernel name, largest first: what the GPU's own work is made of."""
+    total: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for e in evs:
+        if e.get("cat") in GPU_CATS and lo <= float(e["ts"]) <= hi:
+            total[e["name"][:120]] += float(e["dur"])
+            count[e["name"][:120]] += 1
+    return [{"kernel": k, "ms": round(us / n_steps / 1000, 2), "calls": round(count[k] / n_steps)}
+            for k, us in total.most_common(top)]
 
 
 def profile_steps(step, batches: list, device, trace_path: str | None = None) -> dict:

@@ -96,7 +96,8 @@ def _rebuild(value, it):
 def signature(run, hidden):
     """The graph key of a checkpointed call, or None where graphs do not apply. `run` is transformers'
     partial(forward, layer, **kwargs) (older transformers: partial(layer.__call__, **kwargs)); a packed row's
-    example boundaries are part of the key, since the attention reads them as constants."""
+    example boundaries (and whether it is attended as a dense batch) are part of the key, since the attention reads
+    them as constants."""
     import functools
 
     if not isinstance(run, functools.partial) or len(run.args) > 1:
@@ -191,14 +192,14 @@ class _Entry:
         from finetune.recipe import lora_weights, speed
 
         pos = self.keywords.get("position_ids")
-        if pos is not None:
-            speed.segment_bounds(pos)  # fill the boundaries cache outside the capture (it reads back to the host)
+        if pos is not None:  # fill the boundaries cache outside the capture (it reads back to the host)
+            speed.segment_bounds(pos, count=False)  # the static copy of a batch already counted
         capturing[0] = True
         try:
             graph = _record(body, self.statics.hidden.device)
         finally:
             capturing[0] = False
-        self.keep += speed.cached_segments() + lora_weights.shared_buffers()
+        self.keep += (speed.cached_segments(pos) if pos is not None else []) + lora_weights.shared_buffers()
         _captured[0] += 1
         return graph
 
@@ -259,19 +260,25 @@ def _graphed_function():
     import torch
 
     class GraphedCheckpoint(torch.autograd.Function):
-        """The fast checkpoint through an _Entry's graphs: forward replays the forward graph and keeps the input;
+        """The fast checkpoint through an _Entry's graphs: forward replays the forward graph and keeps the input (or
+        has `offloader` park it in host memory);
         backward replays the recompute-and-backward graph and hands the LoRA gradients to autograd as this node's
         input gradients (the graph cannot accumulate into .grad, which optimizers reset)."""
 
         @staticmethod
-        def forward(ctx, entry, kw_tensors, hidden, *params):
-            ctx.entry, ctx.kw_tensors, ctx.saved = entry, kw_tensors, hidden.detach()
+        def forward(ctx, entry, kw_tensors, offloader, hidden, *params):
+            ctx.entry, ctx.kw_tensors, ctx.offloader = entry, kw_tensors, offloader
+            if offloader is not None:
+                ctx.parked = offloader.park(hidden)
+            else:
+                ctx.saved = hidden.detach()
             return entry.run_forward(hidden, kw_tensors)
 
         @staticmethod
         def backward(ctx, grad_out):
-            dx, grads = ctx.entry.run_backward(ctx.saved, ctx.kw_tensors, grad_out.contiguous())
-            return (None, None, dx if ctx.needs_input_grad[2] else None, *grads)
+            hidden = ctx.saved if ctx.offloader is None else ctx.offloader.fetch(ctx.parked)
+            dx, grads = ctx.entry.run_backward(hidden, ctx.kw_tensors, grad_out.contiguous())
+            return (None, None, None, dx if ctx.needs_input_grad[3] else None, *grads)
 
     _function_cls = GraphedCheckpoint
     return GraphedCheckpoint
@@ -296,8 +303,9 @@ class LayerGraphs:
         self.entries: dict = {}
         self.off = not self.params or len({p.dtype for p in self.params}) != 1  # one flat gradient buffer
 
-    def __call__(self, run, hidden):
-        """The layer's output through its graphs, or None: the caller then runs the eager checkpoint."""
+    def __call__(self, run, hidden, offloader=None):
+        """The layer's output through its graphs, or None: the caller then runs the eager checkpoint. `offloader`
+        (finetune/recipe/offload.py), if given, parks the layer's input until the backward."""
         if self.off or _failed or hidden.device.type not in DEVICE_TYPES or not hidden.is_contiguous():
             return None
         key = signature(run, hidden)
@@ -315,7 +323,7 @@ class LayerGraphs:
                                                self.slots)
         kw_tensors = _kw_tensors(run)
         try:
-            return _graphed_function().apply(entry, kw_tensors, hidden, *self.params)
+            return _graphed_function().apply(entry, kw_tensors, offloader, hidden, *self.params)
         except Exception as e:  # a layer doing something a graph cannot hold (a host read, say)
             _fail(e)
             return None

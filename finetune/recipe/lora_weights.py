@@ -118,13 +118,33 @@ def shared_buffers() -> list:
 
 
 _updates = [0]  # optimizer steps taken in this process (a global step hook counts them)
+_holders: dict = {}  # id -> weak reference of each parameter holding a compute-dtype copy
+_COPIES = ("_studio_cast", "_studio_cat", "_studio_block_diag")
+
+
+def _keep(p, attr: str, value) -> None:
+    import weakref
+
+    setattr(p, attr, value)
+    _holders[id(p)] = weakref.ref(p)
+
+
+def _after_optimizer_step(*_) -> None:
+    """Count the step and drop the copies it made stale: a layer replayed as a CUDA graph casts inside the graph
+    and never reads them again, so kept they would be memory held for nothing (the LoRA weights once more in bf16)."""
+    _updates[0] += 1
+    for ref in _holders.values():
+        p = ref()
+        for attr in _COPIES if p is not None else ():
+            p.__dict__.pop(attr, None)
+    _holders.clear()
 
 
 def _count_optimizer_steps() -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     if not getattr(_count_optimizer_steps, "done", False):
-        register_optimizer_step_post_hook(lambda *_: _updates.__setitem__(0, _updates[0] + 1))
+        register_optimizer_step_post_hook(_after_optimizer_step)
         _count_optimizer_steps.done = True
 
 
@@ -142,7 +162,7 @@ def _cast(p, dt):
     if hit is not None and hit[0] == key:
         return hit[1]
     c = p.detach().to(dt)
-    p._studio_cast = (key, c)
+    _keep(p, "_studio_cast", (key, c))
     return c
 
 
@@ -179,7 +199,7 @@ def _cast_cat(params, dt):
     if hit is not None and hit[0] == key:
         return hit[1]
     c = torch.cat([p.detach().to(dt) for p in params])
-    params[0]._studio_cat = (key, c)
+    _keep(params[0], "_studio_cat", (key, c))
     return c
 
 
@@ -210,5 +230,5 @@ def block_diagonal(params, scales, dt):
         bd[r:r + p.shape[0], c:c + p.shape[1]] = (p.detach() * s).to(dt)
         r, c = r + p.shape[0], c + p.shape[1]
     if not layer_graphs.capturing[0]:
-        params[0]._studio_block_diag = (key, bd)
+        _keep(params[0], "_studio_block_diag", (key, bd))
     return bd

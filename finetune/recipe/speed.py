@@ -18,28 +18,31 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
   lean_dequant     the 4-bit dequantization as bare calls of bitsandbytes' C functions into one reused buffer
   varlen_attention padding-free batches (one row, position_ids restarting at 0 per example) attended per example
                    through torch's variable-length flash attention: no padding compute and no cross-contamination
+  dense_rows       a packed row whose examples all have one length (fixed-length data), once that shape recurs,
+                   attended as a dense batch through SDPA with cuDNN's kernel first (twice flash varlen's speed)
   fast_checkpoint  activation checkpointing as one autograd function per decoder layer (input kept, layer recomputed
                    in backward): measured faster than torch's non-reentrant checkpoint with its saved-tensor hooks;
                    single process only (DDP forbids a reentrant backward), else torch's non-reentrant checkpoint
   graphs           the checkpointed layers replayed as CUDA graphs (forward, and recompute + backward) once a
                    shape repeats: one launch instead of hundreds of short kernels queued one by one from Python
                    (finetune/recipe/layer_graphs.py; one process, layers without dropout, fixed shapes)
-  offload_checkpoints  the same, with layer inputs of 128 MiB or more (long sequences) parked in pinned CPU memory
-                   (copied on a side stream) and brought back for the recompute
+  offload          the fast checkpoint with layer inputs of 16 MiB or more parked in pinned CPU memory: copied out on
+                   a side stream, copied back one layer ahead of the recompute (finetune/recipe/offload.py)
   compile          torch.compile of each decoder layer (opt-in, STUDIO_SPEED=+compile: measured, see docs/benchmarks.md)
 
 On the CPU it changes nothing: the same recipe runs there as the plain transformers + peft model.
 
 STUDIO_SPEED (developer switch, comma separated) turns pieces off or on for experiments and the benchmark:
-"-liger", "-fused_lora", "-fused_proj", "-group", "-stack", "-lean_dequant", "-varlen", "-offload", "-fast_checkpoint",
-"-graphs", "-keep_bf16", "+compile", "+bf16_lora" (LoRA weights stored in bf16),
-"none" (nothing at all).
+"-liger", "-fused_lora", "-fused_proj", "-group", "-stack", "-lean_dequant", "-varlen", "-dense_rows", "-offload",
+"-fast_checkpoint", "-graphs", "-keep_bf16", "+compile", "+bf16_lora" (LoRA weights stored in bf16), "none"
+(nothing at all).
 
 `python -m finetune.recipe.speed --selfcheck` prints which pieces this machine can use and checks the attention kernel
 against a reference.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -49,6 +52,7 @@ import weakref
 
 from finetune.recipe.layer_graphs import LayerGraphs
 from finetune.recipe.lora_fused import fuse_lora, fused_pieces
+from finetune.recipe.offload import InputOffloader
 from finetune.recipe.speed_switches import switches as _switches
 from finetune.recipe.speed_switches import wanted as _wanted
 
@@ -56,10 +60,10 @@ log = logging.getLogger(__name__)
 
 LIGER_MODEL_TYPES = ("llama", "qwen2", "mistral")
 VARLEN_NAME = "studio_varlen"
-# A layer input smaller than this stays on the GPU. Measured on an H200 (docs/benchmarks.md): at 2 x 2048 tokens of
-# Llama-3-8B (32 MiB per layer) offloading cost 5-20% of the speed for 0.9 GiB; from 16k tokens (128 MiB per layer)
-# on it is what lets a 24 GiB card train 65k-token sequences.
-OFFLOAD_MIN_BYTES = int(os.environ.get("STUDIO_OFFLOAD_MIN_MB", "128")) * 2**20
+# A layer input smaller than this stays on the GPU (parking it would save little and cost two copies' host work).
+# Measured on an H200 (docs/benchmarks.md, run 11): with the copy back started one layer ahead, parking Llama-3-8B's
+# 32 MiB inputs at 2 x 2048 tokens saves 0.9 GiB for 0.3% of the speed (within the steps' noise).
+OFFLOAD_MIN_BYTES = int(os.environ.get("STUDIO_OFFLOAD_MIN_MB", "16")) * 2**20
 
 
 def inner_model(model):
@@ -117,45 +121,65 @@ def apply_liger(model) -> list[str]:
 
 
 # --- variable-length attention -----------------------------------------------------------------------------------
-_cu_cache: dict = {}
+_cu_cache: list = []  # (weak reference, version, value) of the last few position tensors, newest last
+CU_CACHE_SIZE = 4
+# Packed rows seen whose examples all have one length, by (examples, length). Such a row is a dense batch, and
+# cuDNN's attention measured twice as fast as flash varlen on an H200 (docs/benchmarks.md, run 11); but cuDNN builds
+# a plan per new shape (~150 ms), so the dense path waits until a shape recurs (fixed-length or truncated data),
+# and takes a few shapes only (single-example rows of variable-length data would each be a new shape).
+equal_rows: collections.Counter = collections.Counter()
+dense_shapes: set = set()
+DENSE_AFTER = 1
+MAX_DENSE_SHAPES = 8
 
 
-def _segments(position_ids):
-    """(cu_seqlens int32 [n+1], max_len, bounds tuple) of a packed row, computed once per position tensor: every
-    layer, the recompute and the graph key ask. The cache knows the tensor by identity and version, not by address:
-    the next batch's positions often land in the memory the last batch's left."""
+def _segments(position_ids, count: bool = True):
+    """(cu_seqlens int32 [n+1], max_len, bounds tuple, examples if the row is attended as a dense batch else 0) of
+    a packed row, computed once per position tensor: every layer, the recompute and the graph key ask. The cache
+    knows the tensor by identity and version, not by address: the next batch's positions often land in the memory
+    the last batch's left. `count`: a new batch (not a graph's static copy of one) counts toward equal_rows."""
     import torch
 
-    hit = _cu_cache.get("key")
-    if hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
-        return _cu_cache["value"]
+    for ref, version, value in _cu_cache:
+        if ref() is position_ids and version == position_ids._version:
+            return value
     p = position_ids.reshape(-1)
     starts = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
     starts[1:] = p[1:] != p[:-1] + 1
     idx = torch.nonzero(starts).flatten()
     cu = torch.cat([idx, torch.tensor([p.numel()], device=p.device)]).to(torch.int32)
     bounds = tuple(cu.tolist())  # one read-back per forward
+    lengths = {b - a for a, b in zip(bounds[:-1], bounds[1:])}
+    dense = 0
+    if len(lengths) == 1 and p.is_cuda and _wanted("dense_rows"):
+        shape = (len(bounds) - 1, lengths.pop())
+        equal_rows[shape] += count
+        if equal_rows[shape] > DENSE_AFTER and (shape in dense_shapes or len(dense_shapes) < MAX_DENSE_SHAPES):
+            dense_shapes.add(shape)
+            dense = shape[0]
     max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    _cu_cache["key"], _cu_cache["value"] = (weakref.ref(position_ids), position_ids._version), (cu, max_len, bounds)
-    return _cu_cache["value"]
+    _cu_cache.append((weakref.ref(position_ids), position_ids._version, (cu, max_len, bounds, dense)))
+    del _cu_cache[:-CU_CACHE_SIZE]
+    return _cu_cache[-1][2]
 
 
 def segments_from_positions(position_ids):
     """(cu_seqlens int32 [n+1], max_len) of a packed row: a new example starts wherever the position does not
     follow the previous one (the collate restarts positions at 0)."""
-    cu, max_len, _ = _segments(position_ids)
+    cu, max_len, _, _ = _segments(position_ids)
     return cu, max_len
 
 
-def segment_bounds(position_ids) -> tuple:
-    """The example boundaries of a packed row as ints (cu_seqlens on the host)."""
-    return _segments(position_ids)[2]
+def segment_bounds(position_ids, count: bool = True) -> tuple:
+    """The example boundaries of a packed row as ints (cu_seqlens on the host), and whether it is attended as a
+    dense batch (both decide which kernels a layer runs)."""
+    _, _, bounds, dense = _segments(position_ids, count)
+    return bounds, dense
 
 
-def cached_segments() -> list:
-    """The cu_seqlens tensor the attention reads now (a graph captured with it keeps it alive)."""
-    value = _cu_cache.get("value")
-    return [value[0]] if value else []
+def cached_segments(position_ids) -> list:
+    """The cu_seqlens tensor the attention reads for these positions (a graph captured with it keeps it alive)."""
+    return [_segments(position_ids, count=False)[0]]
 
 
 @functools.lru_cache(maxsize=1)
@@ -183,8 +207,10 @@ def _packed_attention(query, key, value, position_ids, scaling):
     import torch
     import torch.nn.functional as F
 
-    cu, max_len = segments_from_positions(position_ids)
+    cu, max_len, _, dense = _segments(position_ids)
     hq, hkv = query.shape[1], key.shape[1]
+    if dense:
+        return dense_rows_attention(query, key, value, dense, scaling)
     if varlen_usable(query.device):
         varlen_attn, params = _varlen_kernel()
         q = query[0].transpose(0, 1)
@@ -208,6 +234,24 @@ def _packed_attention(query, key, value, position_ids, scaling):
         outs.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
                                                    scale=scaling, enable_gqa=hq != hkv))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def dense_rows_attention(query, key, value, rows: int, scaling):
+    """_packed_attention for a row of `rows` examples of one length: the row cut into a batch [rows, H, L, D] for
+    SDPA, preferring cuDNN's kernel (then flash, memory-efficient, math where one does not apply)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    hq, t, d = query.shape[1:]
+
+    def batch(x):
+        return x[0].unflatten(1, (rows, t // rows)).transpose(0, 1)
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        out = F.scaled_dot_product_attention(batch(query), batch(key), batch(value), is_causal=True, scale=scaling,
+                                             enable_gqa=hq != key.shape[1])
+    return out.transpose(1, 2).reshape(1, t, hq, d)
 
 
 def studio_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -251,57 +295,21 @@ def use_varlen_attention(model) -> bool:
     return True
 
 
-# --- checkpoint offload ---------------------------------------------------------------------------------------------
-class _PinnedPool:
-    """Reusable pinned host buffers (a cudaHostAlloc per layer per step costs more than the copy itself). Buffers
-    are flat bytes in power-of-two sizes, so batches of varying length reuse them instead of allocating anew."""
-
-    def __init__(self):
-        self.free: dict[int, list] = {}
-
-    def take(self, shape, dtype):
-        import math
-
-        import torch
-
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        cap = 1 << max(20, (nbytes - 1).bit_length())
-        bucket = self.free.get(cap)
-        raw = bucket.pop() if bucket else torch.empty(cap, dtype=torch.uint8, device="cpu", pin_memory=True)
-        return raw, raw[:nbytes].view(dtype).view(shape)
-
-    def give(self, raw):
-        self.free.setdefault(raw.numel(), []).append(raw)
-
-
-_pool = _PinnedPool()
-_side_stream = None
-
-
-def _offloaded_function():
+# --- the fast checkpoint ------------------------------------------------------------------------------------------
+def _checkpoint_function():
     import torch
 
-    class OffloadedCheckpoint(torch.autograd.Function):
+    class FastCheckpoint(torch.autograd.Function):
         """Run the layer without saving activations, keeping only its input: on the GPU, or parked in pinned CPU
-        memory (copied on a side stream) when `offload`. In backward: bring it back, recompute with grad,
+        memory by `offloader` (finetune/recipe/offload.py). In backward: take it back, recompute with grad,
         backpropagate through the recomputation. (The checkpoint torch.utils.checkpoint does, without its
         saved-tensor hooks, which measured slower here.)"""
 
         @staticmethod
-        def forward(ctx, run, hidden, offload, rng=True):
-            global _side_stream
-            ctx.run, ctx.device, ctx.raw = run, hidden.device, None
-            if offload:
-                if _side_stream is None:
-                    _side_stream = torch.cuda.Stream(device=hidden.device)
-                raw, buf = _pool.take(hidden.shape, hidden.dtype)
-                _side_stream.wait_stream(torch.cuda.current_stream(hidden.device))
-                with torch.cuda.stream(_side_stream):
-                    buf.copy_(hidden, non_blocking=True)
-                    done = torch.cuda.Event()
-                    done.record(_side_stream)
-                hidden.record_stream(_side_stream)  # the allocator must not hand hidden's memory out before the copy
-                ctx.raw, ctx.buf, ctx.done = raw, buf, done
+        def forward(ctx, run, hidden, offloader, rng=True):
+            ctx.run, ctx.device, ctx.offloader = run, hidden.device, offloader
+            if offloader is not None:
+                ctx.parked = offloader.park(hidden)
             else:
                 ctx.saved = hidden.detach()
             ctx.rng = None
@@ -312,19 +320,14 @@ def _offloaded_function():
 
         @staticmethod
         def backward(ctx, grad_out):
-            if ctx.raw is not None:
-                torch.cuda.current_stream(ctx.device).wait_event(ctx.done)
-                hidden = ctx.buf.to(ctx.device, non_blocking=True)
-                _pool.give(ctx.raw)  # later copies into it are ordered after this one on the streams
-            else:
-                hidden = ctx.saved
+            hidden = ctx.saved if ctx.offloader is None else ctx.offloader.fetch(ctx.parked)
             hidden = hidden.detach().requires_grad_(True)
             with _rng_restored(ctx.rng, ctx.device), torch.enable_grad():  # the same dropout masks as the forward
                 out = ctx.run(hidden)
             torch.autograd.backward(out, grad_out)
             return None, hidden.grad, None, None
 
-    return OffloadedCheckpoint
+    return FastCheckpoint
 
 
 @contextlib.contextmanager
@@ -370,7 +373,7 @@ def _checkpointed_layers(model) -> list:
 
 
 def offload_checkpoints(model, offload: bool = True) -> int:
-    """Swap each decoder layer's checkpoint function for OffloadedCheckpoint (inputs >= OFFLOAD_MIN_BYTES on CUDA
+    """Swap each decoder layer's checkpoint function for FastCheckpoint (inputs >= OFFLOAD_MIN_BYTES on CUDA
     go to pinned CPU memory when `offload`). Needs checkpointing already on. Under DDP the recompute runs inside
     backward (reentrant): DDP accepts that because every LoRA weight is used once per step; measured 11% faster
     than torch's non-reentrant checkpoint on 2 GPUs (docs/scaling.md; "-ddp_fast_checkpoint" turns it off there).
@@ -386,16 +389,18 @@ def offload_checkpoints(model, offload: bool = True) -> int:
     if not layers:
         return 0
     inner = inner_model(model)
-    fn_cls = _offloaded_function()
+    fn_cls = _checkpoint_function()
     plain = functools.partial(checkpoint, use_reentrant=False)
+    offloader = InputOffloader() if offload else None
 
     def checkpoint_for(rng: bool, graphs):
         def ckpt(run, *args, **kwargs):
             hidden = args[0] if args else None
             if len(args) == 1 and not kwargs and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
                 big = hidden.is_cuda and hidden.numel() * hidden.element_size() >= OFFLOAD_MIN_BYTES
-                out = graphs(run, hidden) if graphs is not None and not (offload and big) else None
-                return fn_cls.apply(run, hidden, offload and big, rng) if out is None else out
+                parker = offloader if big else None
+                out = graphs(run, hidden, parker) if graphs is not None else None
+                return fn_cls.apply(run, hidden, parker, rng) if out is None else out
             return plain(run, *args, **kwargs)
         return ckpt
 
@@ -466,7 +471,7 @@ def patch_model_for_speed(model, training_cfg) -> list[str]:
         if _wanted("fast_checkpoint"):
             offload = _wanted("offload")
             if offload_checkpoints(model, offload=offload):
-                applied += ["fast_checkpoint"] + (["offload_long_checkpoints"] if offload else [])
+                applied += ["fast_checkpoint"] + (["offload_checkpoints"] if offload else [])
                 if any(getattr(m, "_studio_graphs", None) is not None for m in _checkpointed_layers(model)):
                     applied.append("cuda_graph_layers")
     if _wanted("compile", default=False) and compile_layers(model):

@@ -1,0 +1,105 @@
+"""Checkpointed layer inputs parked in pinned CPU memory between a layer's forward and its recompute (the "offload"
+piece of finetune/recipe/speed.py).
+
+Under the fast checkpoint each decoder layer keeps only its input until the backward reaches it: at Llama-3-8B and
+2 x 2048 tokens that is 32 MiB per layer, 1 GiB for the model, the largest thing left on the GPU besides the weights.
+Parking it costs two copies over PCIe per layer and step. They stay off the critical path when
+  * the copy out runs on a side stream, ordered after the layer's input was written, while the next layers compute;
+  * the copy back of layer i-1's input starts on that side stream as the backward of layer i begins, so it is on the
+    GPU by the time layer i-1 needs it (the compute stream waits on an event, not on the copy engine's queue).
+One InputOffloader serves a model's layers: it links each parked input to the one parked before it, which is the one
+the backward needs next.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+
+class PinnedPool:
+    """Reusable pinned host buffers (a cudaHostAlloc per layer per step costs more than the copy itself). Buffers
+    are flat bytes in power-of-two sizes, so batches of varying length reuse them instead of allocating anew."""
+
+    def __init__(self):
+        self.free: dict[int, list] = {}
+
+    def take(self, shape, dtype):
+        import torch
+
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        cap = 1 << max(20, (nbytes - 1).bit_length())
+        bucket = self.free.get(cap)
+        raw = bucket.pop() if bucket else torch.empty(cap, dtype=torch.uint8, device="cpu", pin_memory=True)
+        return raw, raw[:nbytes].view(dtype).view(shape)
+
+    def give(self, raw):
+        self.free.setdefault(raw.numel(), []).append(raw)
+
+
+class Parked:
+    """One parked layer input: its pinned host copy until the copy back starts, then its GPU copy until fetched."""
+
+    __slots__ = ("raw", "host", "device", "before", "gpu", "ready", "__weakref__")
+
+    def __init__(self, raw, host, device, before):
+        self.raw, self.host, self.device, self.before = raw, host, device, before
+        self.gpu = self.ready = None
+
+
+class InputOffloader:
+    def __init__(self):
+        self.pool = PinnedPool()
+        self.streams: dict = {}
+        self.last = None  # weak reference to the input parked last
+
+    def _stream(self, device):
+        import torch
+
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device=device)
+        return self.streams[device]
+
+    def park(self, hidden) -> Parked:
+        """Start copying `hidden` (on a CUDA device) to pinned memory; the caller then drops its own reference."""
+        import torch
+
+        side = self._stream(hidden.device)
+        raw, host = self.pool.take(hidden.shape, hidden.dtype)
+        side.wait_stream(torch.cuda.current_stream(hidden.device))
+        with torch.cuda.stream(side):
+            host.copy_(hidden, non_blocking=True)
+        hidden.record_stream(side)  # the allocator must not hand hidden's memory out before the copy has read it
+        parked = Parked(raw, host, hidden.device, self.last)
+        self.last = weakref.ref(parked)
+        return parked
+
+    def fetch(self, parked: Parked):
+        """`parked` back on the GPU, ready for the current stream; the input parked before it starts coming back."""
+        import torch
+
+        if parked.gpu is None:
+            if parked.raw is None:
+                raise RuntimeError("this layer input was fetched already (a second backward through one graph)")
+            self._start_copy_back(parked)
+        torch.cuda.current_stream(parked.device).wait_event(parked.ready)
+        gpu, parked.gpu, parked.ready = parked.gpu, None, None
+        before = parked.before() if parked.before is not None else None
+        if before is not None and before.raw is not None:
+            self._start_copy_back(before)
+        return gpu
+
+    def _start_copy_back(self, parked: Parked) -> None:
+        import torch
+
+        side = self._stream(parked.device)
+        gpu = torch.empty(parked.host.shape, dtype=parked.host.dtype, device=parked.device)
+        # gpu's memory was handed out for the current stream: work queued there may still be using it.
+        side.wait_stream(torch.cuda.current_stream(parked.device))
+        with torch.cuda.stream(side):
+            gpu.copy_(parked.host, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        gpu.record_stream(side)  # dropped unfetched (a failed step), its memory still waits for the copy
+        parked.gpu, parked.ready = gpu, ready
+        self.pool.give(parked.raw)  # the next copy into it is queued on the same stream, after this one
+        parked.raw = parked.host = None
