@@ -151,7 +151,7 @@ def _segments(position_ids, count: bool = True):
     bounds = tuple(cu.tolist())  # one read-back per forward
     lengths = {b - a for a, b in zip(bounds[:-1], bounds[1:])}
     dense = 0
-    if len(lengths) == 1 and p.is_cuda and _wanted("dense_rows"):
+    if len(lengths) == 1 and p.is_cuda and _wanted("dense_rows") and _dense_kernel_order() is not None:
         shape = (len(bounds) - 1, lengths.pop())
         equal_rows[shape] += count
         if equal_rows[shape] > DENSE_AFTER and (shape in dense_shapes or len(dense_shapes) < MAX_DENSE_SHAPES):
@@ -203,7 +203,8 @@ def varlen_usable(device) -> bool:
 
 def _packed_attention(query, key, value, position_ids, scaling):
     """Causal attention within each example of a packed row. query [1, Hq, T, D], key/value [1, Hkv, T, D] ->
-    [1, T, Hq, D]. Flash varlen on CUDA; per-example SDPA elsewhere (the reference, and the CPU path)."""
+    [1, T, Hq, D]. On CUDA a dense batch through SDPA for a recurring row of one example length, else flash varlen;
+    per-example SDPA elsewhere (the reference, and the CPU path)."""
     import torch
     import torch.nn.functional as F
 
@@ -236,19 +237,32 @@ def _packed_attention(query, key, value, position_ids, scaling):
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
+@functools.lru_cache(maxsize=1)
+def _dense_kernel_order():
+    """SDPA's backends with cuDNN first, or None where this torch cannot rank them (set_priority, torch >= 2.6)."""
+    import inspect
+
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+        return None
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def dense_rows_attention(query, key, value, rows: int, scaling):
     """_packed_attention for a row of `rows` examples of one length: the row cut into a batch [rows, H, L, D] for
     SDPA, preferring cuDNN's kernel (then flash, memory-efficient, math where one does not apply)."""
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     hq, t, d = query.shape[1:]
 
     def batch(x):
         return x[0].unflatten(1, (rows, t // rows)).transpose(0, 1)
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(order, set_priority=True):
+    with sdpa_kernel(_dense_kernel_order(), set_priority=True):
         out = F.scaled_dot_product_attention(batch(query), batch(key), batch(value), is_causal=True, scale=scaling,
                                              enable_gqa=hq != key.shape[1])
     return out.transpose(1, 2).reshape(1, t, hq, d)
@@ -465,6 +479,8 @@ def patch_model_for_speed(model, training_cfg) -> list[str]:
         applied += ["fused_lora"] + fused_pieces(model)
     if getattr(training_cfg, "padding_free", True) and _wanted("varlen") and use_varlen_attention(model):
         applied.append("varlen_attention" if varlen_usable("cuda") else "packed_sdpa_attention")
+        if _wanted("dense_rows") and _dense_kernel_order() is not None:
+            applied.append("dense_rows_attention")  # rows of one example length, once their shape recurs
     if getattr(training_cfg, "gradient_checkpointing", False):
         if ensure_non_reentrant(model):
             applied.append("non_reentrant_checkpointing")
