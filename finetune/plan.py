@@ -10,10 +10,11 @@ The estimate follows what the engine really keeps, phase by phase of a training 
   LoRA         fp32 master weights, fp32 gradients, optimizer states by training.optim (AdamW: two fp32 moments;
                8-bit: two bytes plus block scales; paged on a GPU: unified memory the driver can evict, not counted)
   activations  per token: with checkpointing the input of every decoder layer (parked in pinned host memory on a
-               GPU once it reaches speed.OFFLOAD_MIN_BYTES, Device.offload_min_bytes) plus one layer's recompute and backward; without it
-               every layer's; attention workspace (flash kernels: O(tokens); the CPU's math path: O(seq^2));
-               logits and loss (liger's fused linear cross-entropy on a GPU: a chunk; else the [tokens, vocab]
-               logits in the compute dtype, their fp32 copy, log-softmax and its gradient)
+               GPU once it reaches Device.offload_min_bytes, by default speed.OFFLOAD_MIN_BYTES) plus one layer's
+               recompute and backward; without it every layer's; attention workspace (flash kernels: O(tokens);
+               the CPU's math path: O(seq^2)); logits and loss (liger's fused linear cross-entropy on a GPU: a
+               chunk; else the [tokens, vocab] logits in the compute dtype, their fp32 copy, log-softmax and its
+               gradient)
   device       CUDA context beside the allocator; reserved = allocated plus the caching allocator's slack. On a CPU
                host the "device" is RAM and the baseline is the Python process with the libraries loaded.
 The peak is the largest of the phases (loading, the loss, the first layer's backward, the optimizer step).

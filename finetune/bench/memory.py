@@ -110,7 +110,6 @@ def run_group(name: str, model_dir: str, out: Path, steps: int) -> int:
     from finetune.bench.models import make_batches
     from finetune.recipe import speed
     from finetune.recipe.sft import build_optimizer
-    from finetune.recipe.speed import patch_model_for_speed
 
     shape, overrides, cases = GROUPS[name]
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -121,7 +120,7 @@ def run_group(name: str, model_dir: str, out: Path, steps: int) -> int:
     tok = M.load_tokenizer(config.model)
     model = M.load_model(config.model, for_training=True)
     model = M.apply_lora(model, config.lora, gradient_checkpointing=tc.gradient_checkpointing)
-    speedups = patch_model_for_speed(model, tc)
+    speedups = speed.patch_model_for_speed(model, tc)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)

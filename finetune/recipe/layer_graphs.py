@@ -260,10 +260,10 @@ def _graphed_function():
     import torch
 
     class GraphedCheckpoint(torch.autograd.Function):
-        """The fast checkpoint through an _Entry's graphs: forward replays the forward graph and keeps the input (or
-        has `offloader` park it in host memory);
-        backward replays the recompute-and-backward graph and hands the LoRA gradients to autograd as this node's
-        input gradients (the graph cannot accumulate into .grad, which optimizers reset)."""
+        """The fast checkpoint through an _Entry's graphs: forward replays the forward graph and keeps the input
+        (or has `offloader` park it in host memory); backward replays the recompute-and-backward graph and hands the
+        LoRA gradients to autograd as this node's input gradients (the graph cannot accumulate into .grad, which
+        optimizers reset)."""
 
         @staticmethod
         def forward(ctx, entry, kw_tensors, offloader, hidden, *params):
