@@ -2,6 +2,7 @@
 the same loss and gradients, and a padding-free (flattened, position_ids) batch gives the padded batch's loss."""
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -527,7 +528,8 @@ def test_layer_graphs_and_offload_train_like_the_eager_layers(tmp_path, monkeypa
         applied = speed.patch_model_for_speed(model, TrainingConfig(gradient_checkpointing=True))
         model.train()
         counts.update(late=0, fetched=0)
-        speed.equal_rows.clear(), speed.dense_shapes.clear()
+        monkeypatch.setattr(speed, "equal_rows", collections.Counter())  # each run counts its own rows
+        monkeypatch.setattr(speed, "dense_shapes", set())
         runs[switches] = (applied, *train_with_graphs(model, batches, torch.optim.AdamW, lr=1e-2), dict(counts))
         assert speed.equal_rows[(2, 32)] == len(batches) and speed.segment_bounds(batches[-1]["position_ids"])[1] == 2
     eager_applied, eager_losses, eager_w, _, eager_counts = runs["-graphs,-offload"]
@@ -554,14 +556,15 @@ def test_selfcheck_varlen_kernel_against_float64_reference():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_dense_rows_attention_matches_flash_varlen_on_gpu():
+def test_dense_rows_attention_matches_flash_varlen_on_gpu(monkeypatch):
     """A row of four 256-token examples (Llama-3's 32 query and 8 key/value heads, bf16): the dense batch through
     SDPA (cuDNN where it applies) and flash varlen give the same output and the same gradients."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, h, 4 * 256, 128, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for h in (32, 8, 8))
     pos = torch.arange(256, device="cuda").repeat(4)[None]
-    speed.equal_rows.clear(), speed.dense_shapes.clear()
+    monkeypatch.setattr(speed, "equal_rows", collections.Counter())
+    monkeypatch.setattr(speed, "dense_shapes", set())
     outs = []
     for _ in range(1 + speed.DENSE_AFTER):  # flash varlen until the row's shape recurs, then the dense batch
         pos = pos.clone()  # a new batch's positions
