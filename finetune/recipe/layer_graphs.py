@@ -21,6 +21,8 @@ import logging
 import math
 import weakref
 
+from finetune.recipe.offload import keep_input, kept_input
+
 log = logging.getLogger(__name__)
 
 MAX_SIGNATURES = 8
@@ -267,17 +269,13 @@ def _graphed_function():
 
         @staticmethod
         def forward(ctx, entry, kw_tensors, offloader, hidden, *params):
-            ctx.entry, ctx.kw_tensors, ctx.offloader = entry, kw_tensors, offloader
-            if offloader is not None:
-                ctx.parked = offloader.park(hidden)
-            else:
-                ctx.saved = hidden.detach()
+            ctx.entry, ctx.kw_tensors = entry, kw_tensors
+            keep_input(ctx, hidden, offloader)
             return entry.run_forward(hidden, kw_tensors)
 
         @staticmethod
         def backward(ctx, grad_out):
-            hidden = ctx.saved if ctx.offloader is None else ctx.offloader.fetch(ctx.parked)
-            dx, grads = ctx.entry.run_backward(hidden, ctx.kw_tensors, grad_out.contiguous())
+            dx, grads = ctx.entry.run_backward(kept_input(ctx), ctx.kw_tensors, grad_out.contiguous())
             return (None, None, None, dx if ctx.needs_input_grad[3] else None, *grads)
 
     _function_cls = GraphedCheckpoint

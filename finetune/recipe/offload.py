@@ -16,6 +16,21 @@ import math
 import weakref
 
 
+def keep_input(ctx, hidden, offloader) -> None:
+    """Keep a checkpointed layer's input on an autograd ctx for its backward: parked in host memory by
+    `offloader`, or (None) on the GPU."""
+    ctx.offloader = offloader
+    if offloader is not None:
+        ctx.parked = offloader.park(hidden)
+    else:
+        ctx.saved = hidden.detach()
+
+
+def kept_input(ctx):
+    """The input keep_input kept, on the GPU."""
+    return ctx.saved if ctx.offloader is None else ctx.offloader.fetch(ctx.parked)
+
+
 class PinnedPool:
     """Reusable pinned host buffers (a cudaHostAlloc per layer per step costs more than the copy itself). Buffers
     are flat bytes in power-of-two sizes, so batches of varying length reuse them instead of allocating anew."""

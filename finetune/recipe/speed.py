@@ -52,7 +52,7 @@ import weakref
 
 from finetune.recipe.layer_graphs import LayerGraphs
 from finetune.recipe.lora_fused import fuse_lora, fused_pieces
-from finetune.recipe.offload import InputOffloader
+from finetune.recipe.offload import InputOffloader, keep_input, kept_input
 from finetune.recipe.speed_switches import switches as _switches
 from finetune.recipe.speed_switches import wanted as _wanted
 
@@ -137,7 +137,8 @@ def _segments(position_ids, count: bool = True):
     """(cu_seqlens int32 [n+1], max_len, bounds tuple, examples if the row is attended as a dense batch else 0) of
     a packed row, computed once per position tensor: every layer, the recompute and the graph key ask. The cache
     knows the tensor by identity and version, not by address: the next batch's positions often land in the memory
-    the last batch's left. `count`: a new batch (not a graph's static copy of one) counts toward equal_rows."""
+    the last batch's left. A new example starts wherever the position does not follow the previous one (the collate
+    restarts positions at 0). `count`: a new batch (not a graph's static copy of one) counts toward equal_rows."""
     import torch
 
     for ref, version, value in _cu_cache:
@@ -150,24 +151,16 @@ def _segments(position_ids, count: bool = True):
     cu = torch.cat([idx, torch.tensor([p.numel()], device=p.device)]).to(torch.int32)
     bounds = tuple(cu.tolist())  # one read-back per forward
     lengths = {b - a for a, b in zip(bounds[:-1], bounds[1:])}
-    dense = 0
+    max_len, dense = max(lengths), 0
     if len(lengths) == 1 and p.is_cuda and _wanted("dense_rows") and _dense_kernel_order() is not None:
-        shape = (len(bounds) - 1, lengths.pop())
+        shape = (len(bounds) - 1, max_len)
         equal_rows[shape] += count
         if equal_rows[shape] > DENSE_AFTER and (shape in dense_shapes or len(dense_shapes) < MAX_DENSE_SHAPES):
             dense_shapes.add(shape)
             dense = shape[0]
-    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     _cu_cache.append((weakref.ref(position_ids), position_ids._version, (cu, max_len, bounds, dense)))
     del _cu_cache[:-CU_CACHE_SIZE]
     return _cu_cache[-1][2]
-
-
-def segments_from_positions(position_ids):
-    """(cu_seqlens int32 [n+1], max_len) of a packed row: a new example starts wherever the position does not
-    follow the previous one (the collate restarts positions at 0)."""
-    cu, max_len, _, _ = _segments(position_ids)
-    return cu, max_len
 
 
 def segment_bounds(position_ids, count: bool = True) -> tuple:
@@ -321,11 +314,8 @@ def _checkpoint_function():
 
         @staticmethod
         def forward(ctx, run, hidden, offloader, rng=True):
-            ctx.run, ctx.device, ctx.offloader = run, hidden.device, offloader
-            if offloader is not None:
-                ctx.parked = offloader.park(hidden)
-            else:
-                ctx.saved = hidden.detach()
+            ctx.run, ctx.device = run, hidden.device
+            keep_input(ctx, hidden, offloader)
             ctx.rng = None
             if rng:
                 ctx.rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else torch.get_rng_state()
@@ -334,8 +324,7 @@ def _checkpoint_function():
 
         @staticmethod
         def backward(ctx, grad_out):
-            hidden = ctx.saved if ctx.offloader is None else ctx.offloader.fetch(ctx.parked)
-            hidden = hidden.detach().requires_grad_(True)
+            hidden = kept_input(ctx).detach().requires_grad_(True)
             with _rng_restored(ctx.rng, ctx.device), torch.enable_grad():  # the same dropout masks as the forward
                 out = ctx.run(hidden)
             torch.autograd.backward(out, grad_out)
