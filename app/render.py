@@ -579,7 +579,9 @@ def memory_plan_html(plan: dict) -> str:
             f'{esc(plan.get("tokens_per_micro_batch"))} tokens per micro-batch</div>')
     limits = (f'<div class="muted small">longest max_seq_length that fits: '
               f'{esc(plan.get("longest_max_seq_length_that_fits") or "none")}; largest batch that fits: '
-              f'{esc(plan.get("largest_batch_that_fits") or "none")}</div>')
+              f'{esc(plan.get("largest_batch_that_fits") or "none")}'
+              + (f'; fewest checkpointed layers that fit: {esc(plan["fewest_checkpointed_layers_that_fit"])}'
+                 if plan.get("fewest_checkpointed_layers_that_fit") is not None else "") + '</div>')
     notes = "".join(f'<div class="muted small">{esc(n)}</div>' for n in plan.get("notes") or [])
     return (f'<div class="mem-plan" data-fits="{str(fits).lower()}" data-needed="{needed:.3f}">{head}{svg}'
             f'<div class="mem-legend small">{"".join(legend)} <span class="muted">(GiB; the black line is the '

@@ -118,6 +118,7 @@ class TrainingConfig(_Section):
     optim: Optimizer = Field("adamw_torch", description="8-bit optimizers need bitsandbytes.")
     seed: int = Field(42, description="Seed of LoRA initialisation and data shuffling.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: less memory, ~20% slower.")
+    gradient_checkpointing_layers: int | None = Field(None, ge=0, description="With gradient_checkpointing: how many decoder layers (the first ones) recompute their activations; the others keep them. Empty: all (least memory). Fewer: faster steps for more memory; the memory plan shows the peak and how few the GPU allows.")
     logging_steps: int = Field(1, gt=0, description="Record the training loss every N steps.")
     eval_steps: int = Field(0, ge=0, description="Validation loss every N steps; 0 only at the end.")
     save_steps: int = Field(50, ge=0, description="Checkpoint every N steps for resume; 0 only at the end.")
@@ -131,6 +132,9 @@ class TrainingConfig(_Section):
             raise ValueError("training.max_steps must be a positive step count, or -1 to use num_train_epochs")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             raise ValueError("training.num_train_epochs must be > 0 when training.max_steps is -1")
+        if self.gradient_checkpointing_layers is not None and not self.gradient_checkpointing:
+            raise ValueError("training.gradient_checkpointing_layers needs training.gradient_checkpointing on "
+                             "(or leave it empty)")
         return self
 
 

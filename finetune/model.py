@@ -292,9 +292,39 @@ def load_model(model_cfg: ModelConfig, *, for_training: bool):
     return model
 
 
-def apply_lora(model, lora_cfg, *, gradient_checkpointing: bool, init_adapter: Path | None = None):
+def apply_lora(model, lora_cfg, *, gradient_checkpointing: bool, init_adapter: Path | None = None,
+               checkpointed_layers: int | None = None):
     """Freeze the base, prepare k-bit training where quantized, and add LoRA adapters (a trainable PeftModel):
-    fresh ones from `lora_cfg`, or the saved adapter in the folder `init_adapter`, to continue training it."""
+    fresh ones from `lora_cfg`, or the saved adapter in the folder `init_adapter`, to continue training it. With
+    `gradient_checkpointing`, only the first `checkpointed_layers` decoder layers checkpoint (None: all)."""
+    model = _with_lora(model, lora_cfg, gradient_checkpointing=gradient_checkpointing, init_adapter=init_adapter)
+    if gradient_checkpointing and checkpointed_layers is not None:
+        limit_checkpointing(model, checkpointed_layers)
+    return model
+
+
+def checkpointing_layers(model) -> list:
+    """The decoder layers that can checkpoint themselves (transformers' GradientCheckpointingLayer), in order."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def limit_checkpointing(model, n: int) -> int:
+    """Checkpointing off in every decoder layer after the first `n`: those keep their activations for the backward
+    (no recompute: faster, more memory). The last layers are the ones left whole since the backward reaches them
+    first: their activations are freed before any checkpointed layer recomputes, so the two never add up. Returns
+    how many layers still checkpoint."""
+    layers = checkpointing_layers(model)
+    for i, layer in enumerate(layers):
+        if i >= n:
+            layer.gradient_checkpointing = False
+    return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+
+
+def _with_lora(model, lora_cfg, *, gradient_checkpointing: bool, init_adapter: Path | None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: no need to make the inputs require grad

@@ -263,6 +263,7 @@ class Setting:
     seq: int
     accumulation: int
     checkpointing: bool
+    checkpointed: int | None  # with checkpointing: how many decoder layers recompute (None: all)
     optim: str
     fused_loss: bool
     packed: bool             # padding-free rows (GPU): attention per example, no padding
@@ -296,7 +297,7 @@ def setting(config: JobConfig, shape: Shape, device: Device) -> Setting:
                   targets=_targets(lo.target_modules, shape), dropout=lo.lora_dropout > 0, dora=lo.use_dora,
                   batch=tr.per_device_train_batch_size, seq=config.data.max_seq_length,
                   accumulation=tr.gradient_accumulation_steps, checkpointing=tr.gradient_checkpointing,
-                  optim=tr.optim, fused_loss=fused, packed=gpu and tr.padding_free and not shards, shards=shards)
+                  checkpointed=tr.gradient_checkpointing_layers, optim=tr.optim, fused_loss=fused, packed=gpu and tr.padding_free and not shards, shards=shards)
     return Setting(**(fields | _objective(config)))
 
 
@@ -423,6 +424,7 @@ class Plan:
     suggestions: list[dict] = field(default_factory=list)
     longest_seq: int | None = None
     largest_batch: int | None = None
+    fewest_checkpointed: int | None = None       # with checkpointing: the fewest checkpointed layers that fit
 
     @property
     def peak(self) -> float:
@@ -466,7 +468,8 @@ class Plan:
                "host_offload_gib": _gib(self.host_offload_bytes), "notes": self.notes,
                "suggestions": self.suggestions,
                "longest_max_seq_length_that_fits": self.longest_seq,
-               "largest_batch_that_fits": self.largest_batch}
+               "largest_batch_that_fits": self.largest_batch,
+               "fewest_checkpointed_layers_that_fit": self.fewest_checkpointed}
         return out
 
 
@@ -487,31 +490,41 @@ def _parts(config: JobConfig, shape: Shape, device: Device) -> tuple[dict, dict,
     grads = 4 * n_lora
     t, h, res = s.tokens, shape.hidden, s.residual_bytes
     layer_in = t * h * res
-    offload = s.fast_path and s.checkpointing and layer_in >= device.offload_min_bytes
+    k = checkpointed_layers(shape, s)
+    offload = s.fast_path and k > 0 and layer_in >= device.offload_min_bytes
     layer = t * layer_bytes_per_token(shape, s) + attention_bytes(shape, s)
-    if s.checkpointing:
-        saved = 0 if offload else shape.layers * layer_in
-        working = layer * LAYER_BACKWARD_FACTOR + (OFFLOAD_IN_FLIGHT * layer_in if offload else 0)
-    else:
-        saved = shape.layers * (layer_in + layer)
-        working = layer * (LAYER_BACKWARD_FACTOR - 1)
+    # the checkpointed layers keep their input (or park it in host memory), the others (the last ones) everything
+    kept = (0 if offload else k * layer_in) + (shape.layers - k) * (layer_in + layer)
+    # The backward reaches the whole layers first, each freeing its activations; the checkpointed ones come when
+    # those are gone, and recompute theirs one layer at a time: the larger of the two moments is the peak.
+    top = kept + layer * (LAYER_BACKWARD_FACTOR - 1) if k < shape.layers else 0.0
+    low = (0 if offload else k * layer_in) + layer * LAYER_BACKWARD_FACTOR + \
+        (OFFLOAD_IN_FLIGHT * layer_in if offload else 0) if k else 0.0
+    held = kept if top >= low else kept - (shape.layers - k) * (layer_in + layer)
     loss = loss_bytes(shape, s)
     in_fwd = grads if s.accumulation > 1 else 0  # earlier micro-batches' gradients
-    layer_fwd = t * s.a * (3 * shape.intermediate + h) if s.checkpointing else 0  # a layer run without grad
+    layer_fwd = t * s.a * (3 * shape.intermediate + h) if k else 0  # a layer run without grad
     phases = {
-        "forward": {"lora_gradients": in_fwd, "saved_layer_inputs": saved + layer_in,
+        "forward": {"lora_gradients": in_fwd, "saved_layer_inputs": kept + layer_in,
                     "logits_loss": max(loss["forward"], layer_fwd)},
-        "loss_backward": {"lora_gradients": in_fwd, "saved_layer_inputs": saved + layer_in,
+        "loss_backward": {"lora_gradients": in_fwd, "saved_layer_inputs": kept + layer_in,
                           "logits_loss": loss["backward"]},
-        "backward": {"lora_gradients": grads, "saved_layer_inputs": saved, "logits_loss": loss["held"],
-                     "layer_recompute": working + 2 * layer_in},
+        "backward": {"lora_gradients": grads, "saved_layer_inputs": held, "logits_loss": loss["held"],
+                     "layer_recompute": max(top, low) - held + 2 * layer_in},
         "optimizer_step": {"lora_gradients": grads,
                            "optimizer_workspace": 2 * 4 * n_lora if s.optim == "adamw_torch" else 4 * n_lora},
     }
-    info = {"offload": offload, "host": shape.layers * layer_in if offload else 0, "n_lora": n_lora}
+    info = {"offload": offload, "host": k * layer_in if offload else 0, "n_lora": n_lora}
     if s.shards:
         _shard(static, phases, shape, s)
     return static, phases, info, s
+
+
+def checkpointed_layers(shape: Shape, s: Setting) -> int:
+    """How many decoder layers recompute their activations in backward (0 without checkpointing)."""
+    if not s.checkpointing:
+        return 0
+    return shape.layers if s.checkpointed is None else min(s.checkpointed, shape.layers)
 
 
 def _shard(static: dict, phases: dict, shape: Shape, s: Setting) -> None:
@@ -550,6 +563,8 @@ def estimate(config: JobConfig, device: Device | None = None, *, suggest: bool =
             lambda n: _fits(config, device, shape, **{"training.per_device_train_batch_size": n}), 1, 1024)
         if not plan.fits:
             plan.suggestions = suggestions(config, device, shape, source, plan)
+        elif config.training.gradient_checkpointing:
+            _fewest_checkpointed(plan, config, device, shape)
     if not plan.fits and device.kind == "cuda" and len(device.gpus) > 1 and config.launch.strategy == "ddp":
         plan.notes.append(f"does not fit one GPU: launch.strategy fsdp shards the model across the "
                           f"{len(device.gpus)} GPUs (this plan is for one GPU holding all of it)")
@@ -581,6 +596,23 @@ def _estimate(config: JobConfig, device: Device, shape: Shape, source: str) -> P
         notes.append(f"per GPU under FSDP over {s.shards} processes: 1/{s.shards} of the weights, LoRA, optimizer "
                      "states and gradients, plus one layer and the output head whole (the fast path is off)")
     return Plan(config, device, shape, source, worst, breakdown, totals, training, info["host"], notes)
+
+
+def _fewest_checkpointed(plan: Plan, config: JobConfig, device: Device, shape: Shape) -> None:
+    """Record, and note when it is fewer than now, how few decoder layers need to checkpoint for the job to fit:
+    the others skip the recompute (a third of their work), so steps are faster for the memory left unused."""
+    key, n = "training.gradient_checkpointing_layers", shape.layers
+    whole = _search(lambda w: _fits(config, device, shape, **{key: n - w}), 0, n)
+    if whole is None:
+        return
+    plan.fewest_checkpointed = n - whole
+    now = checkpointed_layers(shape, setting(config, shape, device))
+    if plan.fewest_checkpointed < now:
+        faster = _estimate(_variant(config, **{key: n - whole}), device, shape, "")
+        some = (f"checkpointing only {n - whole} of the {n} decoder layers ({key}={n - whole}): the others skip"
+                if whole < n else f"no checkpointing ({key}=0): the layers skip")
+        plan.notes.append(f"the memory allows {some} the recompute, for faster steps at {_gib(faster.needed)} GiB "
+                          "needed")
 
 
 def _variant(config: JobConfig, **changes) -> JobConfig:

@@ -129,3 +129,41 @@ def test_apply_lora_all_linear(quantization):
     assert all(p.dtype == torch.float32 for p in trainable.values())  # adapters train in fp32 over a bf16/4-bit base
     assert any(getattr(m, "gradient_checkpointing", False) for m in peft_model.modules())
     assert peft_model.peft_config["default"].task_type == "CAUSAL_LM"
+
+
+def _counted(forward, calls: list, i: int):
+    def run(*args, **kwargs):
+        calls[i] += 1
+        return forward(*args, **kwargs)
+    return run
+
+
+@pytest.mark.parametrize("checkpointed", [None, 1, 0])
+def test_only_the_first_layers_checkpoint_and_gradients_stay_equal(checkpointed):
+    """training.gradient_checkpointing_layers: the first N decoder layers recompute in backward (their forward runs
+    twice), the others run once and keep their activations; the LoRA gradients are those of full checkpointing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def grads_and_calls(n):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=128, use_cache=False)
+        model = M.apply_lora(LlamaForCausalLM(cfg), LoraSettings(r=4, lora_alpha=8, lora_dropout=0.0),
+                             gradient_checkpointing=True, checkpointed_layers=n)
+        for name, p in model.named_parameters():  # B=0 at init would make every LoRA A gradient zero
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        layers = M.checkpointing_layers(model)
+        calls = [0] * len(layers)
+        for i, layer in enumerate(layers):  # (module hooks do not fire in torch's recompute: count the calls)
+            layer.mlp.forward = _counted(layer.mlp.forward, calls, i)
+        model.train()
+        ids = torch.arange(5, 29).view(2, 12)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {k: p.grad for k, p in model.named_parameters() if p.grad is not None}, calls
+
+    grads, calls = grads_and_calls(checkpointed)
+    k = 3 if checkpointed is None else checkpointed
+    assert calls == [2] * k + [1] * (3 - k)
+    full, _ = grads_and_calls(None)
+    assert grads.keys() == full.keys() and all(torch.allclose(grads[n], full[n], atol=1e-6) for n in full)

@@ -3,6 +3,7 @@ without weights, a hub id in the Hugging Face cache), suggestions whose own esti
 the H200 measurements in docs/bench-raw, and against the peak RSS of a real CPU training run."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -95,6 +96,36 @@ def test_suggestions_fit_by_their_own_estimates(tmp_path):
         again = json.loads(plan_cli(str(job), "--device", "cuda", "--device-memory-gib", "10", *sets).stdout)
         assert again["fits"] and abs(again["needed_gib"] - s["needed_gib"]) < 1e-6, s
     assert (plan["largest_batch_that_fits"] or 0) < 8 and plan["longest_max_seq_length_that_fits"] < 4096
+
+
+def test_fewer_checkpointed_layers_cost_memory_and_the_plan_finds_how_few_fit(tmp_path):
+    """Each layer left unchecked adds its activations; all of them equals no checkpointing at all; the plan's
+    fewest checkpointed layers fit by its own estimate and one fewer does not, and its note names the setting."""
+    from finetune import plan as P
+
+    folder = config_folder(tmp_path, "llama-3.2-1b")
+
+    def estimate(gib=1000, **training):
+        cfg = JobConfig(adapter_name="plan-test", model={"name_or_path": str(folder), "quantization": "4bit"},
+                        data={"max_seq_length": 2048}, training={"per_device_train_batch_size": 2, **training})
+        return P.estimate(cfg, P.Device(kind="cuda", memory_bytes=int(gib * P.GIB), gpus=(int(gib * P.GIB),),
+                                        fused_loss=True))
+
+    layers = SHAPES["llama-3.2-1b"]["num_hidden_layers"]
+    plans = [estimate(gradient_checkpointing_layers=k) for k in (layers, layers // 2, 0)]
+    assert plans[0].peak == estimate().peak and plans[0].peak < plans[1].peak < plans[2].peak
+    assert plans[2].peak == estimate(gradient_checkpointing=False).peak
+    assert estimate().fewest_checkpointed == 0  # a GPU that holds everything
+    gib = (plans[0].needed + plans[2].needed) / 2 / P.GIB  # holds some whole layers, not all
+    everything = estimate(gib)
+    fewest = everything.fewest_checkpointed
+    assert fewest is not None and 0 < fewest < layers
+    estimate = functools.partial(estimate, gib)
+    assert estimate(gradient_checkpointing_layers=fewest).fits
+    assert not estimate(gradient_checkpointing_layers=fewest - 1).fits
+    assert any(f"training.gradient_checkpointing_layers={fewest}" in n for n in everything.notes)
+    with pytest.raises(ValueError, match="training.gradient_checkpointing_layers needs training.gradient_checkpointing"):
+        JobConfig(training={"gradient_checkpointing": False, "gradient_checkpointing_layers": 3})
 
 
 def test_cli_refuses_bad_input(tmp_path):

@@ -359,6 +359,36 @@ def test_lean_dequantization_equals_bitsandbytes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_kernel_nf4_equals_bitsandbytes_eagerly_and_in_a_graph():
+    """The single-kernel NF4 dequantization gives bitsandbytes' weight bit for bit, eagerly (which compiles it) and
+    replayed from a CUDA graph; under a capture it declines a specialization no eager call compiled."""
+    import bitsandbytes.functional as BF
+
+    from finetune.recipe import nf4_kernel
+
+    for nested in (True, False):
+        torch.manual_seed(1)
+        for dt in (torch.bfloat16, torch.float16):
+            q = nf4_linear(1024, 384, nested)
+            packed, qs = q.weight.data, q.weight.quant_state
+            assert nf4_kernel.usable(packed, qs)
+            ref = BF.dequantize_4bit(packed, qs).to(dt)
+            out = torch.full_like(ref, float("nan"))
+            assert nf4_kernel.dequantize(packed, qs, out, capturing=False)
+            assert torch.equal(out, ref)
+            graph_out = torch.zeros_like(ref)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                assert nf4_kernel.dequantize(packed, qs, graph_out, capturing=True)
+                unaligned = torch.empty(ref.numel() + 1, dtype=dt, device="cuda")[1:].view(ref.shape)
+                assert not nf4_kernel.dequantize(packed, qs, unaligned, capturing=True)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(graph_out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("switches", ["", "+stack"])
 def test_grouped_nf4_projections_match_peft(switches, monkeypatch):
     """q/k/v as one node on NF4 weights (lean dequantization, one reused buffer; grouped, or stacked into one

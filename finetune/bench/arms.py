@@ -165,6 +165,7 @@ def setup_studio(job, device):
                   "torch_dtype": "bfloat16"},
         "lora": {**LORA, "target_modules": TARGETS},
         "training": {"learning_rate": LR, "gradient_checkpointing": True, "lr_scheduler_type": "constant", "seed": job.get("seed", 0),
+                     "gradient_checkpointing_layers": job.get("checkpointed_layers"),
                      "warmup_ratio": 0.0, "max_steps": max(1, job.get("warmup", 0) + job.get("steps", 1))},
         "evaluation": {"enabled": False}}, "benchmark job")
     recipe = SFTRecipe(config)  # no run folder: nothing is written

@@ -75,7 +75,8 @@ def _gpus() -> list[str]:
 def case_key(c: dict) -> str:
     if c.get("kind") == "longest":
         return f"{c['shape']} {c['mode']} longest@{c.get('mem_limit_gib')}GiB"
-    return f"{c['shape']} {c['mode']} seq={c['seq']} batch={c['batch']}"
+    ckpt = "" if c.get("checkpointed_layers") is None else f" checkpointed_layers={c['checkpointed_layers']}"
+    return f"{c['shape']} {c['mode']} seq={c['seq']} batch={c['batch']}{ckpt}"
 
 
 class Scheduler:
@@ -140,7 +141,7 @@ class Scheduler:
         elif rc != 0 and "error" not in res:
             res["error"] = f"exit code {rc}: " + (tail.strip().splitlines() or [""])[-1][:300]
         self.done[job["id"]] = res
-        summary = (f"{res.get('tokens_per_s', 0):.0f} tok/s, peak {res.get('peak_allocated_gib', 0):.2f} GiB"
+        summary = (f"{res.get('tokens_per_s') or 0:.0f} tok/s, peak {_f(res.get('peak_allocated_gib'), '{:.2f}')} GiB"
                    if res["ok"] and job["type"] == "arm" else ("ok" if res["ok"] else res.get("error", "")[:200]))
         self.log(f"[{time.strftime('%H:%M:%S')}] gpu {dev}: done  {job['id']} ({res['wall_s']} s): {summary}")
         self.on_done(self.done)
@@ -203,7 +204,8 @@ def plan_jobs(cases: list[dict], models_dir: Path, timeout_s: float) -> list[dic
                          "warmup": c.get("warmup", 2), "kind": c.get("kind", "throughput"),
                          "mem_limit_gib": c.get("mem_limit_gib"), "ladder": c.get("ladder"),
                          "time_budget_s": c.get("time_budget_s", 240), "max_len": c.get("max_len"),
-                         "timeout_s": c.get("timeout_s", timeout_s), "profile": c.get("profile", 0)})
+                         "timeout_s": c.get("timeout_s", timeout_s), "profile": c.get("profile", 0),
+                         "checkpointed_layers": c.get("checkpointed_layers")})
     return jobs
 
 

@@ -119,7 +119,8 @@ def run_group(name: str, model_dir: str, out: Path, steps: int) -> int:
     t0 = time.perf_counter()
     tok = M.load_tokenizer(config.model)
     model = M.load_model(config.model, for_training=True)
-    model = M.apply_lora(model, config.lora, gradient_checkpointing=tc.gradient_checkpointing)
+    model = M.apply_lora(model, config.lora, gradient_checkpointing=tc.gradient_checkpointing,
+                         checkpointed_layers=tc.gradient_checkpointing_layers)
     speedups = speed.patch_model_for_speed(model, tc)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

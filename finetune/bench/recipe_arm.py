@@ -32,7 +32,8 @@ def job_config(job: dict, data_path: Path, n_steps: int) -> dict:
         "training": {"learning_rate": LR, "max_steps": n_steps, "per_device_train_batch_size": job["batch"],
                      "gradient_accumulation_steps": 1, "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
                      "weight_decay": 0.0, "max_grad_norm": 1.0, "optim": "adamw_torch", "seed": job.get("seed", 0),
-                     "gradient_checkpointing": True, "logging_steps": 1, "eval_steps": 0, "save_steps": 0},
+                     "gradient_checkpointing": True, "gradient_checkpointing_layers": job.get("checkpointed_layers"),
+                     "logging_steps": 1, "eval_steps": 0, "save_steps": 0},
         "evaluation": {"enabled": False},
     }
 

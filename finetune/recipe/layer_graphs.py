@@ -118,15 +118,18 @@ def signature(run, hidden):
 
 class _Statics:
     """The fixed-address buffers of one signature, shared by every layer: the layer input, the gradient that arrives
-    from above, the keyword tensors, the outputs, and one flat buffer for the LoRA gradients of a layer."""
+    from above, the keyword tensors, and one flat buffer for the LoRA gradients of a layer.
+
+    Two activation-sized buffers, not four: a graph writes its result last, once nothing reads the buffer it
+    overwrites, so the forward's output goes where its input was (`hidden`) and the input gradient where the output
+    gradient was (`grad`). That gradient is handed on as it is, without a copy: the layer below receives it as its
+    own output gradient, already in place."""
 
     def __init__(self, hidden, kw_tensors, params):
         import torch
 
         self.hidden = torch.empty_like(hidden)
-        self.grad_out = torch.empty_like(hidden)
-        self.out = torch.empty_like(hidden)
-        self.dx = torch.empty_like(hidden)
+        self.grad = torch.empty_like(hidden)
         self.kw = [torch.empty_like(t) for t in kw_tensors]
         self._src = [None] * len(kw_tensors)
         self.flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=hidden.device)
@@ -214,22 +217,26 @@ class _Entry:
         if self.fwd is None:
             def body():
                 with torch.no_grad():
-                    s.out.copy_(self.forward(s.hidden, **self.keywords))
+                    s.hidden.copy_(self.forward(s.hidden, **self.keywords))
             self.fwd = self._capture(body)
         self.fwd.replay()
-        return s.out.clone()
+        # a copy: the caller keeps it (as the next layer's saved input) past the next replay
+        return s.hidden.clone()
 
     def run_backward(self, hidden, kw_tensors, grad_out):
+        """(input gradient, LoRA gradients). The input gradient is the shared buffer itself, valid until the next
+        replay of this signature: the engine hands it straight to the layer below (see _Statics)."""
         s = self.statics
         s.hidden.copy_(hidden)
         s.load_kwargs(kw_tensors)
-        s.grad_out.copy_(grad_out)
+        if grad_out.data_ptr() != s.grad.data_ptr():
+            s.grad.copy_(grad_out)
         if self.bwd is None and not _failed:
             views = s.grad_views()
 
             def body():
-                dx, grads = _layer_grads(self.forward, s.hidden, self.keywords, self.slots, s.grad_out)
-                s.dx.copy_(dx)
+                dx, grads = _layer_grads(self.forward, s.hidden, self.keywords, self.slots, s.grad)
+                s.grad.copy_(dx)
                 self.used = [g is not None for g in grads]
                 for view, g in zip(views, grads):
                     if g is not None:
@@ -239,11 +246,12 @@ class _Entry:
             except Exception as e:
                 _fail(e)
         if self.bwd is None:  # the capture failed: the same computation, eagerly
-            dx, grads = _layer_grads(self.forward, s.hidden, self.keywords, self.slots, s.grad_out)
+            dx, grads = _layer_grads(self.forward, s.hidden, self.keywords, self.slots, s.grad)
             return dx, list(grads)
         self.bwd.replay()
+        # the LoRA gradients are copied: autograd may keep one as a parameter's .grad
         grads = s.grad_views(s.flat.clone())
-        return s.dx.clone(), [g if used else None for g, used in zip(grads, self.used)]
+        return s.grad, [g if used else None for g, used in zip(grads, self.used)]
 
 
 def _fail(e: Exception) -> None:

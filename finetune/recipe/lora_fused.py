@@ -335,5 +335,6 @@ def fused_pieces(model) -> list[str]:
     found = {"fused_proj": any(m._studio_weight is not None for m in mods),
              "grouped_proj": any(m._studio_group is not None for m in mods),
              "stacked_qkv": any(m._studio_group is not None and m._studio_group.stacked for m in mods),
-             "lean_dequant": any(getattr(m._studio_weight, "stacks", False) for m in mods)}
+             "lean_dequant": any(getattr(m._studio_weight, "stacks", False) for m in mods),
+             "nf4_kernel": any(getattr(m._studio_weight, "one_kernel", False) for m in mods)}
     return [name for name, on in found.items() if on]

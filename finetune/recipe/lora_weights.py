@@ -3,7 +3,7 @@ frozen base weight (dequantized from 4-bit by bitsandbytes' CUDA kernels called 
 from their fp32 masters once per optimizer step, not in every pass)."""
 from __future__ import annotations
 
-from finetune.recipe import layer_graphs
+from finetune.recipe import layer_graphs, nf4_kernel
 from finetune.recipe.speed_switches import wanted
 
 def _nf4_dequantizer(weight):
@@ -64,7 +64,12 @@ def _lean_nf4(packed, qs):
     device, n, shape, stream = packed.device, math.prod(qs.shape), tuple(qs.shape), torch._C._cuda_getCurrentRawStream
     double = lib.cdequantize_blockwise_fp32
 
+    one_kernel = wanted("nf4_kernel") and nf4_kernel.usable(packed, qs)
+
     def dense(dt, out=None):  # pointers are read per call (cheap): the tensors stay referenced and valid
+        out = _dense_buffer(n, dt, device).view(shape) if out is None else out
+        if one_kernel and nf4_kernel.dequantize(packed, qs, out, capturing=layer_graphs.capturing[0]):
+            return out
         s = stream(device.index)
         absmax = qs.absmax
         if qs.nested:
@@ -72,11 +77,11 @@ def _lean_nf4(packed, qs):
             double(qs.state2.code.data_ptr(), qs.absmax.data_ptr(), qs.state2.absmax.data_ptr(), absmax.data_ptr(),
                    qs.state2.blocksize, absmax.numel(), s)
             absmax.add_(qs.offset)
-        out = _dense_buffer(n, dt, device).view(shape) if out is None else out
         fns[dt](None, packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), qs.blocksize, n, s)
         return out
 
     dense.stacks = True  # writing into a slice of a stacked weight costs nothing extra
+    dense.one_kernel = one_kernel
     return dense
 
 

@@ -190,7 +190,8 @@ class SFTRecipe(ObjectiveHooks):
         self.resolved = M.resolve_model(mc.name_or_path, mc.revision)
         model = M.load_model(mc, for_training=True)
         self.model = M.apply_lora(model, self.config.lora, gradient_checkpointing=self.tc.gradient_checkpointing,
-                                  init_adapter=init_adapter_path(self.config))
+                                  init_adapter=init_adapter_path(self.config),
+                                  checkpointed_layers=self.tc.gradient_checkpointing_layers)
         fsdp = distributed.skip_fast_path_under_fsdp(self.accelerator, mc)
         self.speedups = [] if fsdp else patch_model_for_speed(self.model, self.tc)
         self.trainable, self.total_params = self.model.get_nb_trainable_parameters()

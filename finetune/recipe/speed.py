@@ -16,6 +16,8 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
   stack            q/k/v on 4-bit weights as ONE matrix product: the three dequantized into one stacked weight,
                    the LoRA B's as one block-diagonal matrix (Llama / Qwen2 / Mistral; "+stack" forces it elsewhere)
   lean_dequant     the 4-bit dequantization as bare calls of bitsandbytes' C functions into one reused buffer
+  nf4_kernel       inside the layer graphs, an NF4 weight dequantized by one Triton kernel instead of bitsandbytes'
+                   three (finetune/recipe/nf4_kernel.py; the same values bit for bit)
   varlen_attention padding-free batches (one row, position_ids restarting at 0 per example) attended per example
                    through torch's variable-length flash attention: no padding compute and no cross-contamination
   dense_rows       a packed row whose examples all have one length (fixed-length data), once that shape recurs,
@@ -33,8 +35,8 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
 On the CPU it changes nothing: the same recipe runs there as the plain transformers + peft model.
 
 STUDIO_SPEED (developer switch, comma separated) turns pieces off or on for experiments and the benchmark:
-"-liger", "-fused_lora", "-fused_proj", "-group", "-stack", "-lean_dequant", "-varlen", "-dense_rows", "-offload",
-"-fast_checkpoint", "-graphs", "-keep_bf16", "+compile", "+bf16_lora" (LoRA weights stored in bf16), "none"
+"-liger", "-fused_lora", "-fused_proj", "-group", "-stack", "-lean_dequant", "-nf4_kernel", "-varlen", "-dense_rows",
+"-offload", "-fast_checkpoint", "-graphs", "-keep_bf16", "+compile", "+bf16_lora" (LoRA weights stored in bf16), "none"
 (nothing at all).
 
 `python -m finetune.recipe.speed --selfcheck` prints which pieces this machine can use and checks the attention kernel
@@ -367,12 +369,10 @@ def draws_random_numbers(layer) -> bool:
 
 def _checkpointed_layers(model) -> list:
     """The decoder layers that checkpoint themselves (transformers' GradientCheckpointingLayer with it turned on)."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:
-        return []
-    return [m for m in inner_model(model).modules() if isinstance(m, GradientCheckpointingLayer)
-            and m.gradient_checkpointing and hasattr(m, "_gradient_checkpointing_func")]
+    from finetune.model import checkpointing_layers
+
+    return [m for m in checkpointing_layers(inner_model(model))
+            if m.gradient_checkpointing and hasattr(m, "_gradient_checkpointing_func")]
 
 
 def offload_checkpoints(model, offload: bool = True) -> int:
