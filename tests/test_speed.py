@@ -359,13 +359,14 @@ def test_lean_dequantization_equals_bitsandbytes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_one_kernel_nf4_equals_bitsandbytes_eagerly_and_in_a_graph():
+def test_one_kernel_nf4_equals_bitsandbytes_eagerly_and_in_a_graph(monkeypatch):
     """The single-kernel NF4 dequantization gives bitsandbytes' weight bit for bit, eagerly (which compiles it) and
     replayed from a CUDA graph; under a capture it declines a specialization no eager call compiled."""
     import bitsandbytes.functional as BF
 
     from finetune.recipe import nf4_kernel
 
+    monkeypatch.setattr(nf4_kernel, "_compiled", set())  # as in a fresh process: nothing compiled yet
     for nested in (True, False):
         torch.manual_seed(1)
         for dt in (torch.bfloat16, torch.float16):
