@@ -172,6 +172,10 @@ class Form:
         path = f"{section}.{name}"
         kind = _kind(info.annotation)
         _, optional = _strip_optional(info.annotation)
+        if optional and kind in ("int", "float"):
+            # A gradio Number cannot stay empty: once its accordion opens it shows, and sends, 0. As text, empty
+            # means not set and the config parses (and names) what is typed.
+            kind = "str"
         value = getattr(getattr(default_cfg, section), name)
         common = dict(label=name, info=info.description + _host_note(path), elem_id=f"field-{section}-{name}")
         if kind == "choice":

@@ -645,6 +645,9 @@ def _candidates(config: JobConfig, device: Device, shape: Shape) -> list[tuple[s
     tr, out = config.training, []
     if not tr.gradient_checkpointing:
         out.append(("turn gradient checkpointing on (about 20% slower)", {"training.gradient_checkpointing": True}))
+    elif tr.gradient_checkpointing_layers is not None and tr.gradient_checkpointing_layers < shape.layers:
+        out.append((f"checkpoint all {shape.layers} decoder layers (slower: each recomputes its activations)",
+                    {"training.gradient_checkpointing_layers": shape.layers}))
     if tr.optim == "adamw_torch":
         optim = "paged_adamw_8bit" if device.kind == "cuda" else "adamw_8bit"
         out.append((f"8-bit optimizer states ({optim})", {"training.optim": optim}))

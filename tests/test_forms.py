@@ -83,6 +83,21 @@ def test_demo_dataset_and_empty_optionals(form):
     assert back.data.path == DEMO_DATASET and back.data.max_samples is None and back.model.revision is None
 
 
+def test_optional_numbers_stay_empty_and_name_bad_text(form):
+    """Optional numbers are text boxes: empty is not set (a gradio Number would send 0, which for
+    training.gradient_checkpointing_layers means no layer checkpointed), a number is parsed, anything else is named."""
+    w = form.fields["training.gradient_checkpointing_layers"]
+    assert isinstance(w, gr.Textbox) and w.value == ""
+    values = values_of(form, example_config())
+    assert form.to_config(values).training.gradient_checkpointing_layers is None
+    values[w], values[form.fields["data.max_samples"]] = " 12 ", "40"
+    cfg = form.to_config(values)
+    assert cfg.training.gradient_checkpointing_layers == 12 and cfg.data.max_samples == 40
+    values[w] = "half"
+    with pytest.raises(ConfigError, match="training.gradient_checkpointing_layers"):
+        form.to_config(values)
+
+
 def test_errors_name_the_fields(form):
     values = values_of(form, example_config())
     values[form.fields["training.max_steps"]] = 0

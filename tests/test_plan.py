@@ -123,6 +123,9 @@ def test_fewer_checkpointed_layers_cost_memory_and_the_plan_finds_how_few_fit(tm
     estimate = functools.partial(estimate, gib)
     assert estimate(gradient_checkpointing_layers=fewest).fits
     assert not estimate(gradient_checkpointing_layers=fewest - 1).fits
+    too_few = estimate(gradient_checkpointing_layers=fewest - 1)
+    assert too_few.suggestions[0]["set"] == {"training.gradient_checkpointing_layers": layers}
+    assert too_few.suggestions[0]["fits"]
     assert any(f"training.gradient_checkpointing_layers={fewest}" in n for n in everything.notes)
     with pytest.raises(ValueError, match="training.gradient_checkpointing_layers needs training.gradient_checkpointing"):
         JobConfig(training={"gradient_checkpointing": False, "gradient_checkpointing_layers": 3})

@@ -60,3 +60,21 @@ def test_memory_plan_follows_the_form(page):
     pg.locator("#start-btn").click()  # warns, queues nothing
     wait_for(lambda: "Press" in pg.locator("#train-message").inner_text(), 60, "the Start warning")
     assert pg.locator("#train-message .mem-warn li").count() >= 2
+
+
+def test_advanced_options_keep_optional_numbers_empty(page):
+    """Opening the Advanced accordions leaves the optional numbers empty (a gradio Number would turn them into 0):
+    the plan still follows the form, and leaving every layer whole (gradient_checkpointing_layers 0) raises it."""
+    pg = page
+    set_number(pg, "field-training-per_device_train_batch_size", 2)
+    set_number(pg, "field-data-max_seq_length", 512)
+    for accordion in pg.get_by_text("Advanced options").all():
+        accordion.click()
+    layers = pg.locator("#field-training-gradient_checkpointing_layers").locator("input, textarea").first
+    wait_for(lambda: layers.is_visible(), 60, "the training section's advanced options")
+    assert layers.input_value() == ""
+    assert pg.locator("#field-data-max_samples").locator("input, textarea").first.input_value() == ""
+    _, before = wait_for(lambda: (s := plan_state(pg)) and s[0] == "true" and s, 60, "a plan that fits")
+    set_number(pg, "field-training-gradient_checkpointing_layers", 0)
+    wait_for(lambda: (s := plan_state(pg)) and s[1] > before and s, 60, "the plan to count the layers left whole")
+    assert "needs a valid form" not in pg.locator("#memory-plan").inner_text()

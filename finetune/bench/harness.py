@@ -10,6 +10,7 @@ Models are random-weight copies of real architectures (finetune/bench/models.py)
 Every (case, arm) runs `python -m finetune.bench.arms` in a fresh process, one per GPU at a time (several GPUs run
 several arms at once, each on its own device). Arms: naive, unsloth, studio, plus experiments "studio:<switches>"
 (finetune/recipe/speed.py's STUDIO_SPEED, e.g. studio:-offload+compile) and "<arm>@<seed>" (another LoRA-init seed).
+A plan entry's "checkpointed_layers": N sets training.gradient_checkpointing_layers of its studio and recipe arms.
 The table reports the median tokens/s (non-padding tokens) of the steps after --warmup, CUDA-synchronised; peak
 allocated and reserved memory over the training steps (after loading); MFU = model FLOPs (4 x matmul weights +
 causal attention, padding excluded) per second over the device's dense bf16 peak; and the per-step losses.
