@@ -312,16 +312,12 @@ def checkpointing_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def limit_checkpointing(model, n: int) -> int:
+def limit_checkpointing(model, n: int) -> None:
     """Checkpointing off in every decoder layer after the first `n`: those keep their activations for the backward
     (no recompute: faster, more memory). The last layers are the ones left whole since the backward reaches them
-    first: their activations are freed before any checkpointed layer recomputes, so the two never add up. Returns
-    how many layers still checkpoint."""
-    layers = checkpointing_layers(model)
-    for i, layer in enumerate(layers):
-        if i >= n:
-            layer.gradient_checkpointing = False
-    return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+    first: their activations are freed before any checkpointed layer recomputes, so the two never add up."""
+    for layer in checkpointing_layers(model)[n:]:
+        layer.gradient_checkpointing = False
 
 
 def _with_lora(model, lora_cfg, *, gradient_checkpointing: bool, init_adapter: Path | None):

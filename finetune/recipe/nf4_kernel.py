@@ -89,6 +89,8 @@ def dequantize(packed, qs, out, capturing: bool) -> bool:
     Used where it pays and is safe: under a graph capture (one launch replayed, instead of three) for a
     specialization compiled before, and eagerly only the first time a specialization is seen, to compile it. Other
     eager calls return False: there a Triton launch costs more host time than bitsandbytes' bare C calls."""
+    if not out.is_contiguous():
+        return False
     nested = bool(qs.nested)
     bs = qs.blocksize
     n_blocks = out.numel() // bs
