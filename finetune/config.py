@@ -265,7 +265,7 @@ class JobConfig(_Section):
 
     # --- YAML round trip -------------------------------------------------------------------------
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        return dump_yaml(self.model_dump(mode="json"))
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<yaml>") -> "JobConfig":
@@ -335,6 +335,16 @@ class _StrictLoader(yaml.SafeLoader):
                         key_node.start_mark)
                 seen[key_node.value] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
+
+
+def dump_yaml(data) -> str:
+    """`data` as YAML that reads back equal, non-ASCII text left readable where that is safe."""
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if yaml.safe_load(text) != data:
+        # PyYAML writes the Unicode line breaks (NEL, U+2028, U+2029) raw and reads them back folded; without
+        # allow_unicode every non-ASCII character is escaped, those included
+        text = yaml.safe_dump(data, sort_keys=False)
+    return text
 
 
 def load_yaml(text: str, source: str = "<yaml>"):

@@ -297,7 +297,8 @@ def setting(config: JobConfig, shape: Shape, device: Device) -> Setting:
                   targets=_targets(lo.target_modules, shape), dropout=lo.lora_dropout > 0, dora=lo.use_dora,
                   batch=tr.per_device_train_batch_size, seq=config.data.max_seq_length,
                   accumulation=tr.gradient_accumulation_steps, checkpointing=tr.gradient_checkpointing,
-                  checkpointed=tr.gradient_checkpointing_layers, optim=tr.optim, fused_loss=fused, packed=gpu and tr.padding_free and not shards, shards=shards)
+                  checkpointed=tr.gradient_checkpointing_layers, optim=tr.optim, fused_loss=fused,
+                  packed=gpu and tr.padding_free and not shards, shards=shards)
     return Setting(**(fields | _objective(config)))
 
 

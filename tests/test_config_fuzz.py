@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from finetune.config import ConfigError, JobConfig, example_config
@@ -34,6 +34,8 @@ def test_arbitrary_text_is_config_error_or_valid(text):
 
 @SETTINGS
 @given(st.sampled_from(FIELDS), values)
+@example(("model", "name_or_path"), "0\x850")  # Unicode line breaks, which PyYAML folds when written raw
+@example(("data", "system_prompt"), "a\u2028b\u2029c")
 def test_any_value_in_any_field(field, value):
     section, name = field
     data = yaml.safe_load(yaml.safe_dump(BASE))

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from finetune import policy
 from finetune.datacheck import check_job_data
 from finetune.store.adapters import check_writable
-from finetune.config import ConfigError, JobConfig, format_errors
+from finetune.config import ConfigError, JobConfig, dump_yaml, format_errors
 from finetune.errors import JobError
 from finetune.jobs.launch import check_host, gpus_needed, train_command
 from finetune.recipe import references
@@ -92,7 +92,7 @@ def parse_spec(kind: JobKind, value: BaseModel | dict | str, source: str = "subm
 
 
 def spec_yaml(spec: BaseModel) -> str:
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return dump_yaml(spec.model_dump(mode="json"))
 
 
 # --- training ---------------------------------------------------------------------------------------------------
