@@ -372,17 +372,18 @@ def test_one_kernel_nf4_equals_bitsandbytes_eagerly_and_in_a_graph(monkeypatch):
         for dt in (torch.bfloat16, torch.float16):
             q = nf4_linear(1024, 384, nested)
             packed, qs = q.weight.data, q.weight.quant_state
-            assert nf4_kernel.usable(packed, qs)
+            dequantize = nf4_kernel.bind(packed, qs)
+            assert dequantize is not None
             ref = BF.dequantize_4bit(packed, qs).to(dt)
             out = torch.full_like(ref, float("nan"))
-            assert nf4_kernel.dequantize(packed, qs, out, capturing=False)
+            assert dequantize(out, capturing=False)
             assert torch.equal(out, ref)
             graph_out = torch.zeros_like(ref)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                assert nf4_kernel.dequantize(packed, qs, graph_out, capturing=True)
+                assert dequantize(graph_out, capturing=True)
                 unaligned = torch.empty(ref.numel() + 1, dtype=dt, device="cuda")[1:].view(ref.shape)
-                assert not nf4_kernel.dequantize(packed, qs, unaligned, capturing=True)
+                assert not dequantize(unaligned, capturing=True)
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(graph_out, ref)

@@ -64,11 +64,11 @@ def _lean_nf4(packed, qs):
     device, n, shape, stream = packed.device, math.prod(qs.shape), tuple(qs.shape), torch._C._cuda_getCurrentRawStream
     double = lib.cdequantize_blockwise_fp32
 
-    one_kernel = wanted("nf4_kernel") and nf4_kernel.usable(packed, qs)
+    one_kernel = nf4_kernel.bind(packed, qs) if wanted("nf4_kernel") else None
 
     def dense(dt, out=None):  # pointers are read per call (cheap): the tensors stay referenced and valid
         out = _dense_buffer(n, dt, device).view(shape) if out is None else out
-        if one_kernel and nf4_kernel.dequantize(packed, qs, out, capturing=layer_graphs.capturing[0]):
+        if one_kernel is not None and one_kernel(out, capturing=layer_graphs.capturing[0]):
             return out
         s = stream(device.index)
         absmax = qs.absmax
@@ -81,7 +81,7 @@ def _lean_nf4(packed, qs):
         return out
 
     dense.stacks = True  # writing into a slice of a stacked weight costs nothing extra
-    dense.one_kernel = one_kernel
+    dense.one_kernel = one_kernel is not None
     return dense
 
 

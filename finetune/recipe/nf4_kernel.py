@@ -58,7 +58,7 @@ def _kernel():
     return nf4_rows
 
 
-def usable(packed, qs) -> bool:
+def _usable(packed, qs) -> bool:
     """Whether this weight's layout is one the kernel reads: NF4, contiguous on CUDA, whole power-of-two blocks."""
     import math
 
@@ -77,36 +77,45 @@ def usable(packed, qs) -> bool:
 _compiled: set = set()  # specializations called eagerly, so compiled and loaded
 
 
-def _specialization(tensors, ints, out) -> tuple:
-    return (out.device, out.dtype, tuple(t.data_ptr() % 16 == 0 for t in tensors),
-            tuple((i % 16 == 0, i == 1) for i in ints))
+def _aligned(t) -> bool:
+    return t.data_ptr() % 16 == 0
 
 
-def dequantize(packed, qs, out, capturing: bool) -> bool:
-    """Write the weight's dense values into `out` (contiguous, numel = the weight's) and return True, or return False
-    (nothing written) and leave it to bitsandbytes' kernels.
+def bind(packed, qs):
+    """For one 4-bit weight, a function dequantize(out, capturing) -> bool with the weight's arguments bound once
+    (it runs per projection per pass); None where the kernel does not read this weight's layout.
 
-    Used where it pays and is safe: under a graph capture (one launch replayed, instead of three) for a
-    specialization compiled before, and eagerly only the first time a specialization is seen, to compile it. Other
-    eager calls return False: there a Triton launch costs more host time than bitsandbytes' bare C calls."""
-    if not out.is_contiguous():
-        return False
-    nested = bool(qs.nested)
-    bs = qs.blocksize
-    n_blocks = out.numel() // bs
+    dequantize writes the weight's dense values into `out` (contiguous, numel = the weight's) and returns True, or
+    returns False (nothing written) and leaves it to bitsandbytes' kernels. It is used where it pays and is safe:
+    under a graph capture (one launch replayed, instead of three) for a specialization compiled before, and eagerly
+    only the first time a specialization is seen, to compile it. Other eager calls return False: there a Triton
+    launch costs more host time than bitsandbytes' bare C calls."""
+    import math
+
+    if not _usable(packed, qs):
+        return None
+    nested, bs = bool(qs.nested), qs.blocksize
     absmax = qs.absmax
-    code2 = qs.state2.code if nested else absmax
-    absmax2 = qs.state2.absmax if nested else absmax
-    offset = qs.offset if nested else absmax
-    tensors = (packed, absmax, code2, absmax2, offset, qs.code, out)
-    key = _specialization(tensors, (n_blocks,), out) + (bs, nested)
-    if capturing != (key in _compiled):
-        return False
+    # the nested-only slots are never read for a plain absmax: it fills them
+    weight = (packed, absmax, qs.state2.code if nested else absmax, qs.state2.absmax if nested else absmax,
+              qs.offset if nested else absmax, qs.code)
+    n_blocks = math.prod(qs.shape) // bs
     rows = max(1, TILE_BYTES // (bs // 2))
-    shift2 = qs.state2.blocksize.bit_length() - 1 if nested else 0
     grid = ((n_blocks + rows - 1) // rows,)
-    # no multiply-add contraction: the scale must round after the product, as bitsandbytes' does
-    _kernel()[grid](*tensors, n_blocks, HALF=bs // 2, ROWS=rows, SHIFT2=shift2, NESTED=nested,
-                    num_warps=NUM_WARPS, enable_fp_fusion=False)
-    _compiled.add(key)
-    return True
+    consts = dict(HALF=bs // 2, ROWS=rows, SHIFT2=qs.state2.blocksize.bit_length() - 1 if nested else 0,
+                  NESTED=nested)
+    # what Triton specializes on besides the output: addresses and integers divisible by 16 (or equal to 1)
+    fixed = (bs, nested, tuple(_aligned(t) for t in weight), n_blocks % 16 == 0, n_blocks == 1)
+
+    def dequantize(out, capturing: bool) -> bool:
+        if not out.is_contiguous() or out.numel() != n_blocks * bs:
+            return False
+        key = (*fixed, out.device, out.dtype, _aligned(out))
+        if capturing != (key in _compiled):
+            return False
+        # no multiply-add contraction: the scale must round after the product, as bitsandbytes' does
+        _kernel()[grid](*weight, out, n_blocks, **consts, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        _compiled.add(key)
+        return True
+
+    return dequantize

@@ -154,7 +154,7 @@ def _segments(position_ids, count: bool = True):
     bounds = tuple(cu.tolist())  # one read-back per forward
     lengths = {b - a for a, b in zip(bounds[:-1], bounds[1:])}
     max_len, dense = max(lengths), 0
-    if len(lengths) == 1 and p.is_cuda and _wanted("dense_rows") and _dense_kernel_order() is not None:
+    if len(lengths) == 1 and p.is_cuda and _dense_rows_on():
         shape = (len(bounds) - 1, max_len)
         equal_rows[shape] += count
         if equal_rows[shape] > DENSE_AFTER and (shape in dense_shapes or len(dense_shapes) < MAX_DENSE_SHAPES):
@@ -244,6 +244,12 @@ def _dense_kernel_order():
     if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
         return None
     return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _dense_rows_on() -> bool:
+    """Whether rows of one example length may be attended as a dense batch: the piece is wanted, and this torch can
+    put cuDNN's kernel first."""
+    return _wanted("dense_rows") and _dense_kernel_order() is not None
 
 
 def dense_rows_attention(query, key, value, rows: int, scaling):
@@ -468,7 +474,7 @@ def patch_model_for_speed(model, training_cfg) -> list[str]:
         applied += ["fused_lora"] + fused_pieces(model)
     if getattr(training_cfg, "padding_free", True) and _wanted("varlen") and use_varlen_attention(model):
         applied.append("varlen_attention" if varlen_usable("cuda") else "packed_sdpa_attention")
-        if _wanted("dense_rows") and _dense_kernel_order() is not None:
+        if _dense_rows_on():
             applied.append("dense_rows_attention")  # rows of one example length, once their shape recurs
     if getattr(training_cfg, "gradient_checkpointing", False):
         if ensure_non_reentrant(model):
