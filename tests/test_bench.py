@@ -43,6 +43,8 @@ def test_bench_cli_tiny_cpu(tmp_path):
     assert "notes kept" in text and "more notes" in text and "old" not in text
     assert "| naive | " in text and "| studio | " in text and "tiny lora seq=48 batch=2" in text
     assert "slowest / median step" in text
+    assert (f"the naive seeds (naive, naive@1) lie up to {seed_noise:.4f} apart; from naive: studio "
+            f"{max(abs(a - b) for a, b in zip(naive, studio)):.4f}") in text
 
 
 def test_shapes_match_the_published_parameter_counts():
@@ -75,6 +77,11 @@ def test_plan_jobs_build_each_model_once_before_its_arms(tmp_path):
         if j["type"] == "arm":
             assert jobs.index(next(b for b in builds if b["id"] == j["needs"])) < jobs.index(j)
     assert {j["arm"].split(":")[0] for j in jobs if j["type"] == "arm"} == {"naive", "unsloth", "studio"}
+    again = bench.plan_jobs([{"shape": "tiny", "mode": "lora", "seq": 48, "batch": 2, "arms": ["naive"]},
+                             {"shape": "tiny", "mode": "lora", "seq": 48, "batch": 2, "arms": ["naive"], "data_seed": 3}],
+                            tmp_path, 300)
+    arms = [j for j in again if j["type"] == "arm"]
+    assert [j["data_seed"] for j in arms] == [0, 3] and arms[0]["case_key"] != arms[1]["case_key"]
 
 
 def test_profile_analysis_attributes_gpu_idle_time_to_host_ops():
@@ -111,3 +118,22 @@ def test_recipe_arm_runs_the_real_training_job(tmp_path):
     assert [r["step"] for r in result["steps"]] == [1, 2, 3]
     assert all(0 < loss < 20 for loss in result["losses"])
     assert result["slowest_vs_median"] >= 1.0
+
+
+def test_naive_bf16_arm_keeps_the_hidden_states_in_bf16(tmp_path):
+    """prepare_model_for_kbit_training upcasts the frozen embeddings and norms (so the naive arm's hidden states
+    between layers are fp32); the naive:bf16 arm casts them back and leaves the LoRA weights fp32."""
+    import torch
+
+    from finetune.bench import arms
+
+    path = BM.build_model("tiny", tmp_path / "models")
+    frozen = {}
+    for arm in ("naive", "naive:bf16"):
+        model, step, _ = arms.setup_naive({"arm": arm, "model_dir": str(path), "mode": "qlora"}, torch.device("cpu"))
+        frozen[arm] = {p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad}
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        ids = torch.arange(3, 19).tolist()
+        assert 0 < step([{"input_ids": ids, "labels": ids}]) < 20
+    assert torch.float32 in frozen["naive"]
+    assert frozen["naive:bf16"] == {torch.bfloat16}

@@ -160,6 +160,37 @@ def test_plan_matches_the_h200_measurements(tmp_path):
     assert not off, off
 
 
+def test_plan_matches_the_benchmark_arms_with_fewer_checkpointed_layers(tmp_path):
+    """The planner against the studio arms of the H200 speed runs (docs/bench-raw/run12*-results.json: every layer,
+    16 of 32 and none checkpointed, 4-bit and bf16, 1B and 8B): each within 5% of max_memory_allocated."""
+    from finetune.bench.arms import LORA, TARGETS
+    from finetune.plan import Device, estimate
+
+    h200, seen, off = int(139.8 * 2**30), set(), []
+    for run in ("12a", "12b", "12c", "12d"):
+        results = json.loads((ROOT / "docs" / "bench-raw" / f"run{run}-results.json").read_text())["results"]
+        for r in results.values():
+            job = r["job"]
+            if job.get("arm_label") != "studio" or not r.get("ok") or job["seq"] == "var":
+                continue
+            folder = tmp_path / job["shape"]
+            if not folder.is_dir():
+                config_folder(tmp_path, job["shape"])
+            cfg = JobConfig.parse({
+                "adapter_name": "plan-test", "lora": {**LORA, "target_modules": TARGETS},
+                "model": {"name_or_path": str(folder),
+                          "quantization": "4bit" if job["mode"] == "qlora" else "none", "torch_dtype": "bfloat16"},
+                "data": {"max_seq_length": job["seq"]},
+                "training": {"per_device_train_batch_size": job["batch"],
+                             "gradient_checkpointing_layers": job.get("checkpointed_layers")}}, "bench arm")
+            plan = estimate(cfg, Device("cuda", h200, "NVIDIA H200", (h200,), fused_loss=True), suggest=False)
+            seen.add(job.get("checkpointed_layers"))
+            if abs(plan.training_peak / (r["peak_allocated_gib"] * 2**30) - 1) > 0.05:
+                off.append((run, job["id"], round(r["peak_allocated_gib"], 2), round(plan.training_peak / 2**30, 2)))
+    assert seen == {None, 16, 0}
+    assert not off, off
+
+
 def test_plan_per_gpu_matches_the_two_gpu_runs(tmp_path):
     """The planner for DDP and FSDP jobs over 2 GPUs (each GPU's share: FSDP shards weights, LoRA, optimizer and
     gradients, and holds a layer and the output head whole) against max_memory_allocated of the real jobs of

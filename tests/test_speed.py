@@ -132,6 +132,22 @@ def test_padding_free_batch_has_no_cross_contamination():
     assert float((leaky - alone).abs().max()) > 1e-3
 
 
+def test_liger_kernels_switch_off_one_by_one(monkeypatch):
+    """STUDIO_SPEED turns single liger kernels off (to find which one moves a result): the others still apply.
+    Runs wherever liger-kernel is installed (the GPU extra); it needs no GPU."""
+    pytest.importorskip("liger_kernel.transformers")
+    monkeypatch.delenv("STUDIO_SPEED", raising=False)
+    assert speed.apply_liger(tiny_peft()) == ["liger_rope", "liger_rms_norm", "liger_swiglu",
+                                              "liger_fused_linear_cross_entropy"]
+    model = tiny_peft()
+    monkeypatch.setenv("STUDIO_SPEED", "-liger_rope,-liger_swiglu,-liger_flce")
+    assert speed.apply_liger(model) == ["liger_rms_norm"]
+    inner = speed.inner_model(model)
+    layer = inner.model.layers[0]
+    assert "forward" in vars(layer.input_layernorm) and "forward" in vars(inner.model.norm)
+    assert "forward" not in vars(layer.mlp) and "forward" not in vars(inner)
+
+
 def test_custom_checkpoint_matches_torch_checkpoint_with_dropout():
     a, b = twins(dropout=0.1, checkpointing=True)
     speed.offload_checkpoints(b, offload=True)  # on the CPU nothing is offloaded: the input is kept

@@ -2,7 +2,7 @@
 
     python -m finetune.bench.arms JOB.json RESULT.json
 
-JOB: {"arm": "naive"|"unsloth"|"unsloth:packed"|"studio"|"recipe"|"studio:<STUDIO_SPEED switches>", "model_dir",
+JOB: {"arm": "naive"|"naive:bf16"|"unsloth"|"unsloth:packed"|"studio"|"recipe"|"studio:<STUDIO_SPEED switches>", "model_dir",
       "shape", "mode": "qlora"|"lora", "seq": int|"var", "batch", "steps", "warmup", "seed", "kind": "throughput"|"longest",
       "mem_limit_gib", "ladder", "profile": steps to run under the torch profiler after the timed ones, "trace"}
 RESULT: per-step times, tokens and losses, the median tokens/s after warm-up, peak memory, MFU, the library
@@ -11,7 +11,10 @@ versions and the speed-ups the arm applied; or {"error": ...} with the reason.
 The three arms train the same LoRA (r=16, alpha=16, dropout 0, every linear layer of every decoder block) with
 AdamW (lr 2e-4, grad-norm clip 1.0) on the same batches:
   naive    transformers + peft as a typical user writes it: SDPA, padded batches, non-reentrant gradient
-           checkpointing, prepare_model_for_kbit_training for QLoRA, bf16 autocast (what Trainer(bf16=True) does)
+           checkpointing, prepare_model_for_kbit_training for QLoRA, bf16 autocast (what Trainer(bf16=True) does);
+           "naive:bf16": the same with the frozen embeddings and norms that prepare_model_for_kbit_training upcast
+           cast back to bf16, so the hidden states between layers are bf16 (as Unsloth and the studio keep them)
+           instead of fp32: it separates that precision choice from everything else in a loss comparison
   unsloth  FastLanguageModel with its defaults, use_gradient_checkpointing="unsloth", padded batches, bf16 autocast;
            "unsloth:packed": the same model fed one packed row with packed_seq_lengths and restarting position_ids,
            as Unsloth's trainer feeds it with a padding-free collator (its default on a GPU that supports it)
@@ -79,6 +82,10 @@ def setup_naive(job, device):
     if job["mode"] == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
+        if job["arm"] == "naive:bf16":
+            from finetune.recipe.speed import keep_compute_dtype
+
+            keep_compute_dtype(model, torch.bfloat16)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model = get_peft_model(model, LoraConfig(**LORA, target_modules=TARGETS, task_type="CAUSAL_LM"))

@@ -8,9 +8,11 @@
 
 Models are random-weight copies of real architectures (finetune/bench/models.py), built once per --models-dir.
 Every (case, arm) runs `python -m finetune.bench.arms` in a fresh process, one per GPU at a time (several GPUs run
-several arms at once, each on its own device). Arms: naive, unsloth, studio, plus experiments "studio:<switches>"
-(finetune/recipe/speed.py's STUDIO_SPEED, e.g. studio:-offload+compile) and "<arm>@<seed>" (another LoRA-init seed).
+several arms at once, each on its own device). Arms: naive, unsloth, studio, plus experiments "naive:bf16" (bf16
+hidden states, see finetune/bench/arms.py), "studio:<switches>" (finetune/recipe/speed.py's STUDIO_SPEED, e.g.
+studio:-offload+compile) and "<arm>@<seed>" (another LoRA-init seed).
 A plan entry's "checkpointed_layers": N sets training.gradient_checkpointing_layers of its studio and recipe arms.
+A plan entry's "data_seed": K draws another workload (other example lengths and tokens; the same for every arm).
 The table reports the median tokens/s (non-padding tokens) of the steps after --warmup, CUDA-synchronised; peak
 allocated and reserved memory over the training steps (after loading); MFU = model FLOPs (4 x matmul weights +
 causal attention, padding excluded) per second over the device's dense bf16 peak; and the per-step losses.
@@ -77,7 +79,8 @@ def case_key(c: dict) -> str:
     if c.get("kind") == "longest":
         return f"{c['shape']} {c['mode']} longest@{c.get('mem_limit_gib')}GiB"
     ckpt = "" if c.get("checkpointed_layers") is None else f" checkpointed_layers={c['checkpointed_layers']}"
-    return f"{c['shape']} {c['mode']} seq={c['seq']} batch={c['batch']}{ckpt}"
+    data = f" data_seed={c['data_seed']}" if c.get("data_seed") else ""
+    return f"{c['shape']} {c['mode']} seq={c['seq']} batch={c['batch']}{ckpt}{data}"
 
 
 class Scheduler:
@@ -206,7 +209,7 @@ def plan_jobs(cases: list[dict], models_dir: Path, timeout_s: float) -> list[dic
                          "mem_limit_gib": c.get("mem_limit_gib"), "ladder": c.get("ladder"),
                          "time_budget_s": c.get("time_budget_s", 240), "max_len": c.get("max_len"),
                          "timeout_s": c.get("timeout_s", timeout_s), "profile": c.get("profile", 0),
-                         "checkpointed_layers": c.get("checkpointed_layers")})
+                         "checkpointed_layers": c.get("checkpointed_layers"), "data_seed": c.get("data_seed", 0)})
     return jobs
 
 
@@ -271,8 +274,26 @@ def tables(results: dict[str, dict]) -> str:
                 f"{_f(r.get('slowest_vs_median'), '{:.3f}')} | {r['losses'][0]:.4f} / {r['losses'][-1]:.4f} | {_f(diff, '{:.4f}')} | {_f(r.get('setup_s'), '{:.0f}')} | "
                 f"{', '.join(r.get('speedups') or []) or '-'} |")
         out.append("")
+        out += _parity(base)
         out += _profile_table(rows)
     return "\n".join(out)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+
+
+def _parity(arms: dict[str, dict]) -> list[str]:
+    """One line: how far the naive arm's LoRA-init seeds lie apart per step (the noise floor) and which other arms
+    stay within that of naive."""
+    seeds = sorted(label for label in arms if label == "naive" or label.startswith("naive@"))
+    if "naive" not in seeds or len(seeds) < 2:
+        return []
+    spread = max(_max_diff(arms[a], arms[b]) for i, a in enumerate(seeds) for b in seeds[i + 1:])
+    others = [f"{label} {d:.4f} ({'within' if d <= spread else 'outside'})"
+              for label, d in ((label, _max_diff(r, arms["naive"])) for label, r in arms.items() if label not in seeds)]
+    return [f"Loss parity, largest per-step difference: the naive seeds ({', '.join(seeds)}) lie up to {spread:.4f} "
+            f"apart; from naive: {'; '.join(others) or '-'}.", ""]
 
 
 def _profile_table(rows: list[dict]) -> list[str]:

@@ -35,9 +35,10 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
 On the CPU it changes nothing: the same recipe runs there as the plain transformers + peft model.
 
 STUDIO_SPEED (developer switch, comma separated) turns pieces off or on for experiments and the benchmark:
-"-liger", "-fused_lora", "-fused_proj", "-group", "-stack", "-lean_dequant", "-nf4_kernel", "-varlen", "-dense_rows",
-"-offload", "-fast_checkpoint", "-graphs", "-keep_bf16", "+compile", "+bf16_lora" (LoRA weights stored in bf16), "none"
-(nothing at all).
+"-liger" (or one of its kernels: "-liger_rope", "-liger_rms_norm", "-liger_swiglu", "-liger_flce"), "-fused_lora",
+"-fused_proj", "-group", "-stack", "-lean_dequant", "-nf4_kernel", "-varlen", "-dense_rows", "-offload",
+"-fast_checkpoint", "-graphs", "-keep_bf16", "+compile", "+bf16_lora" (LoRA weights stored in bf16), "none" (nothing at
+all).
 
 `python -m finetune.recipe.speed --selfcheck` prints which pieces this machine can use and checks the attention kernel
 against a reference.
@@ -117,9 +118,10 @@ def apply_liger(model) -> list[str]:
         flce = not isinstance(getattr(inner, "lm_head", None), LoraLayer)  # a LoRA lm_head needs its own forward
     except ImportError:
         flce = True
-    _apply_liger_kernel_to_instance(model=inner, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=flce)
-    return ["liger_rope", "liger_rms_norm", "liger_swiglu"] + (["liger_fused_linear_cross_entropy"] if flce else [])
+    kernels = {k: _wanted(f"liger_{k}") for k in ("rope", "rms_norm", "swiglu")}
+    flce = flce and _wanted("liger_flce")
+    _apply_liger_kernel_to_instance(model=inner, **kernels, cross_entropy=False, fused_linear_cross_entropy=flce)
+    return [f"liger_{k}" for k, on in kernels.items() if on] + (["liger_fused_linear_cross_entropy"] if flce else [])
 
 
 # --- variable-length attention -----------------------------------------------------------------------------------
