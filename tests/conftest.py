@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 import zipfile
@@ -15,10 +16,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Guarded so that a second import of this module (as `tests.conftest`) cannot swap the home mid-session.
+_owns_home = "STUDIO_TEST_HOME" not in os.environ
 _home = Path(os.environ.get("STUDIO_TEST_HOME") or tempfile.mkdtemp(prefix="studio-test-"))
 os.environ["STUDIO_TEST_HOME"] = str(_home)
 os.environ["STUDIO_HOME"] = str(_home)
 os.environ["STUDIO_ADAPTERS_DIR"] = str(_home / "adapters")
+# Gradio keeps a copy of every file a studio serves (adapter zips, exported models) in its temp dir: inside the
+# session's home, it goes with the home instead of piling up in the machine's /tmp run after run.
+os.environ.setdefault("GRADIO_TEMP_DIR", str(_home / "gradio"))
 os.environ.setdefault("STUDIO_MODEL_CACHE", str(ROOT / "studio_data" / "models"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -139,6 +144,12 @@ def scheduled_store(home: Path):
         store.stop_scheduler()
         for row in store.list_jobs(states=("running",)):
             process.stop_group(row["pgid"], row["run_dir"], grace_s=2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's home (adapters, runs, exports, Gradio's copies: a gigabyte or more) ends with the session."""
+    if _owns_home:
+        shutil.rmtree(_home, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

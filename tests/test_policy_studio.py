@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 
 from finetune import limits
 from finetune.config import example_config
+from finetune.paths import gradio_upload_dir
 import conftest
 from tests.studio_server import as_json, running_studio
 
@@ -118,7 +118,7 @@ def test_a_client_cannot_turn_remote_code_on(studio):
 def test_a_model_folder_from_an_upload_or_elsewhere_is_refused(studio, outside):
     """The attack: a config.json with an auto_map and a modeling_*.py uploaded, then named as the model."""
     client, _ = studio
-    upload = Path(tempfile.gettempdir()) / "gradio" / uuid.uuid4().hex
+    upload = gradio_upload_dir() / uuid.uuid4().hex
     for folder in (outside, upload):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps({"model_type": "evil",
