@@ -263,9 +263,7 @@ def tables(results: dict[str, dict]) -> str:
                 out.append(f"| {label} | failed: {str(r.get('error', ''))[:200]} | | | | | | | | | | |")
                 continue
             tps = r["tokens_per_s"]
-            diff = None
-            if naive and naive is not r:
-                diff = max(abs(a - b) for a, b in zip(r["losses"], naive["losses"]))
+            diff = _max_diff(r, naive) if naive and naive is not r else None
             out.append(
                 f"| {label} | {_f(tps)} | {_f(tps / naive['tokens_per_s'] if naive else None, '{:.2f}x')} | "
                 f"{_f(tps / uns['tokens_per_s'] if uns else None, '{:.2f}x')} | "
