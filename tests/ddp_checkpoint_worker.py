@@ -47,4 +47,5 @@ for n, t in fast.items():
 if rank == 0:
     print(json.dumps({"layers": layers, "tensors": len(fast), "grad_norm": float(torch.stack([t.norm() for t in fast.values()]).norm()),
                       "max_diff": max(float((fast[n] - plain[n]).abs().max()) for n in plain), "across_ranks": across}))
+dist.barrier()  # both ranks tear down together (see fsdp_gather_worker.py)
 dist.destroy_process_group()

@@ -38,4 +38,6 @@ if dist.get_rank() == 0:
     print(json.dumps({"sharded": type(next(p for p in model.parameters() if p.requires_grad)).__name__,
                       "same_names": sorted(gathered) == sorted(whole), "tensors": len(gathered), "saved": len(saved),
                       "max_diff": max(float((gathered[k] - whole[k]).abs().max()) for k in whole)}))
+# Both ranks tear down together: a rank leaving while rank 0 still saves aborts in gloo's teardown under load.
+dist.barrier()
 dist.destroy_process_group()
