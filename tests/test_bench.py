@@ -43,7 +43,7 @@ def test_bench_cli_tiny_cpu(tmp_path):
     assert "notes kept" in text and "more notes" in text and "old" not in text
     assert "| naive | " in text and "| studio | " in text and "tiny lora seq=48 batch=2" in text
     assert "slowest / median step" in text
-    assert (f"the naive seeds (naive, naive@1) lie up to {seed_noise:.4f} apart; from naive: studio "
+    assert (f"the naive seeds (naive, naive@1) lie up to {seed_noise:.4f} apart; from naive with the same seed: studio "
             f"{max(abs(a - b) for a, b in zip(naive, studio)):.4f}") in text
 
 
@@ -137,3 +137,15 @@ def test_naive_bf16_arm_keeps_the_hidden_states_in_bf16(tmp_path):
         assert 0 < step([{"input_ids": ids, "labels": ids}]) < 20
     assert torch.float32 in frozen["naive"]
     assert frozen["naive:bf16"] == {torch.bfloat16}
+
+
+def test_loss_parity_compares_each_arm_with_naive_of_its_own_seed():
+    from finetune.bench.harness import _parity
+
+    arms = {"naive": {"losses": [2.0, 1.5]}, "naive@1": {"losses": [2.0, 1.503]},
+            "studio@1": {"losses": [2.0, 1.5035]}, "studio": {"losses": [2.0, 1.504]}}
+    line = _parity(arms)[0]
+    assert "lie up to 0.0030 apart" in line
+    assert "studio@1 0.0005 from naive@1 (within)" in line  # against naive (seed 0) it would be 0.0035, outside
+    assert "studio 0.0040 (outside)" in line
+    assert _parity({"naive": arms["naive"], "studio": arms["studio"]}) == []  # one seed: no noise floor to judge by

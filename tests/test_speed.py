@@ -152,6 +152,29 @@ def test_liger_kernels_switch_off_one_by_one(monkeypatch):
     assert "forward" not in vars(layer.mlp) and "forward" not in vars(inner)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_liger_rope_with_fp32_tables_rounds_the_fp32_rotation_once():
+    """What fp32_rope_tables is for: liger's RoPE on bf16 q/k with fp32 cos/sin gives the fp32 rotation rounded to
+    bf16 once (as transformers computes it on fp32 hidden states), on the stacked q|k|v layout of the fast path."""
+    pytest.importorskip("liger_kernel.transformers")
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    qkv = torch.randn(1, 512, (8 + 2 * 2) * 128, device="cuda", dtype=torch.bfloat16)
+    q, k, _ = (t.view(1, 512, -1, 128).transpose(1, 2) for t in qkv.split([8 * 128, 2 * 128, 2 * 128], dim=-1))
+    angles = torch.arange(512, device="cuda")[:, None] * 500000.0 ** (-torch.arange(0, 128, 2, device="cuda") / 128)
+    cos, sin = (torch.cat((f(angles), f(angles)), dim=-1)[None] for f in (torch.cos, torch.sin))
+    want = [t.to(torch.bfloat16) for t in apply_rotary_pos_emb(q.float(), k.float(), cos, sin)]
+    got = liger_rotary_pos_emb(q, k, cos, sin)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        g, w = g.float(), w.float()
+        assert ((g - w).abs() <= w.abs() * torch.finfo(torch.bfloat16).eps).all()  # an ulp apart at most
+        assert (g == w).float().mean() > 0.99  # bf16 tables would round cos/sin first: about half would differ
+
+
 def test_custom_checkpoint_matches_torch_checkpoint_with_dropout():
     a, b = twins(dropout=0.1, checkpointing=True)
     speed.offload_checkpoints(b, offload=True)  # on the CPU nothing is offloaded: the input is kept
@@ -204,6 +227,19 @@ def test_keep_compute_dtype_casts_only_frozen_fp32_parameters():
     for name, p in model.named_parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
     assert inv_freq.dtype == torch.float32  # buffers stay as the model made them
+
+
+def test_fp32_rope_tables_hand_out_the_fp32_computation_for_bf16_hidden_states():
+    inner = speed.inner_model(tiny_peft())
+    rotary = inner.model.rotary_emb
+    x = torch.randn(2, 9, 64).to(torch.bfloat16)
+    positions = torch.arange(9).repeat(2, 1)
+    want = rotary(x.float(), positions)
+    assert rotary(x, positions)[0].dtype == torch.bfloat16
+    assert speed.fp32_rope_tables(inner) == 1
+    assert speed.fp32_rope_tables(inner) == 0  # once per module
+    for got, ref in zip(rotary(x, positions), want):
+        assert got.dtype == torch.float32 and torch.equal(got, ref)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU branch of patch_model_for_speed")

@@ -283,15 +283,23 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def _parity(arms: dict[str, dict]) -> list[str]:
     """One line: how far the naive arm's LoRA-init seeds lie apart per step (the noise floor) and which other arms
-    stay within that of naive."""
+    stay within that of naive with their own seed ("studio@1" against "naive@1": the same LoRA init and batches, so
+    the difference is the implementation's alone)."""
     seeds = sorted(label for label in arms if label == "naive" or label.startswith("naive@"))
     if "naive" not in seeds or len(seeds) < 2:
         return []
     spread = max(_max_diff(arms[a], arms[b]) for i, a in enumerate(seeds) for b in seeds[i + 1:])
-    others = [f"{label} {d:.4f} ({'within' if d <= spread else 'outside'})"
-              for label, d in ((label, _max_diff(r, arms["naive"])) for label, r in arms.items() if label not in seeds)]
+    others = []
+    for label, r in arms.items():
+        if label in seeds:
+            continue
+        seed = label.partition("@")[2]
+        ref = f"naive@{seed}" if seed and f"naive@{seed}" in arms else "naive"
+        d = _max_diff(r, arms[ref])
+        others.append(f"{label} {d:.4f}{'' if ref == 'naive' else f' from {ref}'} "
+                      f"({'within' if d <= spread else 'outside'})")
     return [f"Loss parity, largest per-step difference: the naive seeds ({', '.join(seeds)}) lie up to {spread:.4f} "
-            f"apart; from naive: {'; '.join(others) or '-'}.", ""]
+            f"apart; from naive with the same seed: {'; '.join(others) or '-'}.", ""]
 
 
 def _profile_table(rows: list[dict]) -> list[str]:

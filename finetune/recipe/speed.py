@@ -6,6 +6,8 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
                    them; on a GPU that costs memory and a cast per use for nothing: the compute runs in bf16 anyway)
   liger            liger-kernel's fused RMSNorm, SwiGLU, RoPE and fused linear + cross-entropy (the [tokens, vocab]
                    logits are never materialised in training) for Llama / Qwen2 / Mistral
+  rope_fp32        with liger's RoPE on a 4-bit model (keep_bf16): the rotary tables in fp32, so q and k are rotated
+                   in fp32 and rounded once, as in the fp32-upcast model
   fused_lora       LoRA as one addmm on the base output (base + scale * (x A^T) B^T), computed in the compute dtype
                    from fp32 master weights: no clone, no fp32 copy of x, no separate scale and add passes
   fused_proj       each LoRA projection (frozen base + LoRA) as ONE autograd node with a hand-written backward, the
@@ -37,8 +39,8 @@ On the CPU it changes nothing: the same recipe runs there as the plain transform
 STUDIO_SPEED (developer switch, comma separated) turns pieces off or on for experiments and the benchmark:
 "-liger" (or one of its kernels: "-liger_rope", "-liger_rms_norm", "-liger_swiglu", "-liger_flce"), "-fused_lora",
 "-fused_proj", "-group", "-stack", "-lean_dequant", "-nf4_kernel", "-varlen", "-dense_rows", "-offload",
-"-fast_checkpoint", "-graphs", "-keep_bf16", "+compile", "+bf16_lora" (LoRA weights stored in bf16), "none" (nothing at
-all).
+"-fast_checkpoint", "-graphs", "-keep_bf16", "-rope_fp32", "+compile", "+bf16_lora" (LoRA weights stored in bf16),
+"none" (nothing at all).
 
 `python -m finetune.recipe.speed --selfcheck` prints which pieces this machine can use and checks the attention kernel
 against a reference.
@@ -122,6 +124,30 @@ def apply_liger(model) -> list[str]:
     flce = flce and _wanted("liger_flce")
     _apply_liger_kernel_to_instance(model=inner, **kernels, cross_entropy=False, fused_linear_cross_entropy=flce)
     return [f"liger_{k}" for k, on in kernels.items() if on] + (["liger_fused_linear_cross_entropy"] if flce else [])
+
+
+def fp32_rope_tables(model) -> int:
+    """The rotary embeddings' cos/sin handed out in fp32, not in the hidden states' dtype. For a 4-bit model whose
+    upcast to fp32 keep_compute_dtype undid: transformers computes its rotary in fp32 there (fp32 tables, q and k
+    rounded to bf16 once), and liger's RoPE kernel computes in the tables' dtype, so fp32 tables keep that
+    precision at no cost. With bf16 tables, 8B QLoRA's step-1 loss lay 0.0026 from the upcast model's (see
+    docs/benchmarks.md). Only for liger's kernel: transformers' own formula would return fp32 q and k. Returns the
+    count of rotary modules changed."""
+    import torch
+
+    n = 0
+    for m in model.modules():
+        if not type(m).__name__.endswith("RotaryEmbedding") or not hasattr(m, "inv_freq") or "forward" in vars(m):
+            continue
+        original = m.forward
+
+        def forward(x, *args, _original=original, **kwargs):
+            # The rotary forward reads only x's device and dtype: an empty fp32 stand-in, not a copy of x.
+            return _original(x.new_empty(0, dtype=torch.float32), *args, **kwargs)
+
+        m.forward = forward
+        n += 1
+    return n
 
 
 # --- variable-length attention -----------------------------------------------------------------------------------
@@ -472,6 +498,9 @@ def patch_model_for_speed(model, training_cfg) -> list[str]:
         applied.append("bf16_lora_weights")
     if getattr(training_cfg, "use_liger_kernel", True) and _wanted("liger"):
         applied += apply_liger(model)
+        lowered = "no_fp32_upcast" in applied  # the hidden states were fp32 and are bf16 now
+        if lowered and "liger_rope" in applied and _wanted("rope_fp32") and fp32_rope_tables(model):
+            applied.append("fp32_rope_tables")
     if _wanted("fused_lora") and fuse_lora(model):
         applied += ["fused_lora"] + fused_pieces(model)
     if getattr(training_cfg, "padding_free", True) and _wanted("varlen") and use_varlen_attention(model):
