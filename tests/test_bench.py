@@ -43,6 +43,10 @@ def test_bench_cli_tiny_cpu(tmp_path):
     assert "notes kept" in text and "more notes" in text and "old" not in text
     assert "| naive | " in text and "| studio | " in text and "tiny lora seq=48 batch=2" in text
     assert "slowest / median step" in text
+    measured = arms["studio"]["steps"][1:]  # after the one warm-up step
+    whole = sum(s["tokens"] for s in measured) / sum(s["seconds"] for s in measured)
+    studio_row = next(line for line in text.splitlines() if line.startswith("| studio | "))
+    assert studio_row.split(" | ")[4] == f"{whole:,.0f}"  # the all-steps rate, beside the median
     assert (f"the naive seeds (naive, naive@1) lie up to {seed_noise:.4f} apart; from naive with the same seed: studio "
             f"{max(abs(a - b) for a, b in zip(naive, studio)):.4f}") in text
 

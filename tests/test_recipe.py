@@ -61,3 +61,53 @@ def test_the_heap_is_frozen_only_while_training():
         assert ref() is not None
     gc.collect()
     assert gc.get_freeze_count() == 0 and ref() is None
+
+
+def test_largest_micro_batch_positions_is_the_largest_collated_batch(tmp_path):
+    """The offload pins host memory for the run's largest micro-batch before the first step. The size it pins for is
+    the largest batch collate() makes over every epoch the run will see, padded (CPU) or packed (GPU)."""
+    import math
+
+    from finetune import data as D
+    from finetune.bench.models import build_model, make_batches
+    from finetune.bench.recipe_arm import write_data
+    from finetune.config import JobConfig
+    from finetune.recipe.sft import SFTRecipe, largest_micro_batch_positions
+
+    model_dir = build_model("tiny", tmp_path / "models")
+    write_data(tmp_path / "data.jsonl", make_batches("var", 4, 6, 512, seed=2))
+    config = JobConfig.parse({
+        "model": {"name_or_path": str(model_dir), "quantization": "none", "torch_dtype": "float32"},
+        "data": {"path": str(tmp_path / "data.jsonl"), "format": "text", "validation_split": 0.0,
+                 "max_seq_length": 512},
+        "training": {"max_steps": 7, "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2,
+                     "gradient_checkpointing": False},
+        "evaluation": {"enabled": False}})
+    recipe = SFTRecipe(config)
+    recipe.setup()
+    epochs = math.ceil(recipe.total_steps / recipe.steps_per_epoch)
+    assert epochs == 2  # 24 rows, 8 micro-batches, 4 steps an epoch: the second epoch's shuffle counts too
+    pad = recipe.tokenizer.pad_token_id
+    for padding_free in (False, True):
+        recipe.padding_free = padding_free
+        collated = [D.collate([recipe.train_examples[i] for i in idx], pad, padding_free=padding_free)
+                    for epoch in range(epochs) for group in recipe.epoch_groups(epoch) for idx in group]
+        assert largest_micro_batch_positions(recipe) == max(b["input_ids"].numel() for b in collated)
+    assert largest_micro_batch_positions(recipe, epoch_limit=1) <= largest_micro_batch_positions(recipe)
+
+
+def test_dpo_micro_batch_positions_count_its_collated_pairs(tmp_path):
+    from finetune.bench.models import build_model, make_batches
+    from finetune.config import JobConfig
+    from finetune.recipe.dpo import DPORecipe
+
+    model_dir = build_model("tiny", tmp_path / "models")
+    config = JobConfig.parse({"model": {"name_or_path": str(model_dir), "quantization": "none",
+                                        "torch_dtype": "float32"},
+                              "training": {"objective": "dpo", "max_steps": 1, "gradient_checkpointing": False},
+                              "evaluation": {"enabled": False}})
+    recipe = DPORecipe(config)
+    recipe.setup(data=False)
+    rows = make_batches("var", 6, 1, 512, seed=4)[0]
+    pairs = [{"chosen": rows[i], "rejected": rows[i + 3]} for i in range(3)]
+    assert recipe.micro_batch_positions(pairs) == recipe.collate(pairs)["input_ids"].numel()

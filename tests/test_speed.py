@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import os
 
 import pytest
 
@@ -682,3 +683,66 @@ def test_every_studio_optimizer_marks_the_lora_copies_stale():
         assert lora_weights._updates[0] > before, cls.__name__
         assert not hasattr(p, "_studio_cast"), cls.__name__
         assert float(lora_weights._cast(p, torch.bfloat16)[0]) != 0.0  # the new copy is of the updated weight
+
+
+def test_pinned_pool_reserved_for_the_largest_input_serves_every_smaller_one():
+    """What the offload pins ahead for the run's largest batch is all it ever needs: a smaller layer input takes a
+    reserved buffer, and only a request beyond the reservation allocates."""
+    from finetune.recipe.offload import PinnedPool
+
+    pool = PinnedPool(pin=False)  # ordinary host memory: the bookkeeping is the same
+    reserved = pool.reserve(3 * 2**20, count=4)
+    assert reserved == pool.allocated == 4 * 4 * 2**20  # power-of-two buffers
+    assert pool.reserve(3 * 2**20, count=4) == 0
+    taken = [pool.take((n, 1024), torch.float32) for n in (768, 300, 1, 700)]  # 3 MiB, 1.2 MiB, 4 KiB, 2.7 MiB
+    assert pool.allocated == reserved
+    assert [host.shape for _, host in taken] == [(768, 1024), (300, 1024), (1, 1024), (700, 1024)]
+    pool.take((10, 1024), torch.float32)  # a fifth input at once: beyond the reservation
+    assert pool.allocated == reserved + 2**20
+    for raw, _ in taken:
+        pool.give(raw)
+    raw, host = pool.take((1024, 1024), torch.float32)  # 4 MiB: a reserved buffer holds it exactly
+    assert pool.allocated == reserved + 2**20 and raw.numel() == 4 * 2**20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_recipe_pins_the_offload_buffers_before_the_first_step(tmp_path, monkeypatch):
+    """The real recipe on a 4-bit tiny Llama, rows of varying length packed, every layer input parked: setup pins the
+    host buffers for the run's largest micro-batch and no training step pins more. With -pin_ahead the pool starts
+    empty and grows during training: the steps would otherwise pay for it."""
+    from finetune.bench.models import build_model, make_batches
+    from finetune.bench.recipe_arm import write_data
+    from finetune.config import JobConfig
+    from finetune.recipe.offload import InputOffloader
+    from finetune.recipe.sft import SFTRecipe
+
+    park, parks = InputOffloader.park, collections.Counter()
+
+    def counted_park(self, hidden):
+        parks[os.environ["STUDIO_SPEED"]] += 1
+        return park(self, hidden)
+
+    monkeypatch.setattr(InputOffloader, "park", counted_park)
+    path = build_model("tiny", tmp_path / "models")
+    write_data(tmp_path / "data.jsonl", make_batches("var", 4, 3, 512, seed=5))
+    monkeypatch.setattr(speed, "OFFLOAD_MIN_BYTES", 0)
+    pinned = {}
+    for switches in ("", "-pin_ahead"):
+        monkeypatch.setenv("STUDIO_SPEED", switches)
+        recipe = SFTRecipe(JobConfig.parse({
+            "model": {"name_or_path": str(path), "quantization": "4bit", "torch_dtype": "bfloat16"},
+            "data": {"path": str(tmp_path / "data.jsonl"), "format": "text", "validation_split": 0.0},
+            "training": {"max_steps": 3, "per_device_train_batch_size": 4, "gradient_checkpointing": True},
+            "evaluation": {"enabled": False}}))
+        recipe.setup()
+        assert recipe.padding_free
+        pool = speed.inner_model(recipe.accelerator.unwrap_model(recipe.model))._studio_offloader.pool
+        at_setup = pool.allocated
+        recipe.model.train()  # as SFTRecipe.train does: checkpointing (and so parking) runs in training mode only
+        for group in recipe.epoch_groups(0):
+            recipe.train_step([recipe.collate([recipe.train_examples[i] for i in idx]) for idx in group])
+        pinned[switches] = (at_setup, pool.allocated, "pin_ahead" in recipe.speedups)
+    assert parks[""] == parks["-pin_ahead"] == 3 * 2  # three steps, two layers
+    assert pinned[""][0] > 0 and pinned[""] == (pinned[""][0], pinned[""][0], True)
+    assert pinned["-pin_ahead"][0] == 0 and pinned["-pin_ahead"][1] > 0 and not pinned["-pin_ahead"][2]

@@ -161,8 +161,9 @@ def setup_unsloth(job, device):
 
 def setup_studio(job, device):
     """The studio's own recipe: SFTRecipe's model and optimizer setup and its train_step, fed the benchmark's batches."""
+    from finetune.bench.models import make_batches
     from finetune.config import JobConfig
-    from finetune.recipe.sft import SFTRecipe, freeze_heap
+    from finetune.recipe.sft import SFTRecipe, freeze_heap, pin_offload_ahead
 
     arm = job["arm"]
     if ":" in arm:  # studio:<switches> - an experiment with pieces of the fast path toggled
@@ -177,6 +178,10 @@ def setup_studio(job, device):
         "evaluation": {"enabled": False}}, "benchmark job")
     recipe = SFTRecipe(config)  # no run folder: nothing is written
     recipe.setup(data=False)
+    if job.get("kind") != "longest" and device.type == "cuda":  # as setup() does with the run's own data
+        batches = make_batches(job["seq"], job["batch"], job.get("warmup", 0) + job.get("steps", 1),
+                               recipe.model.config.vocab_size, seed=job.get("data_seed", 0))
+        pin_offload_ahead(recipe, max(recipe.micro_batch_positions(b) for b in batches))
     recipe.model.train()
     freeze_heap()  # as SFTRecipe.train does around its loop (this process ends with the arm)
 

@@ -13,7 +13,8 @@ hidden states, see finetune/bench/arms.py), "studio:<switches>" (finetune/recipe
 studio:-offload+compile) and "<arm>@<seed>" (another LoRA-init seed).
 A plan entry's "checkpointed_layers": N sets training.gradient_checkpointing_layers of its studio and recipe arms.
 A plan entry's "data_seed": K draws another workload (other example lengths and tokens; the same for every arm).
-The table reports the median tokens/s (non-padding tokens) of the steps after --warmup, CUDA-synchronised; peak
+The table reports the median tokens/s (non-padding tokens) of the steps after --warmup, CUDA-synchronised, and the
+tokens of all those steps over their summed time (where a one-off stall in one step shows, which the median hides); peak
 allocated and reserved memory over the training steps (after loading); MFU = model FLOPs (4 x matmul weights +
 causal attention, padding excluded) per second over the device's dense bf16 peak; and the per-step losses.
 """
@@ -254,19 +255,19 @@ def tables(results: dict[str, dict]) -> str:
         unsloths = [r for label, r in base.items() if label.split(":")[0] == "unsloth" and "@" not in label]
         naive, uns = base.get("naive"), max(unsloths, key=lambda r: r["tokens_per_s"], default=None)
         out.append(f"#### {key}, steps {first['warmup']} warm-up + {first['steps']} measured\n")
-        out.append("| arm | tokens/s | vs naive | vs unsloth | peak alloc GiB | peak reserved GiB | MFU | "
-                   "slowest / median step | loss step 1 / last | max abs loss diff vs naive | setup s | speed-ups |")
-        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        out.append("| arm | tokens/s | vs naive | vs unsloth | all steps tokens/s | peak alloc GiB | peak reserved GiB | "
+                   "MFU | slowest / median step | loss step 1 / last | max abs loss diff vs naive | setup s | speed-ups |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             label = r["job"]["arm_label"]
             if not r.get("ok"):
-                out.append(f"| {label} | failed: {str(r.get('error', ''))[:200]} | | | | | | | | | | |")
+                out.append(f"| {label} | failed: {str(r.get('error', ''))[:200]} | | | | | | | | | | | |")
                 continue
             tps = r["tokens_per_s"]
             diff = _max_diff(r, naive) if naive and naive is not r else None
             out.append(
                 f"| {label} | {_f(tps)} | {_f(tps / naive['tokens_per_s'] if naive else None, '{:.2f}x')} | "
-                f"{_f(tps / uns['tokens_per_s'] if uns else None, '{:.2f}x')} | "
+                f"{_f(tps / uns['tokens_per_s'] if uns else None, '{:.2f}x')} | {_f(all_steps_rate(r))} | "
                 f"{_f(r.get('peak_allocated_gib'), '{:.2f}')} | {_f(r.get('peak_reserved_gib'), '{:.2f}')} | "
                 f"{_f(r['mfu'] * 100 if r.get('mfu') is not None else None, '{:.1f}%')} | "
                 f"{_f(r.get('slowest_vs_median'), '{:.3f}')} | {r['losses'][0]:.4f} / {r['losses'][-1]:.4f} | {_f(diff, '{:.4f}')} | {_f(r.get('setup_s'), '{:.0f}')} | "
@@ -275,6 +276,14 @@ def tables(results: dict[str, dict]) -> str:
         out += _parity(base)
         out += _profile_table(rows)
     return "\n".join(out)
+
+
+def all_steps_rate(r: dict) -> float | None:
+    """Tokens of the measured steps over their summed time (None where the arm recorded no step times)."""
+    measured = r.get("steps", [])[r["job"].get("warmup", 0):]
+    if not measured or any("seconds" not in s for s in measured):
+        return None
+    return sum(s["tokens"] for s in measured) / sum(s["seconds"] for s in measured)
 
 
 def _max_diff(a: dict, b: dict) -> float:

@@ -106,6 +106,10 @@ class DPORecipe(SFTRecipe):
         batch = D.collate(rows, self.tokenizer.pad_token_id)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
+    def micro_batch_positions(self, examples: list[dict]) -> int:
+        rows = [len(e[side]["input_ids"]) for e in examples for side in ("chosen", "rejected")]
+        return len(rows) * max(rows)
+
     def count_items(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2
 

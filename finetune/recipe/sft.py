@@ -81,6 +81,26 @@ class StepResult:
     all_labels: int = 0   # label tokens of the step over every process (the loss's denominator)
 
 
+def largest_micro_batch_positions(recipe, epoch_limit: int = 16) -> int:
+    """The most token positions one of this process's micro-batches will hold, over the run's epochs (each epoch's
+    shuffle is fixed in advance), looking at most `epoch_limit` epochs ahead."""
+    epochs = min(epoch_limit, math.ceil(recipe.total_steps / max(1, recipe.steps_per_epoch)))
+    return max((recipe.micro_batch_positions([recipe.train_examples[i] for i in idx])
+                for epoch in range(epochs) for group in recipe.epoch_groups(epoch) for idx in group), default=0)
+
+
+def pin_offload_ahead(recipe, positions: int) -> None:
+    """Pin now the host memory the offload needs for a micro-batch of `positions` token positions (the speed piece
+    pin_ahead), so that no training step waits for it."""
+    from finetune.recipe.speed import reserve_offload
+
+    pinned = reserve_offload(recipe.accelerator.unwrap_model(recipe.model), positions)
+    if pinned:
+        recipe.speedups.append("pin_ahead")
+        log.info("offload: %.2f GiB of pinned host memory for micro-batches of up to %d token positions",
+                 pinned / 2**30, positions)
+
+
 class ObjectiveHooks:
     """What an objective may override besides `_setup_data` and `loss_step` (the SFT answers here)."""
 
@@ -90,6 +110,11 @@ class ObjectiveHooks:
 
         batch = D.collate(examples, self.tokenizer.pad_token_id, padding_free=self.padding_free)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def micro_batch_positions(self, examples: list[dict]) -> int:
+        """The token positions collate() makes of these examples: what each decoder layer's input holds."""
+        lengths = [len(ex["input_ids"]) for ex in examples]
+        return sum(lengths) if self.padding_free else len(lengths) * max(lengths)
 
     def count_items(self, batch: dict) -> int:
         """What loss_step's sum is normalised by: the batch's label tokens (a pair objective counts pairs)."""
@@ -164,6 +189,8 @@ class SFTRecipe(ObjectiveHooks):
         self.status.update(phase="loading")
         self._setup_model()
         self._setup_optimizer()
+        if data and self.accelerator.device.type == "cuda":
+            pin_offload_ahead(self, largest_micro_batch_positions(self))
         if resume:
             self._resume()
 

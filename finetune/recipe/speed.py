@@ -32,6 +32,7 @@ On a CUDA device, by default, each piece applied only where it fits and skipped 
                    (finetune/recipe/layer_graphs.py; one process, layers without dropout, fixed shapes)
   offload          the fast checkpoint with layer inputs of 16 MiB or more parked in pinned CPU memory: copied out on
                    a side stream, copied back one layer ahead of the recompute (finetune/recipe/offload.py)
+  pin_ahead        the offload's pinned buffers for the run's largest batch allocated before the first step
   compile          torch.compile of each decoder layer (opt-in, STUDIO_SPEED=+compile: measured, see docs/benchmarks.md)
 
 On the CPU it changes nothing: the same recipe runs there as the plain transformers + peft model.
@@ -39,8 +40,8 @@ On the CPU it changes nothing: the same recipe runs there as the plain transform
 STUDIO_SPEED (developer switch, comma separated) turns pieces off or on for experiments and the benchmark:
 "-liger" (or one of its kernels: "-liger_rope", "-liger_rms_norm", "-liger_swiglu", "-liger_flce"), "-fused_lora",
 "-fused_proj", "-group", "-stack", "-lean_dequant", "-nf4_kernel", "-varlen", "-dense_rows", "-offload",
-"-fast_checkpoint", "-graphs", "-keep_bf16", "-rope_fp32", "+compile", "+bf16_lora" (LoRA weights stored in bf16),
-"none" (nothing at all).
+"-pin_ahead", "-fast_checkpoint", "-graphs", "-keep_bf16", "-rope_fp32", "+compile", "+bf16_lora" (LoRA weights
+stored in bf16), "none" (nothing at all).
 
 `python -m finetune.recipe.speed --selfcheck` prints which pieces this machine can use and checks the attention kernel
 against a reference.
@@ -428,7 +429,8 @@ def offload_checkpoints(model, offload: bool = True) -> int:
     inner = inner_model(model)
     fn_cls = _checkpoint_function()
     plain = functools.partial(checkpoint, use_reentrant=False)
-    offloader = InputOffloader() if offload else None
+    offloader = InputOffloader(layers=len(layers)) if offload else None
+    inner._studio_offloader = offloader  # for reserve_offload
 
     def checkpoint_for(rng: bool, graphs):
         def ckpt(run, *args, **kwargs):
@@ -452,6 +454,21 @@ def offload_checkpoints(model, offload: bool = True) -> int:
     # The first layer's input must require grad for the custom function to be part of the graph.
     inner.enable_input_require_grads()
     return len(layers)
+
+
+def reserve_offload(model, positions: int) -> int:
+    """Pin now the host buffers that parking a batch of `positions` token positions needs (the run's largest
+    micro-batch), so no step stalls on cudaHostAlloc when a batch longer than any before it arrives: 32 buffers of
+    64 MiB took 1.3 s on an H200 host, and variable-length runs paid it in the middle of training (run 15 in
+    docs/benchmarks.md). Returns the bytes pinned (0 where nothing is offloaded)."""
+    inner = inner_model(model)
+    offloader = getattr(inner, "_studio_offloader", None)
+    if offloader is None or positions <= 0 or not _wanted("pin_ahead"):
+        return 0
+    nbytes = positions * inner.config.hidden_size * inner.get_input_embeddings().weight.element_size()
+    if nbytes < OFFLOAD_MIN_BYTES:
+        return 0
+    return offloader.reserve(nbytes)
 
 
 def ensure_non_reentrant(model) -> bool:
