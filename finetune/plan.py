@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.config import DEFAULT_MODEL, ConfigError, JobConfig
+from finetune.recipe.offload import PinnedPool  # torch-free at import
 from finetune.recipe.speed import LIGER_MODEL_TYPES, OFFLOAD_MIN_BYTES  # torch-free at import
 
 GIB = 2**30
@@ -515,7 +516,8 @@ def _parts(config: JobConfig, shape: Shape, device: Device) -> tuple[dict, dict,
         "optimizer_step": {"lora_gradients": grads,
                            "optimizer_workspace": 2 * 4 * n_lora if s.optim == "adamw_torch" else 4 * n_lora},
     }
-    info = {"offload": offload, "host": k * layer_in if offload else 0, "n_lora": n_lora}
+    # the offload pins its buffers in power-of-two sizes before the first step (PinnedPool.reserve)
+    info = {"offload": offload, "host": k * PinnedPool.capacity(int(layer_in)) if offload else 0, "n_lora": n_lora}
     if s.shards:
         _shard(static, phases, shape, s)
     return static, phases, info, s
@@ -587,7 +589,8 @@ def _estimate(config: JobConfig, device: Device, shape: Shape, source: str) -> P
     breakdown = {k: v for k, v in parts.items() if v > 0}
     notes = []
     if info["offload"]:
-        notes.append(f"layer inputs of {_gib(info['host'])} GiB go to pinned host memory (checkpoint offload)")
+        notes.append(f"layer inputs go to {_gib(info['host'])} GiB of pinned host memory, pinned before the first "
+                     "step (checkpoint offload)")
     if s.optim == "paged_adamw_8bit" and s.gpu:
         notes.append(f"paged optimizer states ({_gib(2 * info['n_lora'])} GiB) live in unified memory the driver "
                      "can evict to the host")

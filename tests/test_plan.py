@@ -243,6 +243,24 @@ def test_dpo_plan_counts_both_answers_and_one_logits_chunk(tmp_path):
     assert rows["dpo"] and rows["sft"] and abs(rows["dpo"] / rows["sft"] - 2) < 0.2, rows
 
 
+def test_plan_reports_the_pinned_host_memory_the_offload_reserves(tmp_path):
+    """Where the layer inputs are parked, the plan's host memory is what the offload's pool pins before the first
+    step for the largest micro-batch: one buffer per checkpointed layer, in power-of-two sizes."""
+    from finetune.plan import Device, estimate
+    from finetune.recipe.offload import PinnedPool
+
+    folder, h200 = config_folder(tmp_path, "llama-3.2-1b"), int(139.8 * 2**30)
+    cfg = JobConfig.parse({"model": {"name_or_path": str(folder), "quantization": "4bit"},
+                           "data": {"path": str(tmp_path / "rows.jsonl"), "max_seq_length": 2048},
+                           "training": {"per_device_train_batch_size": 3}}, "plan test")
+    plan = estimate(cfg, Device("cuda", h200, "NVIDIA H200", (h200,), fused_loss=True), suggest=False)
+    shape = SHAPES["llama-3.2-1b"]
+    layer_input = 3 * 2048 * shape["hidden_size"] * 2  # bf16 hidden states: 24 MiB, parked in 32 MiB buffers
+    pool = PinnedPool(pin=False)
+    assert plan.host_offload_bytes == pool.reserve(layer_input, shape["num_hidden_layers"]) == 16 * 32 * 2**20
+    assert any("go to 0.5 GiB of pinned host memory" in note for note in plan.notes), plan.notes
+
+
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "1"]
 
 
