@@ -63,16 +63,17 @@ def test_the_heap_is_frozen_only_while_training():
     assert gc.get_freeze_count() == 0 and ref() is None
 
 
-def test_largest_micro_batch_positions_is_the_largest_collated_batch(tmp_path):
-    """The offload pins host memory for the run's largest micro-batch before the first step. The size it pins for is
-    the largest batch collate() makes over every epoch the run will see, padded (CPU) or packed (GPU)."""
+def test_the_run_micro_batches_and_their_positions_are_what_training_collates(tmp_path):
+    """The offload pins host memory for the run's largest micro-batch before the first step. It reads the run's
+    micro-batches over every epoch the run will see, and counts each one's token positions as collate() makes
+    them, padded (CPU) or packed (GPU)."""
     import math
 
     from finetune import data as D
     from finetune.bench.models import build_model, make_batches
     from finetune.bench.recipe_arm import write_data
     from finetune.config import JobConfig
-    from finetune.recipe.sft import SFTRecipe, largest_micro_batch_positions
+    from finetune.recipe.sft import SFTRecipe, run_micro_batches
 
     model_dir = build_model("tiny", tmp_path / "models")
     write_data(tmp_path / "data.jsonl", make_batches("var", 4, 6, 512, seed=2))
@@ -87,13 +88,16 @@ def test_largest_micro_batch_positions_is_the_largest_collated_batch(tmp_path):
     recipe.setup()
     epochs = math.ceil(recipe.total_steps / recipe.steps_per_epoch)
     assert epochs == 2  # 24 rows, 8 micro-batches, 4 steps an epoch: the second epoch's shuffle counts too
+    batches = list(run_micro_batches(recipe))
+    assert batches == [[recipe.train_examples[i] for i in idx]
+                       for epoch in range(epochs) for group in recipe.epoch_groups(epoch) for idx in group]
+    assert len(list(run_micro_batches(recipe, epoch_limit=1))) == len(batches) // 2 == 8
     pad = recipe.tokenizer.pad_token_id
     for padding_free in (False, True):
         recipe.padding_free = padding_free
-        collated = [D.collate([recipe.train_examples[i] for i in idx], pad, padding_free=padding_free)
-                    for epoch in range(epochs) for group in recipe.epoch_groups(epoch) for idx in group]
-        assert largest_micro_batch_positions(recipe) == max(b["input_ids"].numel() for b in collated)
-    assert largest_micro_batch_positions(recipe, epoch_limit=1) <= largest_micro_batch_positions(recipe)
+        collated = [D.collate(b, pad, padding_free=padding_free) for b in batches]
+        assert [recipe.micro_batch_positions(b) for b in batches] == [c["input_ids"].numel() for c in collated]
+    assert len({recipe.micro_batch_positions(b) for b in batches}) > 1  # the batches differ: the largest matters
 
 
 def test_dpo_micro_batch_positions_count_its_collated_pairs(tmp_path):

@@ -705,6 +705,30 @@ def test_pinned_pool_reserved_for_the_largest_input_serves_every_smaller_one():
     assert pool.allocated == reserved + 2**20 and raw.numel() == 4 * 2**20
 
 
+def test_reserve_offload_pins_for_the_largest_batch_and_reads_nothing_where_it_does_not_offload(monkeypatch):
+    from finetune.recipe.offload import PinnedPool
+
+    def positions(read: list):
+        for n in (300, 9000, 40):
+            read.append(n)
+            yield n
+
+    plain, read = tiny_peft(checkpointing=True), []
+    assert speed.reserve_offload(plain, positions(read)) == 0 and read == []  # no offload: nothing to pin for
+    model = tiny_peft(checkpointing=True)
+    assert speed.offload_checkpoints(model, offload=True) == 2
+    offloader = speed.inner_model(model)._studio_offloader
+    offloader.pool = PinnedPool(pin=False)  # a CPU-only torch cannot pin
+    monkeypatch.setenv("STUDIO_SPEED", "-pin_ahead")
+    assert speed.reserve_offload(model, positions(read)) == 0 and read == []
+    monkeypatch.setenv("STUDIO_SPEED", "")
+    assert speed.reserve_offload(model, positions(read)) == 0 and read == [300, 9000, 40]  # below the threshold
+    monkeypatch.setattr(speed, "OFFLOAD_MIN_BYTES", 2**20)
+    largest = 9000 * 64 * 4  # positions x hidden size x fp32: 2.2 MiB, parked in 4 MiB buffers
+    assert speed.reserve_offload(model, iter([300, 9000, 40])) == 2 * 4 * 2**20 == offloader.pool.allocated
+    assert PinnedPool.capacity(largest) == 4 * 2**20
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_recipe_pins_the_offload_buffers_before_the_first_step(tmp_path, monkeypatch):

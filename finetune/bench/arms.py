@@ -181,7 +181,7 @@ def setup_studio(job, device):
     if job.get("kind") != "longest" and device.type == "cuda":  # as setup() does with the run's own data
         batches = make_batches(job["seq"], job["batch"], job.get("warmup", 0) + job.get("steps", 1),
                                recipe.model.config.vocab_size, seed=job.get("data_seed", 0))
-        pin_offload_ahead(recipe, max(recipe.micro_batch_positions(b) for b in batches))
+        pin_offload_ahead(recipe, batches)
     recipe.model.train()
     freeze_heap()  # as SFTRecipe.train does around its loop (this process ends with the arm)
 

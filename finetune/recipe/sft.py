@@ -81,24 +81,26 @@ class StepResult:
     all_labels: int = 0   # label tokens of the step over every process (the loss's denominator)
 
 
-def largest_micro_batch_positions(recipe, epoch_limit: int = 16) -> int:
-    """The most token positions one of this process's micro-batches will hold, over the run's epochs (each epoch's
-    shuffle is fixed in advance), looking at most `epoch_limit` epochs ahead."""
+def run_micro_batches(recipe, epoch_limit: int = 16):
+    """This process's micro-batches (lists of examples) over the run's epochs, looking at most `epoch_limit` epochs
+    ahead: each epoch's shuffle is fixed in advance."""
     epochs = min(epoch_limit, math.ceil(recipe.total_steps / max(1, recipe.steps_per_epoch)))
-    return max((recipe.micro_batch_positions([recipe.train_examples[i] for i in idx])
-                for epoch in range(epochs) for group in recipe.epoch_groups(epoch) for idx in group), default=0)
+    for epoch in range(epochs):
+        for group in recipe.epoch_groups(epoch):
+            for idx in group:
+                yield [recipe.train_examples[i] for i in idx]
 
 
-def pin_offload_ahead(recipe, positions: int) -> None:
-    """Pin now the host memory the offload needs for a micro-batch of `positions` token positions (the speed piece
-    pin_ahead), so that no training step waits for it."""
+def pin_offload_ahead(recipe, micro_batches) -> None:
+    """Pin now the host memory the offload needs for the largest of `micro_batches` (lists of examples, read only
+    where the offload is on: the speed piece pin_ahead), so that no training step waits for it."""
     from finetune.recipe.speed import reserve_offload
 
+    positions = (recipe.micro_batch_positions(b) for b in micro_batches)
     pinned = reserve_offload(recipe.accelerator.unwrap_model(recipe.model), positions)
     if pinned:
         recipe.speedups.append("pin_ahead")
-        log.info("offload: %.2f GiB of pinned host memory for micro-batches of up to %d token positions",
-                 pinned / 2**30, positions)
+        log.info("offload: %.2f GiB of pinned host memory for the run's largest micro-batch", pinned / 2**30)
 
 
 class ObjectiveHooks:
@@ -189,8 +191,8 @@ class SFTRecipe(ObjectiveHooks):
         self.status.update(phase="loading")
         self._setup_model()
         self._setup_optimizer()
-        if data and self.accelerator.device.type == "cuda":
-            pin_offload_ahead(self, largest_micro_batch_positions(self))
+        if data:
+            pin_offload_ahead(self, run_micro_batches(self))
         if resume:
             self._resume()
 

@@ -456,17 +456,18 @@ def offload_checkpoints(model, offload: bool = True) -> int:
     return len(layers)
 
 
-def reserve_offload(model, positions: int) -> int:
-    """Pin now the host buffers that parking a batch of `positions` token positions needs (the run's largest
-    micro-batch), so no step stalls on cudaHostAlloc when a batch longer than any before it arrives: 32 buffers of
-    64 MiB took 1.3 s on an H200 host, and variable-length runs paid it in the middle of training (run 15 in
-    docs/benchmarks.md). Returns the bytes pinned (0 where nothing is offloaded)."""
+def reserve_offload(model, positions) -> int:
+    """Pin now the host buffers that parking the largest of `positions` (the token positions of each of the run's
+    micro-batches, an iterable read only where the model offloads) needs, so no step stalls on cudaHostAlloc when a
+    batch longer than any before it arrives: 32 buffers of 64 MiB took 1.3 s on an H200 host, and variable-length
+    runs paid it in the middle of training (run 15 in docs/benchmarks.md). Returns the bytes pinned (0 where
+    nothing is offloaded)."""
     inner = inner_model(model)
     offloader = getattr(inner, "_studio_offloader", None)
-    if offloader is None or positions <= 0 or not _wanted("pin_ahead"):
+    if offloader is None or not _wanted("pin_ahead"):
         return 0
-    nbytes = positions * inner.config.hidden_size * inner.get_input_embeddings().weight.element_size()
-    if nbytes < OFFLOAD_MIN_BYTES:
+    nbytes = max(positions, default=0) * inner.config.hidden_size * inner.get_input_embeddings().weight.element_size()
+    if nbytes <= 0 or nbytes < OFFLOAD_MIN_BYTES:
         return 0
     return offloader.reserve(nbytes)
 
