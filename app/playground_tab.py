@@ -72,7 +72,7 @@ def stats_html(st: dict, label: str = "") -> str:
     bits = [f"{render.esc(st.get('new_tokens', '–'))} tokens", f"{tps:.1f} tokens/s" if tps else "– tokens/s",
             f"{render.num(st.get('latency_s')) or 0:.1f}s"]
     if render.num(st.get("peak_memory_mb")):
-        bits.append(f"peak {st['peak_memory_mb']:,.0f} MB")
+        bits.append(f"peak {st['peak_memory_mb']:,.0f} MiB")
     if st.get("quantization"):
         bits.append("base unquantized" if st["quantization"] == "none" else f"base {render.esc(st['quantization'])}")
     return f'<div class="gen-stats" data-tps="{tps or 0:.2f}">{render.esc(label)}{" · ".join(bits)}</div>'

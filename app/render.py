@@ -136,7 +136,7 @@ def rank_memory_cells(ranks) -> list[tuple[str, str]]:
     if not isinstance(ranks, list) or len(ranks) < 2:
         return []
     values = " / ".join(f"{m:,.0f}" if num(m) else "–" for m in ranks[:64])
-    return [(f"peak memory per rank ({len(ranks)})", f"{esc(values)} MB")]
+    return [(f"peak memory per rank ({len(ranks)})", f"{esc(values)} MiB")]
 
 
 def objective_cells(metrics) -> list[tuple[str, str]]:
@@ -154,7 +154,7 @@ def stats_html(live: dict | None) -> str:
              (FINAL_LOSS_LABEL + ("" if live.get("state") == "completed" else ", so far"), fmt_num(live.get("final_loss"))),
              ("eval loss, validation rows", fmt_num(live.get("eval_loss"))),
              ("tokens/s, last logged steps", fmt_num(live.get("tokens_per_second"), 3)),
-             ("peak memory", f"{mem:,.0f} MB" if mem else "–"), *rank_memory_cells(live.get("rank_peak_memory_mb")),
+             ("peak memory", f"{mem:,.0f} MiB" if mem else "–"), *rank_memory_cells(live.get("rank_peak_memory_mb")),
              *objective_cells(live.get("objective_metrics")),
              ("adapter", esc(live.get("adapter_name") or "–")), ("attempts", esc(live.get("attempts") or 0))]
     return '<div class="stat-grid">' + "".join(
@@ -175,7 +175,7 @@ def _points(hist, key: str):
 # --- adapters --------------------------------------------------------------------------------------------------
 ADAPTER_COLUMNS = ["name", "base model", "quant", "dataset", "steps", FINAL_LOSS_LABEL,
                    "ROUGE-L Δ vs base [95% CI], latest evaluation: data, examples used",
-                   "tokens/s (whole run)", "peak memory MiB", "created", "MB"]
+                   "tokens/s (whole run)", "peak memory MiB", "created", "size MiB"]
 
 
 def eval_delta(summary: dict | None, metric: str = "rouge_l") -> str:
@@ -215,7 +215,7 @@ def adapters_frame(rows: list[dict]) -> pd.DataFrame:
 EVAL_METRICS = [(m.name, m.label, m.higher_is_better, m.bounded) for m in METRICS]
 SPEED_METRICS = [("tokens_per_second", "tokens/s", "{:.1f}"), ("latency_s", "seconds per answer", "{:.2f}"),
                  ("mean_new_tokens", "tokens per answer", "{:.1f}"), ("stopped_rate", "answers that ended by themselves", "{:.0%}"),
-                 ("peak_memory_mb", "peak memory MB", "{:,.0f}")]
+                 ("peak_memory_mb", "peak memory MiB", "{:,.0f}")]
 
 
 def _bar(value, scale: float, color: str) -> str:
@@ -603,7 +603,7 @@ def plan_warning_html(plan: dict) -> str:
 
 # --- distillation: teacher, student and base side by side -------------------------------------------------------
 DISTILL_COLUMNS = [("rouge_l_vs_teacher", "ROUGE-L vs teacher's answers"), ("kl_to_teacher", "KL(teacher ‖ model) per token"),
-                   ("tokens_per_second", "tokens/s"), ("latency_s", "latency (s)"), ("peak_memory_mb", "peak memory (MB)")]
+                   ("tokens_per_second", "tokens/s"), ("latency_s", "latency (s)"), ("peak_memory_mb", "peak memory (MiB)")]
 
 
 def distill_eval_html(result: dict | None) -> str:

@@ -72,7 +72,7 @@ def test_processes_and_strategy_in_the_form(form):
     with pytest.raises(ConfigError, match="launch.num_processes 'two'"):
         form.to_config(values)
     cells = render.stats_html({"peak_memory_mb": 1900.0, "rank_peak_memory_mb": [1875.3, 1900.0]})
-    assert "peak memory per rank (2)" in cells and "1,875 / 1,900 MB" in cells
+    assert "peak memory per rank (2)" in cells and "1,875 / 1,900 MiB" in cells
 
 
 def test_demo_dataset_and_empty_optionals(form):

@@ -33,3 +33,13 @@ def test_jobs_and_adapters_agree_on_the_final_loss(tmp_path, chat_jsonl):
     rate, peak = table["tokens/s (whole run)"].iloc[0], table["peak memory MiB"].iloc[0]
     assert rate != "–" and f"{rate} tokens/s (whole run)" in card and f"peak memory {peak} MiB" in card, card
     assert 'from_pretrained("/' in card and "hub id" in card  # the base it was trained on, and where else to get it
+
+
+def test_memory_is_labelled_in_the_unit_it_is_counted_in():
+    """Every peak memory and size the studio stores is counted in 2**20 bytes, so each tab says MiB, never MB."""
+    shown = [render.stats_html({"peak_memory_mb": 1900.0, "rank_peak_memory_mb": [1875.0, 1900.0]}),
+             render.eval_chart_html({"metrics": {"base": {"peak_memory_mb": 1316.0}, "adapter": {"peak_memory_mb": 1346.0}}}),
+             render.distill_eval_html({"models": {"teacher": {"peak_memory_mb": 900.0}}}),
+             " ".join(render.adapters_frame([{"name": "a", "metrics": {"peak_memory_mb": 974.0}, "size_mb": 3.5}]).columns)]
+    for html in shown:
+        assert "MiB" in html and not re.search(r"\bMB\b", html), html
