@@ -161,7 +161,6 @@ def setup_unsloth(job, device):
 
 def setup_studio(job, device):
     """The studio's own recipe: SFTRecipe's model and optimizer setup and its train_step, fed the benchmark's batches."""
-    from finetune.bench.models import make_batches
     from finetune.config import JobConfig
     from finetune.recipe.sft import SFTRecipe, freeze_heap, pin_offload_ahead
 
@@ -179,9 +178,7 @@ def setup_studio(job, device):
     recipe = SFTRecipe(config)  # no run folder: nothing is written
     recipe.setup(data=False)
     if job.get("kind") != "longest" and device.type == "cuda":  # as setup() does with the run's own data
-        batches = make_batches(job["seq"], job["batch"], job.get("warmup", 0) + job.get("steps", 1),
-                               recipe.model.config.vocab_size, seed=job.get("data_seed", 0))
-        pin_offload_ahead(recipe, batches)
+        pin_offload_ahead(recipe, job_batches(job, recipe.model.config.vocab_size))
     recipe.model.train()
     freeze_heap()  # as SFTRecipe.train does around its loop (this process ends with the arm)
 
@@ -192,6 +189,14 @@ def setup_studio(job, device):
 
 
 SETUPS = {"naive": setup_naive, "unsloth": setup_unsloth, "studio": setup_studio}
+
+
+def job_batches(job: dict, vocab: int) -> list:
+    """The batches of a job's warm-up and measured steps: the same for every arm, and what the studio arm's setup
+    pins the offload for."""
+    from finetune.bench.models import make_batches
+
+    return make_batches(job["seq"], job["batch"], job["warmup"] + job["steps"], vocab, seed=job.get("data_seed", 0))
 
 
 # --- measuring ---------------------------------------------------------------------------------------------------
@@ -214,7 +219,7 @@ def _mem(device) -> dict:
 def run_job(job: dict) -> dict:
     import torch
 
-    from finetune.bench.models import device_peak_flops, make_batches, step_flops
+    from finetune.bench.models import device_peak_flops, step_flops
 
     torch.manual_seed(job.get("seed", 0))
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -242,10 +247,8 @@ def run_job(job: dict) -> dict:
     if job.get("kind") == "longest":
         return _longest(job, step, device, vocab, result)
 
-    n_steps = job["warmup"] + job["steps"]
-    batches = make_batches(job["seq"], job["batch"], n_steps, vocab, seed=job.get("data_seed", 0))
     rows = []
-    for i, examples in enumerate(batches):
+    for i, examples in enumerate(job_batches(job, vocab)):
         _sync(device)
         full_collections = gc.get_stats()[2]["collections"]
         t = time.perf_counter()

@@ -459,8 +459,8 @@ def offload_checkpoints(model, offload: bool = True) -> int:
 def reserve_offload(model, positions) -> int:
     """Pin now the host buffers that parking the largest of `positions` (the token positions of each of the run's
     micro-batches, an iterable read only where the model offloads) needs, so no step stalls on cudaHostAlloc when a
-    batch longer than any before it arrives: 32 buffers of 64 MiB took 1.3 s on an H200 host, and variable-length
-    runs paid it in the middle of training (run 15 in docs/benchmarks.md). Returns the bytes pinned (0 where
+    batch longer than any before it arrives: 32 buffers of 64 MiB take 1.3 s on an H200 host, which a variable-length
+    run would otherwise pay in the middle of training (docs/benchmarks.md). Returns the bytes pinned (0 where
     nothing is offloaded)."""
     inner = inner_model(model)
     offloader = getattr(inner, "_studio_offloader", None)
